@@ -54,11 +54,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp(min=1).to(x.dtype)
 
 
-def global_token_count(mask: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
-    """Number of selected tokens summed over ``group`` (e.g. all micro-batches and DP ranks of a step)."""
-    return all_reduce(mask.sum().to(torch.float64), "sum", group)
+def loss_denominators(
+    masks: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...], group: ProcessGroup | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(global_tokens, global_seqs)`` of a whole step, computed once before the micro-batch loop.
 
-
-def global_seq_count(mask: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
-    """Number of rows with at least one selected token, summed over ``group``."""
-    return all_reduce(mask.any(dim=-1).sum().to(torch.float64), "sum", group)
+    ``masks``: the [B_k, T_k] response masks of every micro-batch this rank will run (a single tensor or a list);
+    ``group``: the data-parallel (× context-parallel) group. Passing these to ``policy_loss`` makes the sum of the
+    micro-batch losses over all micro-batches and ranks equal the loss of the unsplit global batch, whatever the split.
+    """
+    if isinstance(masks, torch.Tensor):
+        masks = [masks]
+    if len(masks) == 0:
+        raise ValueError("masks: empty list; pass the mask of every micro-batch of the step")
+    tokens = sum(m.bool().sum().to(torch.float64) for m in masks)
+    seqs = sum(m.bool().any(dim=-1).sum().to(torch.float64) for m in masks)
+    out = all_reduce(torch.stack([tokens, seqs]), "sum", group)
+    return out[0], out[1]
