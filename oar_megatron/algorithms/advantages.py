@@ -80,7 +80,9 @@ def group_advantages(
         return torch.zeros_like(rewards)
     centered = g - g.mean(dim=1, keepdim=True)
     if scale_by_std:
-        centered = centered / (g.std(dim=1, unbiased=True, keepdim=True) + eps)
+        denom = g.std(dim=1, unbiased=True, keepdim=True) + eps
+        # A constant group is centred to exactly 0; keep it 0 (not 0/0) when eps = 0.
+        centered = torch.where(denom > 0, centered / denom.clamp(min=torch.finfo(g.dtype).tiny), 0.0)
     return centered.reshape(-1)
 
 
