@@ -10,8 +10,8 @@ from .advantages import (  # noqa: F401
     group_advantages, register_advantage_estimator, whiten,
 )
 from .losses import (  # noqa: F401
-    AGG_MODES, KL_KINDS, PolicyLossConfig, aggregate_loss, kl_penalty, policy_loss, policy_losses,
-    register_policy_loss,
+    AGG_MODES, KL_KINDS, PolicyLossConfig, aggregate_loss, entropy_bonus, kl_loss, kl_penalty, policy_loss,
+    policy_losses, register_policy_loss,
 )
 from .reduce import all_reduce, group_size, loss_denominators, masked_mean, masked_sum  # noqa: F401
 from .rollout_correction import rollout_correction  # noqa: F401

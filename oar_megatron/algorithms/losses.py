@@ -393,3 +393,44 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, *, clamp: 
         kl = torch.exp(neg) - neg - 1.0
         clamp = 10.0 if clamp is None else clamp
     return kl if clamp is None else kl.clamp(-clamp, clamp)
+
+
+def kl_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    coef: float,
+    kind: str = "k3",
+    agg: str = "token-mean",
+    global_tokens: float | torch.Tensor | None = None,
+    global_seqs: float | torch.Tensor | None = None,
+    norm_len: int | None = None,
+) -> torch.Tensor:
+    """β · agg(kl_penalty(logp, ref_logp, kind)): the reference-policy KL term to add to the policy loss (GRPO
+    eq. 3, ASPO with β = 0.001 and k3). Same aggregation and global denominators as the policy loss."""
+    check_positive("coef", coef, allow_zero=True)
+    check_tensor("logp", logp, ndim=2, floating=True)
+    check_tensor("ref_logp", ref_logp, floating=True)
+    check_shape("ref_logp", ref_logp, logp.shape, "logp")
+    m = as_mask("mask", mask, logp.shape, "logp")
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    # Padding replaced first so NaN/inf there cannot reach the gradient through exp (k3).
+    kl = kl_penalty(torch.where(m, logp, zero), torch.where(m, ref_logp.to(logp.dtype), zero), kind)
+    return coef * aggregate_loss(kl, mask, agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_len=norm_len)
+
+
+def entropy_bonus(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    coef: float,
+    agg: str = "token-mean",
+    global_tokens: float | torch.Tensor | None = None,
+    global_seqs: float | torch.Tensor | None = None,
+    norm_len: int | None = None,
+) -> torch.Tensor:
+    """−c · agg(H): the entropy bonus to add to the policy loss (maximising entropy), ``entropy`` [B, T] from
+    ``vocab_parallel_logprob_entropy``. Same aggregation and global denominators as the policy loss."""
+    check_positive("coef", coef, allow_zero=True)
+    return -coef * aggregate_loss(entropy, mask, agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_len=norm_len)

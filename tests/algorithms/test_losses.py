@@ -7,7 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oar_megatron.algorithms import PolicyLossConfig, aggregate_loss, kl_penalty, loss_denominators, policy_loss
+from oar_megatron.algorithms import (
+    PolicyLossConfig,
+    aggregate_loss,
+    entropy_bonus,
+    kl_loss,
+    kl_penalty,
+    loss_denominators,
+    policy_loss,
+)
 
 D = torch.float64
 
@@ -396,3 +404,19 @@ def test_kl_and_config_bad_input():
     assert (cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.agg) == (0.2, 0.2, 3.0, "token-mean")
     cfg = PolicyLossConfig.for_method("gspo")
     assert (cfg.eps_low, cfg.eps_high, cfg.agg) == (3e-4, 4e-4, "seq-mean-token-mean")
+
+
+def test_kl_loss_and_entropy_bonus():
+    logp = torch.tensor([[-1.0, -2.0, float("nan")]], dtype=D, requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0, 0.0]], dtype=D)
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    kl = kl_loss(logp, ref, mask, coef=0.1, kind="k3")
+    assert float(kl) == pytest.approx(0.1 * (math.exp(-0.5) + 0.5 - 1.0) / 2)
+    (g,) = torch.autograd.grad(kl, logp)
+    torch.testing.assert_close(g, torch.tensor([[0.1 * (1 - math.exp(-0.5)) / 2, 0.0, 0.0]], dtype=D))
+    ent = torch.tensor([[2.0, 4.0, 100.0], [1.0, 0.0, 0.0]], dtype=D)
+    m2 = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert float(entropy_bonus(ent, m2, coef=0.01)) == pytest.approx(-0.01 * 7 / 3)
+    assert float(entropy_bonus(ent, m2, coef=0.01, agg="seq-mean-token-mean")) == pytest.approx(-0.01 * (3 + 1) / 2)
+    with pytest.raises(ValueError, match="coef: must be >= 0"):
+        entropy_bonus(ent, m2, coef=-1.0)
