@@ -15,3 +15,11 @@ from .losses import (  # noqa: F401
 )
 from .reduce import all_reduce, group_size, loss_denominators, masked_mean, masked_sum  # noqa: F401
 from .rollout_correction import rollout_correction  # noqa: F401
+from .oar import (  # noqa: F401
+    advantage_shapers, credit_metrics, get_advantage_shaper, oar_weights, register_advantage_shaper, shape_advantages,
+)
+from .segment import (  # noqa: F401
+    DEFAULT_ANSWER_MARKERS, DEFAULT_CONCLUDE, ResponseSplit, ScoringBatch, build_scoring_batch, decode_ids,
+    encode_text, extract_boxed, score_mask_from_splits, scoring_batch_from_responses, split_response, split_responses,
+)
+from .saliency import PFINAL_MODES, Saliency, local_kl, oar_g_saliency, oar_p_saliency  # noqa: F401
