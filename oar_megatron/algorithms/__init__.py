@@ -15,6 +15,7 @@ from .losses import (  # noqa: F401
 )
 from .reduce import all_reduce, group_size, loss_denominators, masked_mean, masked_sum  # noqa: F401
 from .rollout_correction import rollout_correction  # noqa: F401
+from .logprob import reference_logprob_entropy, vocab_parallel_kl, vocab_parallel_logprob_entropy  # noqa: F401
 from .oar import (  # noqa: F401
     advantage_shapers, credit_metrics, get_advantage_shaper, oar_weights, register_advantage_shaper, shape_advantages,
 )
