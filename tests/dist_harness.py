@@ -4,27 +4,33 @@ Used by every multi-rank test: ``run_ranks(fn, world_size, *args)`` spawns ``wor
 gloo process group in each (file-based rendezvous in a fresh temporary directory, so tests never fight over ports),
 calls ``fn(rank, world_size, *args)`` and returns the list of per-rank results (anything picklable; tensors are
 sent as CPU tensors). An exception on any rank is re-raised in the test with that rank's traceback.
-``fn`` must be a module-level function so the spawned children can import it.
+``fn`` must be a module-level function so the spawned children can import it. Results travel as ``torch.save``
+bytes (not shared-memory tensors, which vanish when a rank exits before the parent reads them) and are loaded with
+``weights_only=True``: return tensors, numbers, strings and containers of them.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
 def _child(fn, rank, world_size, init_file, args, queue):
+    import torch
     import torch.distributed as dist
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         try:
-            out = fn(rank, world_size, *args)
-            queue.put((rank, "ok", out))
+            buf = io.BytesIO()
+            torch.save(fn(rank, world_size, *args), buf)
+            queue.put((rank, "ok", buf.getvalue()))
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - forwarded to the parent test
@@ -45,7 +51,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
             for _ in range(world_size):
                 rank, status, payload = queue.get(timeout=timeout)
                 if status == "ok":
-                    results[rank] = payload
+                    results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
                 else:
                     errors.append(f"rank {rank} failed:\n{payload}")
                     break
