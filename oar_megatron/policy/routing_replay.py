@@ -149,6 +149,14 @@ def _megatron_router_api():
     return TopKRouter
 
 
+def _in_backward() -> bool:
+    """Whether autograd is running a backward on this thread (megatron's recompute reruns forwards there)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)  # torch >= 2.0; private but stable
+    if task_id is None:
+        raise RoutingReplayError(f"routing replay: torch {torch.__version__} lacks torch._C._current_graph_task_id")
+    return task_id() != -1
+
+
 @dataclass
 class _Record:
     """One layer's routes for one micro-batch on this rank. Shapes: T local tokens, k = top-k, E experts."""
@@ -195,11 +203,7 @@ class _LayerHook:
                 self.recorded_indices = indices
             return values, indices
         rec = self.target
-        if scores.shape[0] != rec.num_tokens or topk != rec.indices.shape[1]:
-            raise RoutingReplayError(
-                f"routing replay: layer {self.layer_number} micro-batch {self.owner._mb!r}: the record has "
-                f"{rec.num_tokens} tokens x top-{rec.indices.shape[1]}, this forward routes {scores.shape[0]} tokens "
-                f"x top-{topk} (a different micro-batch under the same id, or a different split/padding)")
+        self._check_tokens(rec, scores.shape[0], topk)
         with torch.no_grad():  # the router's own choice: drift metric and the no-route fallback
             _, own = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
         indices = rec.indices.to(device=scores.device, dtype=torch.long)
@@ -215,13 +219,21 @@ class _LayerHook:
         # Gradient: scores carry the current router logits' graph; gathering at fixed ids keeps it (module docstring).
         return scores.gather(1, indices), indices
 
+    def _check_tokens(self, rec: _Record, num_tokens: int, topk: int | None = None) -> None:
+        topk = self.router.topk if topk is None else topk
+        if num_tokens != rec.num_tokens or topk != rec.indices.shape[1]:
+            raise RoutingReplayError(
+                f"routing replay: layer {self.layer_number} micro-batch {self.owner._mb!r}: the record has "
+                f"{rec.num_tokens} tokens x top-{rec.indices.shape[1]}, this forward routes {num_tokens} tokens "
+                f"x top-{topk} (a different micro-batch under the same id, or a different split/padding)")
+
     # ---------------------------------------------------------------- shadows router.routing
     def routing(self, logits, *args, **kwargs):
         owner = self.owner
         mode = owner._mode
         if mode == "off":
             return self.original_routing(logits, *args, **kwargs)
-        in_backward = torch._C._current_graph_task_id() != -1  # activation recompute reruns the router in backward
+        in_backward = _in_backward()  # activation recompute reruns the router inside backward
         if mode == "record":
             if in_backward:  # recompute of a pass that also trains: same weights, so the same routes; not recorded
                 return self._call(None, None, False, logits, args, kwargs)
@@ -250,6 +262,7 @@ class _LayerHook:
                 raise RoutingReplayError(
                     f"routing replay: no record for micro-batch id {key[0]!r}, layer {self.layer_number} "
                     f"(recorded ids: {', '.join(known[:8])}{' ...' if len(known) > 8 else ''})")
+            self._check_tokens(rec, logits.numel() // logits.shape[-1])  # before consuming: a failed call uses nothing
             if rec.consumed:
                 raise RoutingReplayError(
                     f"routing replay: micro-batch id {key[0]!r}, layer {self.layer_number} replayed twice in one "

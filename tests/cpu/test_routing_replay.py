@@ -265,7 +265,7 @@ def _single_rank(rank, world_size):
     errors["unconsumed"] = _catch(replay.end_pass)
     replay.begin_replay_pass()
     errors["token_count"] = _catch(lambda: run(0, data[0][:, :6]))
-    replay.clear()  # an error mid-pass leaves it open; clear() resets (and drops the records)
+    errors["token_count_end"] = _catch(replay.end_pass)  # the failed call consumed nothing
     replay.begin_record()
     with torch.no_grad():
         run(0)
@@ -406,6 +406,7 @@ def test_exactly_once_errors(single):
     assert "not consumed" in e["missing_end"] and "mb 0" in e["missing_end"]
     assert "2 record(s) not consumed" in e["unconsumed"] and "mb 1" in e["unconsumed"]  # both layers of mb 1
     assert "16 tokens" in e["token_count"] and "12 tokens" in e["token_count"]
+    assert "4 record(s) not consumed" in e["token_count_end"]
     assert "recorded twice" in e["record_twice"]
     assert "replayed twice" in e["replay_twice"]
     assert "outside `with replay.micro_batch" in e["no_micro_batch"]
