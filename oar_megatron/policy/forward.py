@@ -1,0 +1,298 @@
+"""Per-token log-probs and entropy of response tokens from a megatron-core ``GPTModel``, tensor-parallel aware.
+
+The model runs embedding → decoder → final norm (``final_hidden_states``); then only the hidden rows that predict
+a response token go through the output layer (``ColumnParallelLinear`` → vocab-parallel logits [N, V/TP], tied
+embedding weight when embeddings are shared), and ``algorithms.vocab_parallel_logprob_entropy`` turns them into
+log-probs without gathering the vocabulary. Full [B, L, V] logits never exist (``full_logits_logprobs`` is the
+naive reference that does build them, for tests and benchmarks).
+
+Layouts. Inputs are right-padded [B, L] (padded batches with the causal mask of the local/TE spec; THD packing
+passes ``packed_seq_params`` through to megatron, untested on CPU). Hidden states are [L, B, H], or [L/TP, B, H]
+under sequence parallel (rank r holds positions [r·L/TP, (r+1)·L/TP)).
+
+``response_mask[b, t]`` is True where ``input_ids[b, t]`` is a response token (a token the policy generated). Its
+log-prob is read from the logits at position t − 1, so ``response_mask[:, 0]`` must be False.
+
+Pipeline parallel: not handled here. On a PP > 1 model only the last stage has the output layer; the schedule's
+forward step will call ``logprobs_from_hidden`` there on the hidden states it receives, and results travel to
+where they are needed (a later step). These functions refuse a model without both ``pre_process`` and
+``post_process``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+
+from ..algorithms._validate import as_mask, check_tensor
+from ..algorithms.logprob import reference_logprob_entropy, vocab_parallel_logprob_entropy
+from ..algorithms.reduce import ProcessGroup, group_rank, group_size
+
+__all__ = [
+    "final_hidden_states",
+    "full_logits_logprobs",
+    "logprobs_from_hidden",
+    "pad_to_tp_multiple",
+    "response_logprobs",
+    "sequence_parallel",
+    "unwrap_model",
+    "vocab_parallel_logits",
+]
+
+
+# -------------------------------------------------------------------------------------------------- the model
+
+
+def unwrap_model(model: torch.nn.Module) -> GPTModel:
+    """The ``GPTModel`` inside megatron wrappers (DDP, Float16Module: anything exposing ``.module``)."""
+    inner = model
+    while not isinstance(inner, GPTModel) and hasattr(inner, "module"):
+        inner = inner.module
+    if not isinstance(inner, GPTModel):
+        raise ValueError(f"model: expected a megatron GPTModel (possibly wrapped), got {type(model).__name__}")
+    return inner
+
+
+def _check_single_stage(model: GPTModel) -> None:
+    if not (model.pre_process and model.post_process):
+        raise ValueError(
+            "model: this pass needs the embedding and the output layer on one stage (pipeline parallel size 1); "
+            "under PP the last stage calls logprobs_from_hidden"
+        )
+    if model.config.mtp_num_layers:
+        raise ValueError("model: multi-token prediction layers are not supported by the log-prob pass")
+
+
+def sequence_parallel(model: GPTModel) -> bool:
+    """Whether the decoder's hidden states are scattered along the sequence across TP (SP on, TP > 1)."""
+    return bool(getattr(model.output_layer, "sequence_parallel", False))
+
+
+def _check_tp_group(model: GPTModel, tp_group: ProcessGroup | None) -> None:
+    tp = model.config.tensor_model_parallel_size
+    if group_size(tp_group) != tp:
+        raise ValueError(f"tp_group: has {group_size(tp_group)} ranks, the model was built for TP={tp}")
+
+
+@contextlib.contextmanager
+def _hidden_states_only(model: GPTModel) -> Iterator[None]:
+    """Make ``model(...)`` return the decoder output (after the final norm) instead of logits.
+
+    ``GPTModel._postprocess`` returns the hidden states when ``post_process`` is False, which is what a non-last
+    pipeline stage does; the decoder keeps its own ``post_process`` and so its final norm. Flipped back on exit.
+    """
+    saved = model.post_process
+    model.post_process = False
+    try:
+        yield
+    finally:
+        model.post_process = saved
+
+
+def final_hidden_states(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    decoder_input: torch.Tensor | None = None,
+    packed_seq_params=None,
+) -> torch.Tensor:
+    """Decoder output after the final norm: [L, B, H], or [L/TP, B, H] under sequence parallel.
+
+    input_ids, position_ids [B, L]; or ``decoder_input`` [L, B, H] ([L/TP, B, H] under SP), the embeddings to
+    feed the decoder instead (``model.embedding`` output, e.g. perturbed by OAR-G). ``attention_mask`` and
+    ``packed_seq_params`` go to megatron unchanged (None: causal).
+    """
+    gpt = unwrap_model(model)
+    _check_single_stage(gpt)
+    with _hidden_states_only(gpt):
+        return gpt(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, packed_seq_params=packed_seq_params
+        )
+
+
+def pad_to_tp_multiple(model: torch.nn.Module, length: int) -> int:
+    """The sequence length ≥ ``length`` the model accepts: a multiple of TP under sequence parallel."""
+    gpt = unwrap_model(model)
+    tp = gpt.config.tensor_model_parallel_size if sequence_parallel(gpt) else 1
+    return -(-length // tp) * tp
+
+
+# ---------------------------------------------------------------------------------------- response-only logits
+
+
+def vocab_parallel_logits(
+    model: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor, *, tp_group: ProcessGroup | None = None
+) -> torch.Tensor:
+    """Output-layer logits [M, V/TP] (this rank's vocab slice) of the hidden rows ``rows`` only.
+
+    hidden: [L, B, H] ([L/TP, B, H] under SP), from ``final_hidden_states``. rows: [M, 2] long (position s, batch
+    b) into the full [L, B] grid, identical on every TP rank. Differentiable w.r.t. ``hidden`` and the weights.
+
+    Without SP the rows are picked from the replicated hidden states and go through the output layer, whose
+    backward all-reduces their gradient over TP. Under SP each rank picks the requested rows of its own sequence
+    slice, padded to the largest count n_max over ranks; the output layer all-gathers them ([TP·n_max, V/TP],
+    reduce-scatter in backward) and the result is put back into the requested order. Only rows cross the wire, never
+    [L, B, H]. Tied embeddings use the shared weight, as ``GPTModel`` does.
+    """
+    gpt = unwrap_model(model)
+    _check_tp_group(gpt, tp_group)
+    check_tensor("rows", rows, ndim=2)
+    if rows.shape[1] != 2:
+        raise ValueError(f"rows: expected shape [M, 2] (position, batch), got {tuple(rows.shape)}")
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    s, b = rows[:, 0], rows[:, 1]
+    if not sequence_parallel(gpt):
+        picked = hidden[s, b]  # [M, H]
+        logits, _ = gpt.output_layer(picked.unsqueeze(1), weight=weight, runtime_gather_output=False)
+        return logits.squeeze(1)  # [M, V/TP]
+
+    tp, rank = group_size(tp_group), group_rank(tp_group)
+    local_len = hidden.shape[0]
+    owner = torch.div(s, local_len, rounding_mode="floor")  # [M] the TP rank holding row i
+    counts = torch.bincount(owner, minlength=tp)  # [TP]
+    n_max = int(counts.max()) if rows.numel() else 0  # same on every rank: rows are replicated
+    if n_max == 0:
+        return hidden.new_zeros(0, gpt.output_layer.output_size_per_partition)
+    order = torch.argsort(owner, stable=True)  # rows grouped by owner, requested order within an owner
+    first = torch.cumsum(counts, 0) - counts  # [TP] start of each owner's group in `order`
+    slot = torch.empty_like(owner)
+    slot[order] = torch.arange(owner.numel(), device=owner.device) - first[owner[order]]  # index within owner
+    mine = order[owner[order] == rank]  # this rank's rows, in requested order
+    pad = n_max - mine.numel()
+    local_s = F.pad(s[mine] - rank * local_len, (0, pad))  # padding rows read row (0, 0): finite, discarded
+    local_b = F.pad(b[mine], (0, pad))
+    picked = hidden[local_s, local_b]  # [n_max, H]
+    logits, _ = gpt.output_layer(picked.unsqueeze(1), weight=weight, runtime_gather_output=False)
+    return logits.squeeze(1)[owner * n_max + slot]  # [TP·n_max, V/TP] → [M, V/TP]
+
+
+def _response_rows(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, t) of every response token, row-major, and the hidden rows [M, 2] = (t − 1, b) predicting them."""
+    b, t = response_mask.nonzero(as_tuple=True)
+    return torch.stack([b, t], 1), torch.stack([t - 1, b], 1)
+
+
+def logprobs_from_hidden(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    tp_group: ProcessGroup | None = None,
+    temperature: float = 1.0,
+    compute_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Response log-probs from decoder hidden states (the part of ``response_logprobs`` after the decoder; on a
+    PP > 1 model the last stage calls this). hidden [L, B, H] / [L/TP, B, H]; input_ids, response_mask [B, L]
+    (L may be shorter than the hidden's sequence, which may carry right padding). Returns as ``response_logprobs``.
+    """
+    bt, rows = _response_rows(response_mask)
+    logits = vocab_parallel_logits(model, hidden, rows, tp_group=tp_group)  # [N, V/TP]
+    target = input_ids[bt[:, 0], bt[:, 1]]  # [N]
+    logp, ent = vocab_parallel_logprob_entropy(
+        logits, target, tp_group=tp_group, temperature=temperature, chunk_size=chunk_size,
+        compute_entropy=compute_entropy,
+    )
+    shape = response_mask.shape
+    out = logp.new_zeros(shape).index_put((bt[:, 0], bt[:, 1]), logp)  # [B, L], 0 off the response
+    ent_out = None if ent is None else ent.new_zeros(shape).index_put((bt[:, 0], bt[:, 1]), ent)
+    return out, ent_out
+
+
+def _check_inputs(input_ids, position_ids, response_mask) -> torch.Tensor:
+    check_tensor("input_ids", input_ids, ndim=2)
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids: expected integer token ids, got dtype {input_ids.dtype}")
+    check_tensor("position_ids", position_ids, ndim=2)
+    if tuple(position_ids.shape) != tuple(input_ids.shape):
+        raise ValueError(f"position_ids: shape {tuple(position_ids.shape)} does not match input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    mask = as_mask("response_mask", response_mask, input_ids.shape, "input_ids")
+    if mask.shape[1] and bool(mask[:, 0].any()):
+        raise ValueError("response_mask: position 0 cannot be a response token (nothing precedes it to predict it)")
+    return mask
+
+
+def _padded_inputs(gpt, input_ids, position_ids, attention_mask, packed_seq_params):
+    """Right-pad ids/positions to a multiple of TP under SP (only without an explicit mask or packing)."""
+    length = input_ids.shape[1]
+    target = pad_to_tp_multiple(gpt, length)
+    if target == length:
+        return input_ids, position_ids
+    if attention_mask is not None or packed_seq_params is not None:
+        raise ValueError(f"input_ids: sequence length {length} must be a multiple of TP under sequence parallel "
+                         "when an attention mask or packed parameters are given")
+    extra = target - length
+    ids = F.pad(input_ids, (0, extra))
+    pos = torch.cat([position_ids, position_ids[:, -1:] + torch.arange(1, extra + 1, device=position_ids.device)], 1)
+    return ids, pos
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    packed_seq_params=None,
+    tp_group: ProcessGroup | None = None,
+    temperature: float = 1.0,
+    compute_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y_t | y_<t) / T-tempered, and optionally the entropy, at every response token; nothing of size [B, L, V].
+
+    input_ids, position_ids [B, L] (right-padded: prompt | response | pad); response_mask [B, L] bool, True where
+    input_ids[b, t] is a response token (module docstring; position 0 never). attention_mask / packed_seq_params:
+    passed to megatron (None: causal). tp_group: the model's tensor-parallel group (None for TP=1). temperature: the
+    sampler's (logits / T before the softmax). chunk_size: rows per block inside the fused log-prob (bounds its
+    scratch to [k, V/TP]).
+
+    Returns (logp [B, L], entropy [B, L] or None), fp32, 0 off the response; the same on every TP rank.
+    Differentiable w.r.t. the model parameters. Under SP a sequence length not divisible by TP is right-padded here
+    (without a mask or packing). Peak logits memory: [N, V/TP] with N = response tokens (the full-logits path holds
+    [B, L, V/TP] and more).
+    """
+    mask = _check_inputs(input_ids, position_ids, response_mask)
+    gpt = unwrap_model(model)
+    _check_tp_group(gpt, tp_group)
+    ids, pos = _padded_inputs(gpt, input_ids, position_ids, attention_mask, packed_seq_params)
+    hidden = final_hidden_states(gpt, ids, pos, attention_mask=attention_mask, packed_seq_params=packed_seq_params)
+    return logprobs_from_hidden(
+        gpt, hidden, input_ids, mask, tp_group=tp_group, temperature=temperature,
+        compute_entropy=compute_entropy, chunk_size=chunk_size,
+    )
+
+
+def full_logits_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Naive reference of ``response_logprobs``: the model's logits at every position, all-gathered over the
+    vocabulary ([B, L, V] on every TP rank), then log_softmax and gather (autograd backward). For tests and as the
+    benchmark baseline; it holds several [B, L, V] fp32 tensors. Returns (logp [B, L], entropy [B, L]), 0 off the
+    response."""
+    mask = _check_inputs(input_ids, position_ids, response_mask)
+    gpt = unwrap_model(model)
+    _check_single_stage(gpt)
+    length = input_ids.shape[1]
+    ids, pos = _padded_inputs(gpt, input_ids, position_ids, attention_mask, None)
+    logits = gpt(ids, pos, attention_mask, runtime_gather_output=True)[:, :length]  # [B, L, V]
+    logp, ent = reference_logprob_entropy(logits[:, :-1], input_ids[:, 1:], temperature)  # [B, L-1]
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = F.pad(torch.where(mask[:, 1:], logp, zero), (1, 0))
+    ent = F.pad(torch.where(mask[:, 1:], ent, zero), (1, 0))
+    return logp, ent
