@@ -303,8 +303,6 @@ class RoutingReplay:
 
     def __init__(self, model: torch.nn.Module, *, weights: str = "recomputed",
                  storage_device: torch.device | str | None = None):
-        if weights not in WEIGHT_MODES:
-            raise ValueError(f"routing replay: weights must be one of {WEIGHT_MODES}, got {weights!r}")
         if RoutingReplay.of(model, missing_ok=True) is not None:
             raise RoutingReplayError("routing replay: this model chunk already has a RoutingReplay; detach() it first")
         router_cls = _megatron_router_api()
@@ -377,6 +375,19 @@ class RoutingReplay:
     @property
     def mode(self) -> str:
         return self._mode
+
+    @property
+    def weights(self) -> str:
+        """``"recomputed"`` or ``"recorded"`` (module docstring); may be changed between passes."""
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: str) -> None:
+        if value not in WEIGHT_MODES:
+            raise ValueError(f"routing replay: weights must be one of {WEIGHT_MODES}, got {value!r}")
+        if getattr(self, "_mode", "off") != "off":
+            raise RoutingReplayError("routing replay: change weights between passes, not during one")
+        self._weights = value
 
     @property
     def num_layers(self) -> int:
@@ -496,6 +507,9 @@ class RoutingReplay:
         self._require_off("begin_replay_pass()")
         if not self._records:
             raise RoutingReplayError("routing replay: nothing to replay; run a record pass or set_external_routes()")
+        if self._weights == "recorded" and any(rec.weights is None for rec in self._records.values()):
+            raise RoutingReplayError('routing replay: weights="recorded" but some external routes came without '
+                                     "weights")
         for rec in self._records.values():
             rec.consumed = False
         for hook in self._hooks:

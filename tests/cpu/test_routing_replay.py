@@ -250,6 +250,32 @@ def _single_rank(rank, world_size):
                                           if p.grad is not None)
     # (weights="recorded" left the reference's grads alone: its forward ran under no_grad.)
 
+    # Token dropping (capacity factor 0.5: 4 slots per expert for 32 assignments): replay keeps the recorded map.
+    cap = _build(moe_expert_capacity_factor=0.5)
+    cap.train()
+    cap.load_state_dict(before, strict=False)
+    cap_replay = RoutingReplay(cap)
+    seen = []
+    for router in _routers(cap):
+        router.register_forward_hook(lambda mod, args, output: seen.append(output))
+    cap_replay.begin_record()
+    with torch.no_grad():
+        for mb in (0, 1):
+            with cap_replay.micro_batch(mb):
+                _forward(cap, data[mb])
+    cap_replay.end_pass()
+    cap_recs = [r for mb in (0, 1) for r in cap_replay.records(mb)]
+    out["capacity_dropped"] = min(int((r.routing_map.sum(dim=1) < K).sum()) for r in cap_recs)
+    cap.load_state_dict(after, strict=False)
+    seen.clear()
+    cap_replay.begin_replay_pass()
+    for mb in (0, 1):
+        with cap_replay.micro_batch(mb):
+            _forward(cap, data[mb])[1].backward()
+    out["capacity_drift"] = cap_replay.end_pass()["routing_replay/drift"]
+    out["capacity_map_kept"] = all(torch.equal(m, r.routing_map) for (_, m), r in zip(seen, cap_recs))
+    out["capacity_probs_off_map"] = max((p * ~m).abs().max().item() for p, m in seen)
+
     # (4) exactly-once and shape errors.
     errors = {}
 
@@ -396,6 +422,15 @@ def test_replay_under_activation_recompute(single):
     drift, drift_no_recompute = single["recompute_drift"]
     assert drift == pytest.approx(drift_no_recompute)  # recompute calls do not count twice
     assert single["recompute_grad_vs_forced"] < 1e-6  # recompute in backward replays the same routes
+
+
+@pytest.mark.megatron
+@pytest.mark.dist
+def test_replay_keeps_recorded_map_under_token_dropping(single):
+    assert single["capacity_dropped"] > 0  # every record has dropped assignments: the map is not the top-k map
+    assert single["capacity_drift"] > 0.0
+    assert single["capacity_map_kept"]  # the dispatcher gets π_old's post-dropping map, not a re-dropped one
+    assert single["capacity_probs_off_map"] == 0.0
 
 
 @pytest.mark.megatron
