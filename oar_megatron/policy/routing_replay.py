@@ -15,12 +15,14 @@ Usage (one ``RoutingReplay`` per model chunk; the caller names each micro-batch)
         with replay.micro_batch(mb_id):
             old_logp = forward(model_chunk, batch)
     replay.end_pass()
-    for update in range(num_updates):                    # several passes over the same records
-        replay.begin_replay_pass()
-        for mb_id in order_of_this_pass:                 # any order, each id exactly once
-            with replay.micro_batch(mb_id):
-                loss = forward(model_chunk, micro_batches[mb_id]); loss.backward()
-        metrics = replay.end_pass()                      # raises if a record was not consumed; drift metrics
+    for epoch in range(num_epochs):                      # several passes over the same records
+        for mini_batch in mini_batches:                  # one optimizer update per mini-batch
+            replay.begin_replay_pass(mini_batch)         # the ids of this pass (None: all records)
+            for mb_id in mini_batch:                     # any order, each id exactly once
+                with replay.micro_batch(mb_id):
+                    loss = forward(model_chunk, micro_batches[mb_id]); loss.backward()
+            metrics = replay.end_pass()                  # raises if a record was not consumed; drift metrics
+            optimizer.step()
     # R3: routes from the rollout engine instead of a recorded π_old pass
     replay.set_external_routes(mb_id, expert_ids, weights=None)   # [L, T, k] per micro-batch
     replay.begin_replay_pass(); ...; replay.end_pass()
@@ -61,8 +63,8 @@ External routes need ``weights=`` for this mode.
 Exactly-once. A record pass stores one record per (micro-batch id, layer); recording a key twice is an error. A replay
 pass must consume every record exactly once: a missing record, a second use within the pass, a different token count
 or a router call outside ``micro_batch`` raise ``RoutingReplayError``; ``end_pass`` raises if any record is left.
-``begin_replay_pass`` starts the next pass over the same records (epochs / mini-batches); the micro-batch order may
-differ from the record pass. Activation recompute (megatron ``recompute_granularity``) reruns the router inside
+``begin_replay_pass`` starts the next pass over the same records (epochs), or over a subset of the ids (one
+mini-batch per optimizer update); the micro-batch order may differ from the record pass. Activation recompute (megatron ``recompute_granularity``) reruns the router inside
 backward: such calls (detected as a router call while autograd runs a backward) are not consumptions; they take the
 record that the same layer's forward consumed, first in first out (megatron's schedules run backward in forward
 order per chunk), so the recomputed forward sees the same routes.
@@ -89,7 +91,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -257,6 +259,9 @@ class _LayerHook:
         else:
             key = (owner._require_mb(self), self.ordinal)
             rec = owner._records.get(key)
+            if rec is not None and owner._expected is not None and key[0] not in owner._expected:
+                raise RoutingReplayError(
+                    f"routing replay: micro-batch id {key[0]!r} is not one of this pass's micro_batches")
             if rec is None:
                 known = sorted({repr(k[0]) for k in owner._records})
                 raise RoutingReplayError(
@@ -320,6 +325,7 @@ class RoutingReplay:
         self._mode = "off"
         self._source: str | None = None  # "record" or "external": where the records came from
         self._mb: Hashable | None = None
+        self._expected: set[Hashable] | None = None  # the ids of the current replay pass; None: all records
         self._records: dict[tuple[Hashable, int], _Record] = {}
         self._hooks = [_LayerHook(self, i, r) for i, r in enumerate(routers)]
         for hook in self._hooks:
@@ -502,11 +508,24 @@ class RoutingReplay:
         self._records.update(staged)
         self._source = "external"
 
-    def begin_replay_pass(self) -> None:
-        """Start one training pass over the records: each must be consumed exactly once before ``end_pass``."""
+    def begin_replay_pass(self, micro_batches: Iterable[Hashable] | None = None) -> None:
+        """Start one training pass: each record in it must be consumed exactly once before ``end_pass``.
+
+        ``micro_batches``: the ids this pass covers, e.g. one mini-batch of a rollout batch updated in several
+        optimizer steps (one pass per update); records of other ids are then neither usable nor required.
+        None: every record (one pass per epoch over the whole batch).
+        """
         self._require_off("begin_replay_pass()")
         if not self._records:
             raise RoutingReplayError("routing replay: nothing to replay; run a record pass or set_external_routes()")
+        expected = None
+        if micro_batches is not None:
+            expected = set(micro_batches)
+            missing = sorted(repr(m) for m in expected - set(self.micro_batch_ids()))
+            if missing or not expected:
+                raise RoutingReplayError(f"routing replay: begin_replay_pass over micro-batch ids without records: "
+                                         f"{', '.join(missing[:8]) or '(none given)'}")
+        self._expected = expected
         if self._weights == "recorded" and any(rec.weights is None for rec in self._records.values()):
             raise RoutingReplayError('routing replay: weights="recorded" but some external routes came without '
                                      "weights")
@@ -532,7 +551,8 @@ class RoutingReplay:
             raise RoutingReplayError("routing replay: end_pass() without begin_record() / begin_replay_pass()")
         if mode == "record":
             return {"routing_replay/recorded_micro_batches": float(len(self.micro_batch_ids()))}
-        left = [k for k, rec in self._records.items() if not rec.consumed]
+        left = [k for k, rec in self._records.items()
+                if not rec.consumed and (self._expected is None or k[0] in self._expected)]
         if left:
             names = sorted({f"mb {k[0]!r}" for k in left})
             raise RoutingReplayError(

@@ -306,6 +306,12 @@ def _single_rank(rank, world_size):
         run(1)
     errors["complete_pass"] = _catch(replay.end_pass)
     errors["end_without_pass"] = _catch(replay.end_pass)
+    replay.begin_replay_pass([1])  # one mini-batch of the two: only micro-batch 1 is due
+    with torch.no_grad():
+        errors["outside_subset"] = _catch(lambda: run(0))
+        run(1)
+    errors["subset_pass"] = _catch(replay.end_pass)
+    errors["subset_unknown"] = _catch(lambda: replay.begin_replay_pass([1, 5]))
     errors["second_replay"] = _catch(lambda: RoutingReplay(gpt))
     api = _build()
     del _routers(api)[0].router_replay  # what a megatron version without the replay slot would look like
@@ -447,6 +453,9 @@ def test_exactly_once_errors(single):
     assert "outside `with replay.micro_batch" in e["no_micro_batch"]
     assert e["complete_pass"] == "no error"  # the failed calls above consumed nothing
     assert "without begin_record" in e["end_without_pass"]
+    assert "not one of this pass's micro_batches" in e["outside_subset"]
+    assert e["subset_pass"] == "no error"  # micro-batch 0 is not due in a pass over [1]
+    assert "without records: 5" in e["subset_unknown"]
     assert "already has a RoutingReplay" in e["second_replay"]
     assert e["api_drift"].startswith("RouterAPIError") and "megatron-core 0.16" in e["api_drift"]
 
