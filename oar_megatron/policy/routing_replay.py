@@ -64,10 +64,11 @@ Exactly-once. A record pass stores one record per (micro-batch id, layer); recor
 pass must consume every record exactly once: a missing record, a second use within the pass, a different token count
 or a router call outside ``micro_batch`` raise ``RoutingReplayError``; ``end_pass`` raises if any record is left.
 ``begin_replay_pass`` starts the next pass over the same records (epochs), or over a subset of the ids (one
-mini-batch per optimizer update); the micro-batch order may differ from the record pass. Activation recompute (megatron ``recompute_granularity``) reruns the router inside
-backward: such calls (detected as a router call while autograd runs a backward) are not consumptions; they take the
-record that the same layer's forward consumed, first in first out (megatron's schedules run backward in forward
-order per chunk), so the recomputed forward sees the same routes.
+mini-batch per optimizer update); the micro-batch order may differ from the record pass. Activation recompute
+(megatron ``recompute_granularity``) reruns the router inside backward: such calls (detected as a router call while
+autograd runs a backward) are not consumptions; they take the record that the same layer's forward consumed, first
+in first out (megatron's schedules run backward in forward order per chunk), so the recomputed forward sees the
+same routes.
 
 Parallelism: records are rank-local. The router runs on each rank's own tokens *before* the token dispatcher, so
 under EP a record holds the local tokens' global expert ids and is replayed on the same rank (the all-to-all then
