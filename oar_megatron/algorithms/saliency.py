@@ -68,22 +68,29 @@ def local_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def _check_common(batch: ScoringBatch, mode: str, width: int | None, kl_fn: KLFn | None, embed, forward) -> int:
+def check_scoring_batch(batch: ScoringBatch, mode: str, width: int | None) -> int:
+    """Validate a scoring batch, a P_final mode and an output width; returns the width (default: the longest
+    reasoning). Shared by the single-process functions here and the sharded passes in ``policy.saliency_pass``."""
     if not isinstance(batch, ScoringBatch):
         raise ValueError(f"batch: expected a ScoringBatch (segment.build_scoring_batch), got {type(batch).__name__}")
     check_choice("mode", mode, PFINAL_MODES)
-    if not callable(embed):
-        raise ValueError("embed: expected a callable ids [N, L] -> embeddings [N, L, H]")
-    if not callable(forward):
-        raise ValueError("forward: expected a callable (embeddings [N, L, H], attention_mask [N, L]) -> logits")
-    if kl_fn is not None and not callable(kl_fn):
-        raise ValueError("kl_fn: expected a callable (p_logits, q_logits) -> KL")
     r_max = int(batch.reasoning_len.max()) if batch.batch_size else 0
     if width is None:
         return r_max
     check_int("width", width, minimum=0)
     if width < r_max:
         raise ValueError(f"width: {width} is shorter than the longest reasoning ({r_max} tokens)")
+    return width
+
+
+def _check_common(batch: ScoringBatch, mode: str, width: int | None, kl_fn: KLFn | None, embed, forward) -> int:
+    width = check_scoring_batch(batch, mode, width)
+    if not callable(embed):
+        raise ValueError("embed: expected a callable ids [N, L] -> embeddings [N, L, H]")
+    if not callable(forward):
+        raise ValueError("forward: expected a callable (embeddings [N, L, H], attention_mask [N, L]) -> logits")
+    if kl_fn is not None and not callable(kl_fn):
+        raise ValueError("kl_fn: expected a callable (p_logits, q_logits) -> KL")
     return width
 
 

@@ -48,7 +48,15 @@ import torch.nn.functional as F
 from ..algorithms._validate import check_choice, check_int, check_positive
 from ..algorithms.logprob import vocab_parallel_kl, vocab_parallel_logprob_entropy
 from ..algorithms.reduce import ProcessGroup, group_rank, group_size
-from ..algorithms.saliency import PFINAL_MODES, Saliency, _chunks, _divergence, _sample_seeds, _to_width
+from ..algorithms.saliency import (
+    PFINAL_MODES,
+    Saliency,
+    _chunks,
+    _divergence,
+    _sample_seeds,
+    _to_width,
+    check_scoring_batch,
+)
 from ..algorithms.segment import ScoringBatch
 from .forward import (
     _check_inputs,
@@ -69,19 +77,11 @@ __all__ = ["CleanPass", "clean_pass", "oar_g_sharded", "oar_p_sharded", "pfinal_
 
 
 def _check_batch(batch: ScoringBatch, mode: str, width: int | None) -> int:
-    if not isinstance(batch, ScoringBatch):
-        raise ValueError(f"batch: expected a ScoringBatch (segment.build_scoring_batch), got {type(batch).__name__}")
-    check_choice("mode", mode, PFINAL_MODES)
+    width = check_scoring_batch(batch, mode, width)
     att = batch.attention_mask
     col = torch.arange(att.shape[1], device=att.device)[None, :]
     if not torch.equal(att.bool(), col < att.sum(dim=1, keepdim=True)):
         raise ValueError("batch: attention_mask must be right padding (the megatron pass applies a causal mask only)")
-    r_max = int(batch.reasoning_len.max()) if batch.batch_size else 0
-    if width is None:
-        return r_max
-    check_int("width", width, minimum=0)
-    if width < r_max:
-        raise ValueError(f"width: {width} is shorter than the longest reasoning ({r_max} tokens)")
     return width
 
 
