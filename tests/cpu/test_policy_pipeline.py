@@ -1,0 +1,146 @@
+"""policy.pipeline on real gloo ranks: megatron's pipeline schedules at PP=2 reproduce the PP=1 passes.
+
+One 2-rank spawn (megatron's import costs ~6 s per spawn), ``tiny`` preset (fp32, tied embeddings, CPU init):
+
+(a) PP=1 (DP=2) reference: ``response_logprobs`` (+ entropy), ``oar_g_sharded`` and ``oar_p_sharded``; the
+    pipeline functions at PP=1 (megatron's no-pipelining schedule) give the same numbers.
+(b) PP=2 with the reference weights loaded: ``pipeline_logprobs`` over 2 micro-batches, ``pipeline_oar_g`` (every
+    P_final mode; micro-batches of 2 rows, the last one padded) and ``pipeline_oar_p`` equal the PP=1 values on
+    both stages (broadcast), and without broadcast they land on the last stage only.
+(c) the saliency passes leave parameter ``.grad`` None and ``requires_grad`` True on every stage.
+"""
+
+import pytest
+import torch
+
+from tests.dist_harness import run_ranks
+
+pytestmark = [pytest.mark.dist, pytest.mark.megatron]
+
+B, L = 4, 12
+TEMP = 0.8
+NOISE = 0.05
+MODES = ("last", "answer_mean", "answer_joint")
+
+
+def _rollout(vocab):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, vocab, (B, L), generator=g)
+    prompt, total = torch.tensor([3, 5, 2, 4]), torch.tensor([12, 9, 7, 11])
+    col = torch.arange(L)[None, :]
+    mask = (col >= prompt[:, None]) & (col < total[:, None])
+    ids = torch.where(col < total[:, None], ids, 0)
+    return ids, torch.arange(L).expand(B, L), mask
+
+
+def _scoring_batch(vocab):
+    from oar_megatron.algorithms.segment import build_scoring_batch
+
+    g = torch.Generator().manual_seed(9)
+    tok = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
+    # Row 2 has no answer tokens (scores 0 in the answer modes); 3 rows in micro-batches of 2: the last is padded.
+    prompts, reasonings, answers = [tok(3), tok(2), tok(4)], [tok(5), tok(6), tok(4)], [tok(4), tok(5), []]
+    return build_scoring_batch(prompts, reasonings, tok(2), answers, pad_id=0)
+
+
+def _rename(offset):
+    def rename(name):
+        if name == "output_layer.weight":
+            return "embedding.word_embeddings.weight"  # tied: the last stage's copy of the embedding
+        head, sep, tail = name.partition("decoder.layers.")
+        if not sep:
+            return name
+        index, rest = tail.split(".", 1)
+        return f"{head}decoder.layers.{int(index) + offset}.{rest}"
+
+    return rename
+
+
+def _grad_state(chunk):
+    return all(p.grad is None and p.requires_grad for p in chunk.parameters())
+
+
+def _passes(gpt, groups, ids, pos, mask, batch):
+    """The pipeline functions on ``gpt`` (a single chunk): log-probs, OAR-G per mode, OAR-P per mode."""
+    from oar_megatron.policy.pipeline import pipeline_logprobs, pipeline_oar_g, pipeline_oar_p
+
+    res = {}
+    mbs = [(ids[:2], pos[:2], mask[:2]), (ids[2:], pos[2:], mask[2:])]
+    lp = pipeline_logprobs([gpt], mbs, groups=groups, temperature=TEMP, compute_entropy=True, seq_length=L,
+                           micro_batch_size=2)
+    res["logp"] = torch.cat([p for p, _ in lp])
+    res["ent"] = torch.cat([e for _, e in lp])
+    for m in MODES:
+        res[f"g_{m}"] = pipeline_oar_g(gpt, batch, groups=groups, mode=m, noise_std=NOISE, seed=3,
+                                       micro_batch_size=2).scores
+        res[f"p_{m}"] = pipeline_oar_p(gpt, batch, groups=groups, mode=m, chunk_size=4).scores
+    res["grads_untouched"] = _grad_state(gpt)
+    return res
+
+
+def _two_ranks(rank, world_size):
+    from oar_megatron.config import ParallelConfig, model_preset
+    from oar_megatron.policy import build_model, destroy_parallel, init_parallel
+    from oar_megatron.policy.forward import response_logprobs
+    from oar_megatron.policy.pipeline import pipeline_logprobs, pipeline_oar_g, pipeline_oar_p
+    from oar_megatron.policy.saliency_pass import oar_g_sharded, oar_p_sharded
+
+    tiny = model_preset("tiny")
+    ids, pos, mask = _rollout(tiny.vocab_size)
+    batch = _scoring_batch(tiny.vocab_size)
+    out = {}
+
+    # PP=1 reference (every rank holds the whole model).
+    groups = init_parallel(ParallelConfig(), tiny, seed=11)
+    ref = build_model(tiny, groups)
+    ref.eval()
+    params = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    with torch.no_grad():
+        logp, ent = response_logprobs(ref, ids, pos, mask, temperature=TEMP, compute_entropy=True)
+    r = {"logp": logp, "ent": ent}
+    for m in MODES:
+        r[f"g_{m}"] = oar_g_sharded(ref, batch, mode=m, noise_std=NOISE, seed=3, chunk_size=2).scores
+        r[f"p_{m}"] = oar_p_sharded(ref, batch, mode=m, chunk_size=4).scores
+    out["ref"] = r
+    out["pp1"] = _passes(ref, groups, ids, pos, mask, batch)
+    destroy_parallel()
+
+    # PP=2 with the reference weights.
+    groups = init_parallel(ParallelConfig(pp=2), tiny, seed=11)
+    gpt = build_model(tiny, groups)
+    gpt.eval()
+    rename = _rename(groups.pp_rank * tiny.num_layers // 2)
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            p.copy_(params[rename(name)])
+    out["pp2"] = _passes(gpt, groups, ids, pos, mask, batch)
+    # Without broadcast: results only on the last stage.
+    lp = pipeline_logprobs(gpt, [(ids[:2], pos[:2], mask[:2])], groups=groups, temperature=TEMP, seq_length=L,
+                           micro_batch_size=2, broadcast=False)
+    g = pipeline_oar_g(gpt, batch, groups=groups, mode="last", noise_std=NOISE, seed=3, micro_batch_size=2,
+                       broadcast=False)
+    p = pipeline_oar_p(gpt, batch, groups=groups, mode="last", chunk_size=4, broadcast=False)
+    out["no_bcast"] = dict(
+        logp=None if lp is None else lp[0][0], g=None if g is None else g.scores, p=None if p is None else p.scores)
+    destroy_parallel()
+    return out
+
+
+def test_pipeline_matches_single_stage():
+    results = run_ranks(_two_ranks, 2)
+    for rank, res in enumerate(results):
+        ref = res["ref"]
+        assert ref["logp"].abs().sum() > 0
+        for layout in ("pp1", "pp2"):
+            got = res[layout]
+            assert got["grads_untouched"], (rank, layout)
+            for key, want in ref.items():
+                torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-5, msg=f"rank {rank} {layout} {key}")
+        for m in MODES:
+            assert ref[f"g_{m}"].abs().sum() > 0 and ref[f"p_{m}"].abs().sum() > 0, m
+    ref = results[1]["ref"]
+    first, last = results[0]["no_bcast"], results[1]["no_bcast"]
+    assert first == dict(logp=None, g=None, p=None)
+    torch.testing.assert_close(last["logp"], ref["logp"][:2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(last["g"], ref["g_last"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(last["p"], ref["p_last"], rtol=1e-4, atol=1e-5)
