@@ -61,7 +61,7 @@ def _check_single_stage(model: GPTModel) -> None:
     if not (model.pre_process and model.post_process):
         raise ValueError(
             "model: this pass needs the embedding and the output layer on one stage (pipeline parallel size 1); "
-            "under PP the last stage calls logprobs_from_hidden"
+            "under PP use policy.pipeline (pipeline_logprobs, pipeline_oar_g, pipeline_oar_p)"
         )
     if model.config.mtp_num_layers:
         raise ValueError("model: multi-token prediction layers are not supported by the log-prob pass")

@@ -28,7 +28,7 @@ Inputs are right-padded (a ``ScoringBatch``); megatron applies its causal mask, 
 token does not change that row. Under SP the sequence is right-padded to a multiple of TP. Put the model in eval
 mode (or use zero dropout): the method assumes a deterministic forward.
 
-Pipeline parallel (not handled here; ``forward._check_single_stage`` refuses PP > 1): the embedding leaf and the
+Pipeline parallel (refused here; ``pipeline.pipeline_oar_g``, ``pipeline_oar_p`` run it): the embedding leaf and the
 reduction to s_t belong to the first stage, J to the last; the gradient w.r.t. the first stage's input travels
 back through the pipeline's backward, and the scores are then sent from the first stage to the last, where the loss
 consumes them.
