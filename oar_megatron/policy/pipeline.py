@@ -3,7 +3,10 @@
 Every function here takes the model chunks of this rank (one ``GPTModel``, or its virtual-PP chunks; megatron
 wrappers are unwrapped) and runs ``get_forward_backward_func()`` on micro-batches that every PP rank holds (each
 stage reads the ids it needs: the first for the embedding, the last for the targets / answer positions). At PP=1
-the same code goes through megatron's no-pipelining schedule, so one API serves every layout.
+the same code goes through megatron's no-pipelining schedule, so one API serves every layout. Virtual PP: pass the
+list of chunks; the interleaved schedule's micro-batch count is padded with dummy micro-batches as it requires
+(tested at PP=2 × 2 chunks). Tested on CPU/gloo at PP=2 with TP=1; TP/SP inside a stage use the same sharded
+code as ``saliency_pass`` (TP×PP not run here: 4 ranks).
 
 - ``pipeline_logprobs``: π_old response log-probs (and entropy). Forward-only schedule; on the last stage the
   forward step runs the chunk with ``post_process`` switched off (``forward._hidden_states_only``: decoder output
@@ -117,14 +120,27 @@ def _schedule_config(chunks: list[torch.nn.Module]) -> Iterator[None]:
 
 def _run_schedule(chunks, micro_batches: list, forward_step, *, forward_only: bool, seq_length: int,
                   micro_batch_size: int) -> list:
+    """Megatron's schedule for this layout; returns the last stage's ``forward_data_store`` for ``micro_batches``.
+
+    The interleaved (virtual-PP) schedule needs the micro-batch count to be a multiple of its group size
+    (``microbatch_group_size_per_vp_stage``, default PP): the list is then padded with dummy copies of the last
+    micro-batch (``real=0``, ``k`` < 0: they add nothing to J and their results are dropped).
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    data = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
+    n = len(micro_batches)
+    mbs = list(micro_batches)
+    if len(chunks) > 1:
+        cfg = unwrap_model(chunks[0]).config
+        group = cfg.microbatch_group_size_per_vp_stage or cfg.pipeline_model_parallel_size
+        mbs += [dict(mbs[-1], real=0, k=-1 - i) for i in range(-(-n // group) * group - n)]
+    data = iter(mbs) if len(chunks) == 1 else [iter(mbs) for _ in chunks]
     ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     with ctx:
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=data, model=chunks, num_microbatches=len(micro_batches),
+        store = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=data, model=chunks, num_microbatches=len(mbs),
             seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=forward_only)
+    return store[:n]
 
 
 def _call_chunk(model, ids, pos, decoder_input=None) -> torch.Tensor:

@@ -7,7 +7,8 @@ One 2-rank spawn (megatron's import costs ~6 s per spawn), ``tiny`` preset (fp32
 (b) PP=2 with the reference weights loaded: ``pipeline_logprobs`` over 2 micro-batches, ``pipeline_oar_g`` (every
     P_final mode; micro-batches of 2 rows, the last one padded) and ``pipeline_oar_p`` equal the PP=1 values on
     both stages (broadcast), and without broadcast they land on the last stage only.
-(c) the saliency passes leave parameter ``.grad`` None and ``requires_grad`` True on every stage.
+(c) the same with virtual PP (2 stages x 2 chunks, interleaved schedule).
+(d) the saliency passes leave parameter ``.grad`` None and ``requires_grad`` True on every stage.
 """
 
 import pytest
@@ -56,17 +57,18 @@ def _rename(offset):
     return rename
 
 
-def _grad_state(chunk):
-    return all(p.grad is None and p.requires_grad for p in chunk.parameters())
+def _grad_state(chunks):
+    return all(p.grad is None and p.requires_grad for c in chunks for p in c.parameters())
 
 
 def _passes(gpt, groups, ids, pos, mask, batch):
-    """The pipeline functions on ``gpt`` (a single chunk): log-probs, OAR-G per mode, OAR-P per mode."""
+    """The pipeline functions on ``gpt`` (a chunk or a list): log-probs, OAR-G per mode, OAR-P per mode."""
     from oar_megatron.policy.pipeline import pipeline_logprobs, pipeline_oar_g, pipeline_oar_p
 
     res = {}
     mbs = [(ids[:2], pos[:2], mask[:2]), (ids[2:], pos[2:], mask[2:])]
-    lp = pipeline_logprobs([gpt], mbs, groups=groups, temperature=TEMP, compute_entropy=True, seq_length=L,
+    chunks = gpt if isinstance(gpt, list) else [gpt]
+    lp = pipeline_logprobs(chunks, mbs, groups=groups, temperature=TEMP, compute_entropy=True, seq_length=L,
                            micro_batch_size=2)
     res["logp"] = torch.cat([p for p, _ in lp])
     res["ent"] = torch.cat([e for _, e in lp])
@@ -74,7 +76,7 @@ def _passes(gpt, groups, ids, pos, mask, batch):
         res[f"g_{m}"] = pipeline_oar_g(gpt, batch, groups=groups, mode=m, noise_std=NOISE, seed=3,
                                        micro_batch_size=2).scores
         res[f"p_{m}"] = pipeline_oar_p(gpt, batch, groups=groups, mode=m, chunk_size=4).scores
-    res["grads_untouched"] = _grad_state(gpt)
+    res["grads_untouched"] = _grad_state(chunks)
     return res
 
 
@@ -123,6 +125,19 @@ def _two_ranks(rank, world_size):
     out["no_bcast"] = dict(
         logp=None if lp is None else lp[0][0], g=None if g is None else g.scores, p=None if p is None else p.scores)
     destroy_parallel()
+
+    # Virtual PP: pp=2 x 2 chunks of one layer (chunk v of stage p holds reference layer 2v + p); the interleaved
+    # schedule needs the micro-batch count padded to a multiple of PP (the clean OAR-P pass has a single one).
+    groups = init_parallel(ParallelConfig(pp=2, virtual_pp=2), tiny, seed=11)
+    chunks = build_model(tiny, groups)
+    with torch.no_grad():
+        for v, chunk in enumerate(chunks):
+            chunk.eval()
+            rename = _rename(2 * v + groups.pp_rank)
+            for name, p in chunk.named_parameters():
+                p.copy_(params[rename(name)])
+    out["vpp"] = _passes(chunks, groups, ids, pos, mask, batch)
+    destroy_parallel()
     return out
 
 
@@ -131,7 +146,7 @@ def test_pipeline_matches_single_stage():
     for rank, res in enumerate(results):
         ref = res["ref"]
         assert ref["logp"].abs().sum() > 0
-        for layout in ("pp1", "pp2"):
+        for layout in ("pp1", "pp2", "vpp"):
             got = res[layout]
             assert got["grads_untouched"], (rank, layout)
             for key, want in ref.items():
