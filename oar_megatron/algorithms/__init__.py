@@ -24,4 +24,6 @@ from .segment import (  # noqa: F401
     encode_text, extract_boxed, score_mask_from_splits, scoring_batch_from_responses, split_response, split_responses,
 )
 from .saliency import PFINAL_MODES, Saliency, local_kl, oar_g_saliency, oar_p_saliency  # noqa: F401
-from .context_parallel import gather_zigzag, seq_mean_over_cp, seq_sum_over_cp, zigzag_indices, zigzag_split  # noqa: F401
+from .context_parallel import (  # noqa: F401
+    gather_zigzag, seq_mean_over_cp, seq_sum_over_cp, zigzag_indices, zigzag_split,
+)
