@@ -31,7 +31,9 @@ last stage, point-to-point, since that is where the loss consumes them) and the 
 Shapes. Megatron's p2p sends fixed [seq_length, micro_batch_size, H] ([seq_length/TP, ...] under sequence
 parallel) tensors, so every micro-batch is right-padded here to ``seq_length`` (a multiple of TP under SP), and
 the saliency passes pad their last micro-batch with repeated rows whose results are dropped (they never enter J).
-Put the chunks in eval mode; the model must have no multi-token-prediction layers.
+Put the chunks in eval mode: the passes assume a deterministic forward, and megatron's MoE router attaches its
+aux / z losses only in training mode (they would otherwise add their own gradient to e.grad in OAR-G). The model
+must have no multi-token-prediction layers.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ One 2-rank spawn (megatron's import costs ~6 s per spawn), ``tiny`` preset (fp32
     P_final mode; micro-batches of 2 rows, the last one padded) and ``pipeline_oar_p`` equal the PP=1 values on
     both stages (broadcast), and without broadcast they land on the last stage only.
 (c) the same with virtual PP (2 stages x 2 chunks, interleaved schedule).
-(d) the saliency passes leave parameter ``.grad`` None and ``requires_grad`` True on every stage.
+(d) tiny-moe (untied, one MoE layer per stage): PP=2 log-probs and OAR-G == PP=1.
+(e) the saliency passes leave parameter ``.grad`` None and ``requires_grad`` True on every stage.
 """
 
 import pytest
@@ -138,6 +139,26 @@ def _two_ranks(rank, world_size):
                 p.copy_(params[rename(name)])
     out["vpp"] = _passes(chunks, groups, ids, pos, mask, batch)
     destroy_parallel()
+
+    # MoE (tiny-moe: one MoE layer per stage at PP=2, eval mode so no aux losses): log-probs and OAR-G.
+    moe_cfg = model_preset("tiny-moe")
+    moe = {}
+    for pp in (1, 2):
+        groups = init_parallel(ParallelConfig(pp=pp), moe_cfg, seed=11)
+        gpt = build_model(moe_cfg, groups)
+        gpt.eval()
+        if pp == 1:
+            moe_params = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+        else:
+            rename = _rename(groups.pp_rank)
+            with torch.no_grad():
+                for name, p in gpt.named_parameters():
+                    p.copy_(moe_params[name if name == "output_layer.weight" else rename(name)])
+        lp = pipeline_logprobs(gpt, [(ids, pos, mask)], groups=groups, seq_length=L, micro_batch_size=B)
+        g = pipeline_oar_g(gpt, batch, groups=groups, mode="answer_mean", noise_std=NOISE, seed=3)
+        moe[pp] = dict(logp=lp[0][0], g=g.scores)
+        destroy_parallel()
+    out["moe"] = moe
     return out
 
 
@@ -153,6 +174,10 @@ def test_pipeline_matches_single_stage():
                 torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-5, msg=f"rank {rank} {layout} {key}")
         for m in MODES:
             assert ref[f"g_{m}"].abs().sum() > 0 and ref[f"p_{m}"].abs().sum() > 0, m
+    for res in results:
+        for key in ("logp", "g"):
+            assert res["moe"][1][key].abs().sum() > 0
+            torch.testing.assert_close(res["moe"][2][key], res["moe"][1][key], rtol=1e-4, atol=1e-5)
     ref = results[1]["ref"]
     first, last = results[0]["no_bcast"], results[1]["no_bcast"]
     assert first == dict(logp=None, g=None, p=None)
