@@ -86,7 +86,7 @@ def _two_ranks(rank, world_size):
     from oar_megatron.policy import build_model, destroy_parallel, init_parallel
     from oar_megatron.policy.forward import response_logprobs
     from oar_megatron.policy.pipeline import pipeline_logprobs, pipeline_oar_g, pipeline_oar_p
-    from oar_megatron.policy.saliency_pass import oar_g_sharded, oar_p_sharded
+    from oar_megatron.policy.saliency_pass import clean_pass, oar_g_sharded, oar_p_sharded
 
     tiny = model_preset("tiny")
     ids, pos, mask = _rollout(tiny.vocab_size)
@@ -105,6 +105,7 @@ def _two_ranks(rank, world_size):
         r[f"g_{m}"] = oar_g_sharded(ref, batch, mode=m, noise_std=NOISE, seed=3, chunk_size=2).scores
         r[f"p_{m}"] = oar_p_sharded(ref, batch, mode=m, chunk_size=4).scores
     out["ref"] = r
+    clean = clean_pass(ref, batch, modes=("last",)).reference["last"]  # P_final at PP=1, reused below at PP=2
     out["pp1"] = _passes(ref, groups, ids, pos, mask, batch)
     destroy_parallel()
 
@@ -123,6 +124,24 @@ def _two_ranks(rank, world_size):
     g = pipeline_oar_g(gpt, batch, groups=groups, mode="last", noise_std=NOISE, seed=3, micro_batch_size=2,
                        broadcast=False)
     p = pipeline_oar_p(gpt, batch, groups=groups, mode="last", chunk_size=4, broadcast=False)
+    # A precomputed clean P_final skips the extra forward-only schedule (read on the last stage only).
+    out["with_ref"] = dict(
+        g=pipeline_oar_g(gpt, batch, groups=groups, mode="last", noise_std=NOISE, seed=3, micro_batch_size=2,
+                         reference=clean).scores,
+        p=pipeline_oar_p(gpt, batch, groups=groups, mode="last", chunk_size=4, reference=clean).scores)
+    errors = []
+    for call in (
+        lambda: pipeline_logprobs(gpt, [(ids, pos, mask)], groups=groups, seq_length=L, micro_batch_size=2),
+        lambda: pipeline_logprobs(gpt, [(ids[:2], pos[:2], mask[:2])], groups=groups, seq_length=L - 1,
+                                  micro_batch_size=2),
+        lambda: pipeline_logprobs(gpt, [], groups=groups, seq_length=L, micro_batch_size=2),
+    ):
+        try:
+            call()
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc).split(":")[0])
+    out["errors"] = errors
     out["no_bcast"] = dict(
         logp=None if lp is None else lp[0][0], g=None if g is None else g.scores, p=None if p is None else p.scores)
     destroy_parallel()
@@ -178,6 +197,10 @@ def test_pipeline_matches_single_stage():
         for key in ("logp", "g"):
             assert res["moe"][1][key].abs().sum() > 0
             torch.testing.assert_close(res["moe"][2][key], res["moe"][1][key], rtol=1e-4, atol=1e-5)
+    for res in results:
+        assert res["errors"] == ["micro_batches[0]", "micro_batches[0]", "micro_batches"], res["errors"]
+        torch.testing.assert_close(res["with_ref"]["g"], res["ref"]["g_last"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(res["with_ref"]["p"], res["ref"]["p_last"], rtol=1e-4, atol=1e-5)
     ref = results[1]["ref"]
     first, last = results[0]["no_bcast"], results[1]["no_bcast"]
     assert first == dict(logp=None, g=None, p=None)
