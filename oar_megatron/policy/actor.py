@@ -353,22 +353,27 @@ class PolicyActor:
     # --------------------------------------------------------------------------------------- advantages
 
     def saliency(self, batch: RolloutBatch):
-        """OAR-G / OAR-P scores (``saliency_pass``) of this rank's rows: ``Saliency(scores [N, W], mask)``."""
+        """OAR-G / OAR-P scores of this rank's rows: ``Saliency(scores [N, W], mask)``, from ``saliency_pass`` at
+        PP = 1 and ``pipeline`` (megatron's schedules, scores on every PP rank) at PP > 1."""
         if batch.scoring is None:
             raise ValueError("batch.scoring: the OAR shaper needs the scoring sequences (segment.build_scoring_batch)")
-        if self.groups.pp > 1:
-            raise NotImplementedError("OAR saliency under pipeline parallelism is delivered by policy/pipeline.py")
         s = self.algorithm.shaper
-        model = self.models[0]
         scoring = batch.scoring.to(self.groups.device)
         for m in self.chunks:
-            m.eval()
+            m.eval()  # deterministic forward; MoE aux losses off (they would leak into OAR-G's gradient)
+        seeds = [self.saliency_seed + int(r) for r in batch.row_ids]
+        mode = self.algorithm.pfinal_mode
+        if self.groups.pp > 1:  # megatron's schedules, scores broadcast to every PP rank (policy/pipeline.py)
+            from .pipeline import pipeline_oar_g, pipeline_oar_p
+
+            if s.saliency == "oar_g":
+                return pipeline_oar_g(self.models, scoring, groups=self.groups, mode=mode, noise_std=s.noise_std,
+                                      seed=seeds)
+            return pipeline_oar_p(self.models, scoring, groups=self.groups, mode=mode, chunk_size=s.chunk_size)
         if s.saliency == "oar_g":
-            seeds = [self.saliency_seed + int(r) for r in batch.row_ids]
-            return oar_g_sharded(model, scoring, tp_group=self.tp_group, mode=self.algorithm.pfinal_mode,
-                                 noise_std=s.noise_std, seed=seeds)
-        return oar_p_sharded(model, scoring, tp_group=self.tp_group, mode=self.algorithm.pfinal_mode,
-                             chunk_size=s.chunk_size)
+            return oar_g_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, noise_std=s.noise_std,
+                                 seed=seeds)
+        return oar_p_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, chunk_size=s.chunk_size)
 
     def compute_token_advantages(self, batch: RolloutBatch) -> torch.Tensor:
         """``batch.token_advantages`` [N, L]: Â·w_t from OAR saliency when ``shaper.name == 'oar'`` (scored tokens

@@ -9,10 +9,9 @@ Steps (``tools/parallel_consistency.py`` and ``tests/cpu/test_parallel_consisten
    for each layout, ``init_parallel`` → ``PolicyActor`` → the reference weights loaded by global name (TP shards
    sliced exactly as megatron's ``use_cpu_initialization`` slices them, PP stages by layer number, EP ranks by
    global expert index) → this DP rank's rows → ``compute_ref_logprobs``, ``compute_old_logprobs``, OAR-G saliency
-   and token advantages (PP = 1 only: OAR under PP belongs to ``policy/pipeline.py``), one ``update`` (loss, grad
-   norm), and the π log-probs after the update. The reference layouts (``tp1``, ``tp1-moe``) also return their
-   weights, which the caller stores next to the batch (``save_reference``) with their OAR-G token advantages: the
-   PP layouts, which cannot score here, train on those, so their loss and grad norm are still compared.
+   and token advantages (``saliency_pass`` at PP = 1, ``pipeline.pipeline_oar_g`` at PP > 1), one ``update``
+   (loss, grad norm), and the π log-probs after the update. The reference layouts (``tp1``, ``tp1-moe``) also
+   return their weights, which the caller stores next to the batch (``save_reference``) for the other layouts.
 3. ``assemble`` puts the per-rank pieces back into global [N, ...] tensors (last pipeline stage, TP rank 0, ordered
    by DP rank); ``compare`` checks them against the reference within ``TOLERANCES`` (fp32 throughout).
 
@@ -81,11 +80,10 @@ def save_case(path: str, *, vocab: int = 250, seed: int = 0) -> dict:
 
 
 def save_reference(path: str, preset: str, ref: dict) -> None:
-    """Add a reference layout's weights and OAR-G token advantages (``assemble`` output) for ``preset`` to the
-    case file: the other layouts load those weights, and PP layouts use those advantages."""
+    """Add a reference layout's weights (``assemble`` output) for ``preset`` to the case file; the other layouts
+    load them."""
     case = torch.load(path, weights_only=True)
     case.setdefault("weights", {})[preset] = ref["weights"]
-    case.setdefault("token_advantages", {})[preset] = ref["token_advantages"]
     torch.save(case, path)
 
 
@@ -165,12 +163,8 @@ def _one_layout(layout: Layout, case: dict) -> dict:
         if old is not None:
             batch.old_logp = old + case["old_offset"][rows]
             out.update(old_logp=old, ref_logp=ref)
-        if groups.pp == 1:
-            sal = actor.saliency(batch)
-            out["scores"] = sal.scores
-            actor.compute_token_advantages(batch)
-        else:  # OAR-G under PP belongs to policy/pipeline.py: take the reference layout's OAR-G advantages
-            batch.token_advantages = case["token_advantages"][layout.preset][rows]
+        out["scores"] = actor.saliency(batch).scores
+        actor.compute_token_advantages(batch)
         out["token_advantages"] = batch.token_advantages
         m = actor.update(batch)
         out.update(loss=m["loss"][0], grad_norm=m["grad_norm"][0], metrics={k: v[0] for k, v in m.items()})
@@ -214,8 +208,7 @@ def _max_abs(a, b) -> float:
 
 def compare(ref: dict, got: dict, tol: dict | None = None) -> dict[str, tuple[float, float, bool]]:
     """{quantity: (error, tolerance, ok)}: max-abs errors for log-probs / advantages, relative for scores (to the
-    largest reference score) and the grad norm, absolute for the loss. Token advantages are compared only when
-    the layout scored itself (PP = 1)."""
+    largest reference score) and the grad norm, absolute for the loss."""
     tol = {**TOLERANCES, **(tol or {})}
     res = {}
     for key in ("old_logp", "ref_logp", "new_logp"):

@@ -1,6 +1,6 @@
 """The parallel-consistency harness in CI: one saved batch, the single-rank references (tiny, tiny-moe) in one
 spawn, then TP2, PP2, DP2 (dense) and EP2 (MoE) in one two-rank spawn; per-token π_old / reference / post-update
-log-probs, OAR-G scores and token advantages (PP = 1 layouts), loss and grad norm within
+log-probs, OAR-G scores (``pipeline.pipeline_oar_g`` under PP) and token advantages, loss and grad norm within
 ``consistency.TOLERANCES``. TP2×PP2 needs four processes: ``tools/parallel_consistency.py --layouts tp2pp2``
 (run by hand; ~30 s on two cores)."""
 
@@ -38,9 +38,7 @@ def test_layouts_match_the_single_rank_layout(tmp_path):
     for name in LAYOUTS:
         got = C.assemble(res, name)
         checks = C.compare(refs[C.LAYOUTS[name].reference], got)
-        want = {"old_logp", "ref_logp", "new_logp", "loss", "grad_norm"}
-        if C.LAYOUTS[name].pp == 1:
-            want |= {"scores", "token_advantages"}
+        want = {"old_logp", "ref_logp", "new_logp", "loss", "grad_norm", "scores", "token_advantages"}
         assert set(checks) == want, (name, checks)
         failures.update({f"{name}/{q}": v for q, v in checks.items() if not v[2]})
     assert not failures, failures
