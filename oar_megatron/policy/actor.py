@@ -352,9 +352,10 @@ class PolicyActor:
 
     # --------------------------------------------------------------------------------------- advantages
 
-    def saliency(self, batch: RolloutBatch):
+    def saliency(self, batch: RolloutBatch, method: str | None = None):
         """OAR-G / OAR-P scores of this rank's rows: ``Saliency(scores [N, W], mask)``, from ``saliency_pass`` at
-        PP = 1 and ``pipeline`` (megatron's schedules, scores on every PP rank) at PP > 1."""
+        PP = 1 and ``pipeline`` (megatron's schedules, scores on every PP rank) at PP > 1. ``method``: ``oar_g`` /
+        ``oar_p`` (default: the shaper's), P_final mode and options from the shaper config."""
         if batch.scoring is None:
             raise ValueError("batch.scoring: the OAR shaper needs the scoring sequences (segment.build_scoring_batch)")
         s = self.algorithm.shaper
@@ -362,15 +363,18 @@ class PolicyActor:
         for m in self.chunks:
             m.eval()  # deterministic forward; MoE aux losses off (they would leak into OAR-G's gradient)
         seeds = [self.saliency_seed + int(r) for r in batch.row_ids]
-        mode = self.algorithm.pfinal_mode
+        method = s.saliency if method is None else method
+        if method not in ("oar_g", "oar_p"):
+            raise ValueError(f"method: unknown {method!r}; known: 'oar_g', 'oar_p'")
+        mode = s.pfinal_mode or ("answer_mean" if method == "oar_g" else "last")
         if self.groups.pp > 1:  # megatron's schedules, scores broadcast to every PP rank (policy/pipeline.py)
             from .pipeline import pipeline_oar_g, pipeline_oar_p
 
-            if s.saliency == "oar_g":
+            if method == "oar_g":
                 return pipeline_oar_g(self.models, scoring, groups=self.groups, mode=mode, noise_std=s.noise_std,
                                       seed=seeds)
             return pipeline_oar_p(self.models, scoring, groups=self.groups, mode=mode, chunk_size=s.chunk_size)
-        if s.saliency == "oar_g":
+        if method == "oar_g":
             return oar_g_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, noise_std=s.noise_std,
                                  seed=seeds)
         return oar_p_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, chunk_size=s.chunk_size)

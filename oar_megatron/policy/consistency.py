@@ -9,7 +9,7 @@ Steps (``tools/parallel_consistency.py`` and ``tests/cpu/test_parallel_consisten
    for each layout, ``init_parallel`` → ``PolicyActor`` → the reference weights loaded by global name (TP shards
    sliced exactly as megatron's ``use_cpu_initialization`` slices them, PP stages by layer number, EP ranks by
    global expert index) → this DP rank's rows → ``compute_ref_logprobs``, ``compute_old_logprobs``, OAR-G saliency
-   and token advantages (``saliency_pass`` at PP = 1, ``pipeline.pipeline_oar_g`` at PP > 1), one ``update``
+   and token advantages, OAR-P scores (``saliency_pass`` at PP = 1, ``pipeline`` at PP > 1), one ``update``
    (loss, grad norm), and the π log-probs after the update. The reference layouts (``tp1``, ``tp1-moe``) also
    return their weights, which the caller stores next to the batch (``save_reference``) for the other layouts.
 3. ``assemble`` puts the per-rank pieces back into global [N, ...] tensors (last pipeline stage, TP rank 0, ordered
@@ -41,6 +41,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    distributed_optimizer: bool = False
     reference: str = "tp1"
 
 
@@ -49,6 +50,7 @@ LAYOUTS = {l.name: l for l in [
     Layout("tp2", "tiny", 2, tp=2),
     Layout("pp2", "tiny", 2, pp=2),
     Layout("dp2", "tiny", 2),
+    Layout("dp2-zero1", "tiny", 2, distributed_optimizer=True),
     Layout("tp2pp2", "tiny", 4, tp=2, pp=2),
     Layout("tp1-moe", "tiny-moe", 1, reference=""),
     Layout("ep2", "tiny-moe", 2, ep=2, reference="tp1-moe"),
@@ -56,8 +58,10 @@ LAYOUTS = {l.name: l for l in [
 ]}
 
 # fp32 everywhere; different TP/PP/DP splits only reorder sums.
-TOLERANCES = dict(old_logp=1e-5, ref_logp=1e-5, scores_rel=1e-3, token_advantages=1e-3, loss=2e-6,
-                  grad_norm_rel=1e-5, new_logp=1e-4)
+# OAR-P scores are KL(P‖Q) between nearly equal P_final (≤ ~5e-4 on the tiny model); fp32 log-softmax rounding
+# (~1e-7 per log-prob) under a different TP reduction order leaves ~1e-6 absolute, hence an absolute tolerance.
+TOLERANCES = dict(old_logp=1e-5, ref_logp=1e-5, scores_rel=1e-3, oar_p_abs=5e-6, token_advantages=1e-3,
+                  loss=2e-6, grad_norm_rel=1e-5, new_logp=1e-4)
 
 
 def save_case(path: str, *, vocab: int = 250, seed: int = 0) -> dict:
@@ -146,7 +150,8 @@ def _one_layout(layout: Layout, case: dict) -> dict:
     groups = init_parallel(ParallelConfig(tp=layout.tp, pp=layout.pp, ep=layout.ep, distributed_optimizer=False),
                            model, seed=11)
     try:
-        actor = PolicyActor(model=model, parallel=groups.cfg, optim=OptimConfig(lr=1e-3, weight_decay=0.0),
+        optim = OptimConfig(lr=1e-3, weight_decay=0.0, distributed_optimizer=layout.distributed_optimizer)
+        actor = PolicyActor(model=model, parallel=groups.cfg, optim=optim,
                             algorithm=load_algorithm("oar_g", **ALGORITHM), groups=groups, micro_batch_size=MICRO,
                             use_cpu_initialization=True)
         out = dict(dp_rank=groups.dp_rank, tp_rank=groups.tp_rank, last=groups.is_last_stage, pp=groups.pp)
@@ -164,6 +169,7 @@ def _one_layout(layout: Layout, case: dict) -> dict:
             batch.old_logp = old + case["old_offset"][rows]
             out.update(old_logp=old, ref_logp=ref)
         out["scores"] = actor.saliency(batch).scores
+        out["oar_p_scores"] = actor.saliency(batch, "oar_p").scores
         actor.compute_token_advantages(batch)
         out["token_advantages"] = batch.token_advantages
         m = actor.update(batch)
@@ -192,7 +198,7 @@ def assemble(per_rank: list[dict], name: str) -> dict:
                     key=lambda r: r["dp_rank"])
     first = owners[0]
     out = dict(loss=first["loss"], grad_norm=first["grad_norm"], pp=first["pp"])
-    for key in ("old_logp", "ref_logp", "token_advantages", "new_logp", "scores"):
+    for key in ("old_logp", "ref_logp", "token_advantages", "new_logp", "scores", "oar_p_scores"):
         if key in first and first[key] is not None:
             parts = [r[key] for r in owners]
             width = max(t.shape[1] for t in parts)  # saliency width = the rank's longest reasoning
@@ -207,15 +213,18 @@ def _max_abs(a, b) -> float:
 
 
 def compare(ref: dict, got: dict, tol: dict | None = None) -> dict[str, tuple[float, float, bool]]:
-    """{quantity: (error, tolerance, ok)}: max-abs errors for log-probs / advantages, relative for scores (to the
-    largest reference score) and the grad norm, absolute for the loss."""
+    """{quantity: (error, tolerance, ok)}: max-abs errors for log-probs / advantages / OAR-P scores, relative for
+    OAR-G scores (to the largest reference score) and the grad norm, absolute for the loss."""
     tol = {**TOLERANCES, **(tol or {})}
     res = {}
     for key in ("old_logp", "ref_logp", "new_logp"):
         res[key] = (_max_abs(ref[key], got[key]), tol[key])
-    if "scores" in got:
+    if "scores" in got:  # OAR-G, relative to the largest score
         scale = float(ref["scores"].abs().max()) or 1.0
         res["scores"] = (_max_abs(ref["scores"], got["scores"]) / scale, tol["scores_rel"])
+    if "oar_p_scores" in got:
+        res["oar_p_scores"] = (_max_abs(ref["oar_p_scores"], got["oar_p_scores"]), tol["oar_p_abs"])
+    if "scores" in got:
         res["token_advantages"] = (_max_abs(ref["token_advantages"], got["token_advantages"]),
                                    tol["token_advantages"])
     res["loss"] = (abs(ref["loss"] - got["loss"]), tol["loss"])

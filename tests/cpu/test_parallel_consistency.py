@@ -1,8 +1,8 @@
 """The parallel-consistency harness in CI: one saved batch, the single-rank references (tiny, tiny-moe) in one
-spawn, then TP2, PP2, DP2 (dense) and EP2 (MoE) in one two-rank spawn; per-token π_old / reference / post-update
-log-probs, OAR-G scores (``pipeline.pipeline_oar_g`` under PP) and token advantages, loss and grad norm within
-``consistency.TOLERANCES``. TP2×PP2 needs four processes: ``tools/parallel_consistency.py --layouts tp2pp2``
-(run by hand; ~30 s on two cores)."""
+spawn, then TP2, PP2, DP2, DP2 with the distributed optimizer (dense) and EP2 (MoE) in one two-rank spawn;
+per-token π_old / reference / post-update log-probs, OAR-G and OAR-P scores (``pipeline`` under PP), token
+advantages, loss and grad norm within ``consistency.TOLERANCES``. TP2×PP2 needs four processes:
+``tools/parallel_consistency.py --layouts tp2pp2`` (run by hand; ~30 s on two cores)."""
 
 import os
 
@@ -13,7 +13,7 @@ from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
 
-LAYOUTS = ["tp2", "pp2", "dp2", "ep2"]
+LAYOUTS = ["tp2", "pp2", "dp2", "dp2-zero1", "ep2"]
 
 
 def test_layouts_match_the_single_rank_layout(tmp_path):
@@ -38,7 +38,8 @@ def test_layouts_match_the_single_rank_layout(tmp_path):
     for name in LAYOUTS:
         got = C.assemble(res, name)
         checks = C.compare(refs[C.LAYOUTS[name].reference], got)
-        want = {"old_logp", "ref_logp", "new_logp", "loss", "grad_norm", "scores", "token_advantages"}
+        want = {"old_logp", "ref_logp", "new_logp", "loss", "grad_norm", "scores", "oar_p_scores",
+                "token_advantages"}
         assert set(checks) == want, (name, checks)
         failures.update({f"{name}/{q}": v for q, v in checks.items() if not v[2]})
     assert not failures, failures
