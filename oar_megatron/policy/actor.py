@@ -189,6 +189,11 @@ class PolicyActor:
         built = build_model(model, groups, use_cpu_initialization=use_cpu_initialization,
                             config_overrides=recompute_overrides(recompute))
         self.models = built if isinstance(built, list) else [built]
+        if groups.vpp is not None and groups.backend == "gloo":
+            # gloo matches the interleaved schedule's batched isend/irecv (forward activations and backward grads
+            # to the same peer in one batch) wrongly: the update came out with a ×44 grad norm. Unbatched p2p is
+            # exact (tests/cpu/test_parallel_consistency.py, pp2-vpp2).
+            self.models[0].config.batch_p2p_comm = False
         # CPU (gloo tests) with recompute: megatron builds its default causal mask with device="cuda"; the CPU
         # shims redirect that in forward but not inside the backward pass that reruns the layer, so pass the
         # same causal mask explicitly (True = masked, megatron's convention).
@@ -372,7 +377,7 @@ class PolicyActor:
 
             if method == "oar_g":
                 return pipeline_oar_g(self.models, scoring, groups=self.groups, mode=mode, noise_std=s.noise_std,
-                                      seed=seeds)
+                                      seed=seeds, micro_batch_size=self.micro_batch_size)
             return pipeline_oar_p(self.models, scoring, groups=self.groups, mode=mode, chunk_size=s.chunk_size)
         if method == "oar_g":
             return oar_g_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, noise_std=s.noise_std,

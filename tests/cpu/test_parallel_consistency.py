@@ -1,7 +1,7 @@
 """The parallel-consistency harness in CI: one saved batch, the single-rank references (tiny, tiny-moe) in one
-spawn, then TP2, PP2, DP2, DP2 with the distributed optimizer (dense) and EP2 (MoE) in one two-rank spawn;
-per-token π_old / reference / post-update log-probs, OAR-G and OAR-P scores (``pipeline`` under PP), token
-advantages, loss and grad norm within ``consistency.TOLERANCES``. TP2×PP2 needs four processes:
+spawn, then TP2, PP2, PP2 × virtual PP2, DP2, DP2 with the distributed optimizer (dense) and EP2 (MoE) in one
+two-rank spawn; per-token π_old / reference / post-update log-probs, OAR-G and OAR-P scores (``pipeline`` under
+PP), token advantages, loss and grad norm within ``consistency.TOLERANCES``. TP2×PP2 needs four processes:
 ``tools/parallel_consistency.py --layouts tp2pp2`` (run by hand; ~30 s on two cores)."""
 
 import os
@@ -13,7 +13,7 @@ from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
 
-LAYOUTS = ["tp2", "pp2", "dp2", "dp2-zero1", "ep2"]
+LAYOUTS = ["tp2", "pp2", "pp2-vpp2", "dp2", "dp2-zero1", "ep2"]
 
 
 def test_layouts_match_the_single_rank_layout(tmp_path):
