@@ -47,12 +47,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # CPU model: the qwen2.5-0.5b preset shrunk (its vocabulary kept); --model NAME uses a preset unchanged.
 SMALL = dict(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=1024)
-# sizes: B rows, P prompt tokens, R response tokens per row; ob_P/ob_R: the rows of the OAR-G/GRPO cycle;
-# scored: OAR-P scored tokens per row (the last ones of the reasoning span, so the prefixes stay long).
+# sizes: B rows, P prompt tokens, R response tokens per row (figure 1); og_*: the rollout batch of figure 2;
+# op_*: the scoring rows of figure 3, with op_scored scored tokens per row (the last ones of the reasoning span,
+# so that the prefixes stay long).
 SIZES = {
-    "quick": dict(B=2, P=128, R=128, og_P=128, og_R=128, scored=12, vocab=32000),
-    "full": dict(B=2, P=512, R=512, og_P=256, og_R=256, scored=24, vocab=None),
-    "gpu": dict(B=8, P=512, R=512, og_P=512, og_R=512, scored=64, vocab=None),
+    "quick": dict(B=2, P=128, R=128, og_B=2, og_P=128, og_R=128, op_B=2, op_P=128, op_R=128, op_scored=12,
+                  vocab=32000),
+    "full": dict(B=1, P=512, R=512, og_B=2, og_P=192, og_R=192, op_B=2, op_P=512, op_R=512, op_scored=24,
+                 vocab=None),
+    "gpu": dict(B=8, P=512, R=512, og_B=8, og_P=512, og_R=512, op_B=8, op_P=512, op_R=512, op_scored=64,
+                vocab=None),
 }
 CONCLUDE, ANSWER = 4, 8  # scoring rows: prompt | reasoning | conclude (4) | answer (8)
 
@@ -260,7 +264,7 @@ def worker_cycle(opts: dict, variants: list[str]) -> dict:
 
     gpt, cfg, dev = _setup(opts)
     cuda = dev.type == "cuda"
-    b, p, r = opts["B"], opts["og_P"], opts["og_R"]
+    b, p, r = opts["og_B"], opts["og_P"], opts["og_R"]
     ids, pos, mask, adv = _rollout(cfg, b, p, r, dev)
     sbatch = _scoring(ids, p, r)
     chunks, optimizer, scheduler, forward_fn = _trainer(gpt, cfg, dev, ids, pos, mask, adv)
@@ -296,7 +300,6 @@ def worker_cycle(opts: dict, variants: list[str]) -> dict:
 
     cycle(variants[0], 1)  # warm-up: optimizer state, gradient buffers
     if len(variants) == 1:
-        cycle(variants[0], 1)
         with PeakMem(cuda) as m:
             cycle(variants[0], 1)
         return dict(mem_mib=m.mib)
@@ -318,8 +321,8 @@ def worker_oarp(opts: dict, chunk: int) -> dict:
 
     gpt, cfg, dev = _setup(opts)
     cuda = dev.type == "cuda"
-    ids, _, _, _ = _rollout(cfg, opts["B"], opts["P"], opts["R"], dev)
-    sbatch = _scoring(ids, opts["P"], opts["R"], scored=opts["scored"])
+    ids, _, _, _ = _rollout(cfg, opts["op_B"], opts["op_P"], opts["op_R"], dev)
+    sbatch = _scoring(ids, opts["op_P"], opts["op_R"], scored=opts["op_scored"])
     ref = clean_pass(gpt, sbatch, modes=("last",)).reference["last"]
 
     def oarp():
@@ -421,7 +424,7 @@ def main() -> None:
     if args.only in (None, "cycle"):
         t = run_worker("cycle", opts, ["grpo", "oarg"])
         mem = {v: run_worker("cycle", opts, [v])["mem_mib"] for v in ("grpo", "oarg")}
-        print(f"\n## 2. OAR-G overhead: B={opts['B']}, prompt {opts['og_P']} + response {opts['og_R']} "
+        print(f"\n## 2. OAR-G overhead: B={opts['og_B']}, prompt {opts['og_P']} + response {opts['og_R']} "
               f"({t['tokens']} tokens), 1 micro-batch per row")
         print("| updates per rollout batch | GRPO cycle s | OAR-G cycle s | OAR-G / GRPO |")
         print("|---|---|---|---|")
