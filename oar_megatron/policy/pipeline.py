@@ -120,6 +120,16 @@ def _schedule_config(chunks: list[torch.nn.Module]) -> Iterator[None]:
             c.finalize_model_grads_func = fin
 
 
+def _schedule_size(chunks, n: int) -> int:
+    """How many micro-batches the schedule runs for ``n`` real ones: the interleaved (virtual-PP) schedule needs a
+    multiple of ``microbatch_group_size_per_vp_stage`` (default PP); otherwise ``n``."""
+    if len(chunks) == 1:
+        return n
+    cfg = unwrap_model(chunks[0]).config
+    group = cfg.microbatch_group_size_per_vp_stage or cfg.pipeline_model_parallel_size
+    return -(-n // group) * group
+
+
 def _run_schedule(chunks, micro_batches: list, forward_step, *, forward_only: bool, seq_length: int,
                   micro_batch_size: int) -> list:
     """Megatron's schedule for this layout; returns the last stage's ``forward_data_store`` for ``micro_batches``.
@@ -132,10 +142,7 @@ def _run_schedule(chunks, micro_batches: list, forward_step, *, forward_only: bo
 
     n = len(micro_batches)
     mbs = list(micro_batches)
-    if len(chunks) > 1:
-        cfg = unwrap_model(chunks[0]).config
-        group = cfg.microbatch_group_size_per_vp_stage or cfg.pipeline_model_parallel_size
-        mbs += [dict(mbs[-1], real=0, k=-1 - i) for i in range(-(-n // group) * group - n)]
+    mbs += [dict(mbs[-1], real=0, k=-1 - i) for i in range(_schedule_size(chunks, n) - n)]
     data = iter(mbs) if len(chunks) == 1 else [iter(mbs) for _ in chunks]
     ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     with ctx:
@@ -362,7 +369,7 @@ def pipeline_oar_g(
     row_mbs = _row_micro_batches(b, mbs_size, dev)
     if reference is None:
         reference = _clean_reference(chunks, ids, pos, row_mbs, apos, alen, mode, tp_group, mbs_size, seq)
-    n_mb = len(row_mbs)
+    n_mb = _schedule_size(chunks, len(row_mbs))  # the schedule divides J by this count, dummies included
     cp = parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
     leaves: dict[int, torch.Tensor] = {}
     mbs = [dict(k=k, ids=ids[r], pos=pos[r], rows=r, real=real) for k, (r, real) in enumerate(row_mbs)]

@@ -157,6 +157,8 @@ def _two_ranks(rank, world_size):
             for name, p in chunk.named_parameters():
                 p.copy_(params[rename(name)])
     out["vpp"] = _passes(chunks, groups, ids, pos, mask, batch)
+    # All rows in one micro-batch: the interleaved schedule runs it with a dummy one and divides J by 2.
+    out["vpp_one_mb"] = pipeline_oar_g(chunks, batch, groups=groups, mode="last", noise_std=NOISE, seed=3).scores
     destroy_parallel()
 
     # MoE (tiny-moe: one MoE layer per stage at PP=2, eval mode so no aux losses): log-probs and OAR-G.
@@ -197,6 +199,8 @@ def test_pipeline_matches_single_stage():
         for key in ("logp", "g"):
             assert res["moe"][1][key].abs().sum() > 0
             torch.testing.assert_close(res["moe"][2][key], res["moe"][1][key], rtol=1e-4, atol=1e-5)
+    for res in results:
+        torch.testing.assert_close(res["vpp_one_mb"], res["ref"]["g_last"], rtol=1e-4, atol=1e-5)
     for res in results:
         assert res["errors"] == ["micro_batches[0]", "micro_batches[0]", "micro_batches"], res["errors"]
         torch.testing.assert_close(res["with_ref"]["g"], res["ref"]["g_last"], rtol=1e-4, atol=1e-5)
