@@ -236,7 +236,7 @@ def _trainer(gpt, cfg, dev, ids, pos, mask, adv):
     from oar_megatron.policy.optim import build_optimizer, wrap_ddp
 
     ocfg = OptimConfig(lr=1e-6, bf16=next(gpt.parameters()).dtype == torch.bfloat16)
-    chunks = wrap_ddp([gpt], ocfg)
+    chunks = wrap_ddp([gpt])
     optimizer, scheduler = build_optimizer(chunks, ocfg)
     g_tok = float(mask.sum())
 

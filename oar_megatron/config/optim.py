@@ -1,4 +1,4 @@
-"""The ``optim`` config group: Adam, learning-rate schedule, gradient clipping, distributed optimizer."""
+"""The ``optim`` config group: Adam, learning-rate schedule, gradient clipping."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # global grad-norm clip; 0 disables
-    distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (ZeRO-1)
-    overlap_grad_reduce: bool = False
+    # ZeRO-1 sharding and gradient-reduce overlap are layout choices: ParallelConfig.distributed_optimizer /
+    # overlap_grad_reduce, passed to policy.optim.wrap_ddp / build_optimizer.
     bf16: bool = False  # bf16 params with fp32 main grads/params (GPU)
 
     def validate(self) -> OptimConfig:

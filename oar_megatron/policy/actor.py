@@ -198,8 +198,10 @@ class PolicyActor:
         # shims redirect that in forward but not inside the backward pass that reruns the layer, so pass the
         # same causal mask explicitly (True = masked, megatron's convention).
         self._explicit_causal_mask = recompute is not None and not torch.cuda.is_available()
-        self.chunks = wrap_ddp(self.models, optim)
-        self.optimizer, self.scheduler = build_optimizer(self.chunks, optim)
+        self.chunks = wrap_ddp(self.models, distributed_optimizer=parallel.distributed_optimizer,
+                               overlap_grad_reduce=parallel.overlap_grad_reduce)
+        self.optimizer, self.scheduler = build_optimizer(self.chunks, optim,
+                                                         distributed_optimizer=parallel.distributed_optimizer)
         use_replay = model.is_moe if routing_replay is None else routing_replay
         self.replays = [RoutingReplay(m, weights=replay_weights) for m in self.models] if use_replay else []
         self.tp_group = groups.tp_group if groups.tp > 1 else None

@@ -150,10 +150,10 @@ def _one_layout(layout: Layout, case: dict) -> dict:
 
     model = model_preset(layout.preset)
     groups = init_parallel(ParallelConfig(tp=layout.tp, pp=layout.pp, virtual_pp=layout.vpp, ep=layout.ep,
-                                          distributed_optimizer=False),
+                                          distributed_optimizer=layout.distributed_optimizer),
                            model, seed=11)
     try:
-        optim = OptimConfig(lr=1e-3, weight_decay=0.0, distributed_optimizer=layout.distributed_optimizer)
+        optim = OptimConfig(lr=1e-3, weight_decay=0.0)
         actor = PolicyActor(model=model, parallel=groups.cfg, optim=optim,
                             algorithm=load_algorithm("oar_g", **ALGORITHM), groups=groups, micro_batch_size=MICRO,
                             use_cpu_initialization=True)

@@ -16,7 +16,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from ..config.optim import OptimConfig
 
 
-def wrap_ddp(chunks: list[torch.nn.Module], cfg: OptimConfig) -> list[DistributedDataParallel]:
+def wrap_ddp(
+    chunks: list[torch.nn.Module], *, distributed_optimizer: bool = False, overlap_grad_reduce: bool = False
+) -> list[DistributedDataParallel]:
     """Wrap every model chunk (one per virtual pipeline stage) in megatron DDP.
 
     Gradient reduction averages over the data-parallel (× context-parallel) group, as megatron always does; the
@@ -24,8 +26,8 @@ def wrap_ddp(chunks: list[torch.nn.Module], cfg: OptimConfig) -> list[Distribute
     gradient of the global-batch loss."""
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.overlap_grad_reduce,
-        use_distributed_optimizer=cfg.distributed_optimizer,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=distributed_optimizer,
     )
     wrapped = []
     for i, chunk in enumerate(chunks):
@@ -39,15 +41,16 @@ def wrap_ddp(chunks: list[torch.nn.Module], cfg: OptimConfig) -> list[Distribute
                 disable_bucketing=i > 0,
             )
         )
-    if cfg.overlap_grad_reduce:
+    if overlap_grad_reduce:
         no_sync = [w.no_sync for w in wrapped]
         for w in wrapped:
             w.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     return wrapped
 
 
-def build_optimizer(chunks: list[DistributedDataParallel], cfg: OptimConfig):
-    """(megatron optimizer, OptimizerParamScheduler) for DDP-wrapped chunks; ``scheduler.step(1)`` per update."""
+def build_optimizer(chunks: list[DistributedDataParallel], cfg: OptimConfig, *, distributed_optimizer: bool = False):
+    """(megatron optimizer, OptimizerParamScheduler) for DDP-wrapped chunks; ``scheduler.step(1)`` per update.
+    ``distributed_optimizer`` must match what the chunks were wrapped with (``ParallelConfig.distributed_optimizer``)."""
     cfg.validate()
     opt_cfg = OptimizerConfig(
         optimizer="adam",
@@ -60,7 +63,7 @@ def build_optimizer(chunks: list[DistributedDataParallel], cfg: OptimConfig):
         clip_grad=cfg.clip_grad,
         bf16=cfg.bf16,
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-        use_distributed_optimizer=cfg.distributed_optimizer,
+        use_distributed_optimizer=distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
     for chunk in chunks:

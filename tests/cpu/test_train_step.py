@@ -67,7 +67,7 @@ def _step(rank, world_size, n_micro, agg):
         (ids[r], mask[r], adv[r], old[r]) for r in rows.chunk(n_micro)
     ]
     g_tok, g_seq = loss_denominators([m for _, m, _, _ in micro], group=dist.group.WORLD if world_size > 1 else None)
-    chunks = wrap_ddp([model], OptimConfig(lr=1e-3, clip_grad=0.0, weight_decay=0.0))
+    chunks = wrap_ddp([model])
     optimizer, scheduler = build_optimizer(chunks, OptimConfig(lr=1e-3, clip_grad=0.0, weight_decay=0.0))
 
     def forward_fn(chunk, mb):
