@@ -143,6 +143,22 @@ def _to_width(scores: torch.Tensor, reasoning_len: torch.Tensor, width: int) -> 
     return Saliency(torch.where(mask, scores, 0.0).float(), mask)
 
 
+def perturbation_index(batch: ScoringBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row [N], j [N]) of the N = Σ_b R_b OAR-P counterfactual copies, flattened over the batch: copy c
+    perturbs reasoning token j_c of response row_c (§1.3 OAR-P)."""
+    dev = batch.input_ids.device
+    row = torch.repeat_interleave(torch.arange(batch.batch_size, device=dev), batch.reasoning_len)
+    first = torch.cumsum(batch.reasoning_len, 0) - batch.reasoning_len  # [B] first copy of each response
+    return row, torch.arange(row.numel(), device=dev) - first[row]
+
+
+def perturbed_ids(ids: torch.Tensor, batch: ScoringBatch, row: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """ids[row] [n, L] with reasoning token j of each copy replaced by ``batch.pad_id``, kept attended (§5.3)."""
+    x = ids[row].clone()
+    x[torch.arange(x.shape[0], device=x.device), batch.reasoning_start[row] + j] = batch.pad_id
+    return x
+
+
 def _chunks(n: int, size: int | None) -> list[slice]:
     size = n if not size else size
     return [slice(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
@@ -299,15 +315,11 @@ def oar_p_saliency(
     with torch.no_grad():
         ref = _pfinal(forward(embed(ids), att), ids, batch.answer_pos, batch.answer_len, mode)
 
-        # Flatten (response, reasoning position) pairs: copy c perturbs token j_c of response row_c.
-        row = torch.repeat_interleave(torch.arange(b, device=dev), batch.reasoning_len)  # [N]
-        first = torch.cumsum(batch.reasoning_len, 0) - batch.reasoning_len  # [B] first copy of each response
-        j = torch.arange(total, device=dev) - first[row]  # [N]
+        row, j = perturbation_index(batch)  # [N] each
         scores = torch.empty(total, dtype=ref.dtype, device=dev)
         for c in _chunks(total, chunk_size):
             r = row[c]
-            x = ids[r].clone()  # [n, L]
-            x[torch.arange(x.shape[0], device=dev), batch.reasoning_start[r] + j[c]] = batch.pad_id
+            x = perturbed_ids(ids, batch, r, j[c])  # [n, L]
             cur = _pfinal(forward(embed(x), att[r]), x, batch.answer_pos[r], batch.answer_len[r], mode)
             scores[c] = _divergence(ref[r], cur, mode, kl_fn)
         if mode != "last":

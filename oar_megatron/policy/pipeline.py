@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..algorithms._validate import check_int, check_positive
 from ..algorithms.reduce import ProcessGroup, group_rank, group_size
-from ..algorithms.saliency import Saliency, _divergence, _sample_seeds, _to_width
+from ..algorithms.saliency import Saliency, _divergence, _sample_seeds, _to_width, perturbation_index, perturbed_ids
 from ..algorithms.segment import ScoringBatch
 from .forward import _check_inputs, _hidden_states_only, logprobs_from_hidden, unwrap_model
 from .saliency_pass import _check_batch, _check_reference, _divergence_fn, _frozen_parameters, pfinal_from_hidden
@@ -486,11 +486,8 @@ def pipeline_oar_p(
         reference = _clean_reference(chunks, p_ids, pos, _row_micro_batches(b, chunk_size, dev), apos, alen, mode,
                                      tp_group, chunk_size, seq)
 
-    row = torch.repeat_interleave(torch.arange(b, device=dev), batch.reasoning_len)  # [N] copy c perturbs row_c
-    first = torch.cumsum(batch.reasoning_len, 0) - batch.reasoning_len
-    j = torch.arange(total, device=dev) - first[row]
-    x = ids[row].clone()  # [N, L]
-    x[torch.arange(total, device=dev), batch.reasoning_start[row] + j] = batch.pad_id
+    row, j = perturbation_index(batch)  # [N]: copy c perturbs reasoning token j_c of row_c
+    x = perturbed_ids(ids, batch, row, j)  # [N, L]
     x_pad = F.pad(x, (0, seq - x.shape[1]), value=batch.pad_id)
     mbs = [dict(ids=x_pad[c], pos=pos[:1].expand(chunk_size, seq), copies=c, real=real)
            for c, real in _row_micro_batches(total, chunk_size, dev)]

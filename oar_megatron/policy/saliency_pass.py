@@ -56,6 +56,8 @@ from ..algorithms.saliency import (
     _sample_seeds,
     _to_width,
     check_scoring_batch,
+    perturbation_index,
+    perturbed_ids,
 )
 from ..algorithms.segment import ScoringBatch
 from .forward import (
@@ -356,14 +358,11 @@ def oar_p_sharded(
                                        tp_group=tp_group)
     kl_fn = _divergence_fn(tp_group)
 
-    row = torch.repeat_interleave(torch.arange(b, device=dev), batch.reasoning_len)  # [N] copy c perturbs row_c
-    first = torch.cumsum(batch.reasoning_len, 0) - batch.reasoning_len  # [B]
-    j = torch.arange(total, device=dev) - first[row]  # [N] at reasoning token j_c
+    row, j = perturbation_index(batch)  # [N]: copy c perturbs reasoning token j_c of row_c
     scores = torch.empty(total, dtype=reference.dtype, device=dev)
     for c in _chunks(total, chunk_size):
         r = row[c]
-        x = ids[r].clone()  # [n, L]
-        x[torch.arange(x.shape[0], device=dev), batch.reasoning_start[r] + j[c]] = batch.pad_id
+        x = perturbed_ids(ids, batch, r, j[c])  # [n, L]
         x_ids, x_pos = _scoring_inputs(gpt, x, batch.pad_id)
         hidden = final_hidden_states(gpt, x_ids, x_pos)
         cur = pfinal_from_hidden(gpt, hidden, x, apos[r], alen[r], mode, tp_group=tp_group)
