@@ -1,8 +1,8 @@
 """The parallel-consistency harness in CI: one saved batch, the single-rank references (tiny, tiny-moe) in one
 spawn, then TP2, PP2, PP2 × virtual PP2, DP2, DP2 with the distributed optimizer (dense) and EP2 (MoE) in one
 two-rank spawn; per-token π_old / reference / post-update log-probs, OAR-G and OAR-P scores (``pipeline`` under
-PP), token advantages, loss and grad norm within ``consistency.TOLERANCES``. TP2×PP2 needs four processes:
-``tools/parallel_consistency.py --layouts tp2pp2`` (run by hand; ~30 s on two cores)."""
+PP), token advantages, loss and grad norm within ``consistency.TOLERANCES``. TP2×PP2 runs on four ranks in its own
+test (also ``tools/parallel_consistency.py --layouts tp2pp2``)."""
 
 import os
 
@@ -16,26 +16,26 @@ pytestmark = [pytest.mark.dist, pytest.mark.megatron]
 LAYOUTS = ["tp2", "pp2", "pp2-vpp2", "dp2", "dp2-zero1", "ep2"]
 
 
-def test_layouts_match_the_single_rank_layout(tmp_path):
+def _references(path, names):
     from oar_megatron.policy import consistency as C
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    path = str(tmp_path / "case.pt")
-    case = C.save_case(path)
-    assert set(torch.load(path, weights_only=True)) == set(case)
-
-    res = run_ranks(C.run_layouts, 1, path, ["tp1", "tp1-moe"])
-    refs = {n: C.assemble(res, n) for n in ("tp1", "tp1-moe")}
+    res = run_ranks(C.run_layouts, 1, path, names)
+    refs = {n: C.assemble(res, n) for n in names}
     for name, ref in refs.items():
         # the comparisons are not vacuous: a real loss, gradient and parameter change, scored tokens
         assert ref["grad_norm"] > 1e-3 and abs(ref["loss"]) > 1e-4, name
         assert (ref["new_logp"] - ref["old_logp"]).abs().max() > 1e-3, name
         assert float(ref["scores"].max()) > 0, name
         C.save_reference(path, C.LAYOUTS[name].preset, ref)
+    return refs
 
-    res = run_ranks(C.run_layouts, 2, path, LAYOUTS)
+
+def _check_layouts(path, refs, layouts, world_size):
+    from oar_megatron.policy import consistency as C
+
+    res = run_ranks(C.run_layouts, world_size, path, layouts)
     failures = {}
-    for name in LAYOUTS:
+    for name in layouts:
         got = C.assemble(res, name)
         checks = C.compare(refs[C.LAYOUTS[name].reference], got)
         want = {"old_logp", "ref_logp", "new_logp", "loss", "grad_norm", "scores", "oar_p_scores",
@@ -43,3 +43,25 @@ def test_layouts_match_the_single_rank_layout(tmp_path):
         assert set(checks) == want, (name, checks)
         failures.update({f"{name}/{q}": v for q, v in checks.items() if not v[2]})
     assert not failures, failures
+
+
+def _case(tmp_path):
+    from oar_megatron.policy import consistency as C
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    path = str(tmp_path / "case.pt")
+    case = C.save_case(path)
+    assert set(torch.load(path, weights_only=True)) == set(case)
+    return path
+
+
+def test_layouts_match_the_single_rank_layout(tmp_path):
+    path = _case(tmp_path)
+    refs = _references(path, ["tp1", "tp1-moe"])
+    _check_layouts(path, refs, LAYOUTS, 2)
+
+
+def test_tp2_pp2_on_four_ranks_matches_the_single_rank_layout(tmp_path):
+    path = _case(tmp_path)
+    refs = _references(path, ["tp1"])
+    _check_layouts(path, refs, ["tp2pp2"], 4)
