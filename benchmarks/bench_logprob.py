@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from _memory import reset_peak_rss, rss_kb  # benchmarks/_memory.py (the script's own folder)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (T, V, TP, dtype, losses): Qwen-style V = 152064 at TP 8 and 4 (and a short sequence at TP 1), a 32k vocab at
@@ -43,23 +45,6 @@ FULL = [
 ]
 QUICK = [(512, 32000, 4, "fp32", ("lp+H", "lp")), (256, 152064, 8, "bf16", ("lp+H",))]
 VARIANTS = ("naive", "fused", "chunked")
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def worker(t: int, vs: int, dtype: str, variant: str, loss: str, chunk: int, repeats: int, temperature: float) -> dict:
@@ -102,8 +87,8 @@ def worker(t: int, vs: int, dtype: str, variant: str, loss: str, chunk: int, rep
     del tiny, lp, h
 
     # Memory: one forward + backward from a reset peak mark (the gradient is freed only after the peak is read).
-    exact = _reset_peak()
-    before = _rss_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    exact = reset_peak_rss()
+    before = rss_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if variant == "naive":
         lp, h = reference_logprob_entropy(logits, target, temperature)
     else:
@@ -112,7 +97,7 @@ def worker(t: int, vs: int, dtype: str, variant: str, loss: str, chunk: int, rep
         )
     obj = (lp * w_lp).sum() + ((h * w_h).sum() if loss == "lp+H" else 0.0)
     obj.backward()
-    peak = _rss_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = rss_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del lp, h, obj
     logits.grad = None
 

@@ -43,6 +43,8 @@ import sys
 import tempfile
 import time
 
+from _memory import reset_peak_rss, rss_kb  # benchmarks/_memory.py (the script's own folder)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # CPU model: the qwen2.5-0.5b preset shrunk (its vocabulary kept); --model NAME uses a preset unchanged.
@@ -64,14 +66,6 @@ CONCLUDE, ANSWER = 4, 8  # scoring rows: prompt | reasoning | conclude (4) | ans
 # ------------------------------------------------------------------------------------------------ measurement
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 class PeakMem:
     """Extra peak memory (MiB) of the code inside the ``with`` block (module docstring)."""
 
@@ -88,11 +82,9 @@ class PeakMem:
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated()
             return self
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.before = _rss_kb("VmRSS") * 1024
-        except OSError:
+        if reset_peak_rss():
+            self.before = rss_kb("VmRSS") * 1024
+        else:
             self.exact = False
             self.before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return self
@@ -104,7 +96,7 @@ class PeakMem:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         elif self.exact:
-            peak = _rss_kb("VmHWM") * 1024
+            peak = rss_kb("VmHWM") * 1024
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.mib = (peak - self.before) / 2**20

@@ -143,6 +143,14 @@ def _to_width(scores: torch.Tensor, reasoning_len: torch.Tensor, width: int) -> 
     return Saliency(torch.where(mask, scores, 0.0).float(), mask)
 
 
+def score_buffer(batch: ScoringBatch) -> tuple[torch.Tensor, int]:
+    """Zero raw scores [B, max(R_max, 1)] float32 and N = Σ_b R_b, the number of OAR-P counterfactual copies."""
+    b = batch.batch_size
+    r_max = int(batch.reasoning_len.max()) if b else 0
+    out = torch.zeros(b, max(r_max, 1), dtype=torch.float32, device=batch.input_ids.device)
+    return out, int(batch.reasoning_len.sum()) if b else 0
+
+
 def perturbation_index(batch: ScoringBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(row [N], j [N]) of the N = Σ_b R_b OAR-P counterfactual copies, flattened over the batch: copy c
     perturbs reasoning token j_c of response row_c (§1.3 OAR-P)."""
@@ -296,11 +304,8 @@ def oar_p_saliency(
     """
     width = _check_common(batch, mode, width, kl_fn, embed, forward)
     check_int("chunk_size", chunk_size, minimum=1)
-    b = batch.batch_size
     dev = batch.input_ids.device
-    r_max = int(batch.reasoning_len.max()) if b else 0
-    out = torch.zeros(b, max(r_max, 1), dtype=torch.float32, device=dev)
-    total = int(batch.reasoning_len.sum()) if b else 0
+    out, total = score_buffer(batch)
     if total == 0:
         return _to_width(out, batch.reasoning_len, width)
 

@@ -96,7 +96,7 @@ def save_reference(path: str, preset: str, ref: dict) -> None:
 def _scoring(case):
     from ..algorithms.segment import build_scoring_batch
 
-    ids, mask = case["input_ids"], case["response_mask"]
+    ids = case["input_ids"]
     prompts = [r[:PROMPT].tolist() for r in ids]
     reasonings = [ids[b, PROMPT: PROMPT + int(case["reasoning_len"][b])].tolist() for b in range(ids.shape[0])]
     return build_scoring_batch(prompts, reasonings, case["conclude"].tolist(), case["answers"].tolist(), pad_id=0)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..algorithms._validate import check_int, check_positive
 from ..algorithms.reduce import ProcessGroup, group_rank, group_size
-from ..algorithms.saliency import Saliency, _divergence, _sample_seeds, _to_width, perturbation_index, perturbed_ids
+from ..algorithms.saliency import Saliency, _divergence, _sample_seeds, _to_width, perturbation_index, perturbed_ids, score_buffer
 from ..algorithms.segment import ScoringBatch
 from .forward import _check_inputs, _hidden_states_only, logprobs_from_hidden, unwrap_model
 from .saliency_pass import _check_batch, _check_reference, _divergence_fn, _frozen_parameters, pfinal_from_hidden
@@ -470,9 +470,7 @@ def pipeline_oar_p(
     if rank == last and reference is not None:
         _check_reference(reference, b)
     dev = batch.input_ids.device
-    r_max = int(batch.reasoning_len.max()) if b else 0
-    out = torch.zeros(b, max(r_max, 1), dtype=torch.float32, device=dev)
-    total = int(batch.reasoning_len.sum()) if b else 0
+    out, total = score_buffer(batch)
     if total == 0:
         return _to_width(out, batch.reasoning_len, width)
     ids = batch.input_ids[:, : int(batch.answer_pos.max())] if mode == "last" else batch.input_ids

@@ -58,6 +58,7 @@ from ..algorithms.saliency import (
     check_scoring_batch,
     perturbation_index,
     perturbed_ids,
+    score_buffer,
 )
 from ..algorithms.segment import ScoringBatch
 from .forward import (
@@ -345,9 +346,7 @@ def oar_p_sharded(
     b = batch.batch_size
     _check_reference(reference, b)
     dev = batch.input_ids.device
-    r_max = int(batch.reasoning_len.max()) if b else 0
-    out = torch.zeros(b, max(r_max, 1), dtype=torch.float32, device=dev)
-    total = int(batch.reasoning_len.sum()) if b else 0
+    out, total = score_buffer(batch)
     if total == 0:
         return _to_width(out, batch.reasoning_len, width)
     ids = batch.input_ids[:, : int(batch.answer_pos.max())] if mode == "last" else batch.input_ids
