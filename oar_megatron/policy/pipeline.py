@@ -51,7 +51,15 @@ from ..algorithms.reduce import ProcessGroup, group_rank, group_size
 from ..algorithms.saliency import Saliency, _divergence, _sample_seeds, _to_width, perturbation_index, perturbed_ids, score_buffer
 from ..algorithms.segment import ScoringBatch
 from .forward import _check_inputs, _hidden_states_only, logprobs_from_hidden, unwrap_model
-from .saliency_pass import _check_batch, _check_reference, _divergence_fn, _frozen_parameters, pfinal_from_hidden
+from .saliency_pass import (
+    _check_batch,
+    _check_reference,
+    _divergence_fn,
+    _frozen_parameters,
+    grad_times_input,
+    pfinal_from_hidden,
+    reasoning_noise,
+)
 
 __all__ = ["pipeline_logprobs", "pipeline_oar_g", "pipeline_oar_p"]
 
@@ -382,19 +390,10 @@ def pipeline_oar_g(
         if gpt.pre_process:
             e = gpt.embedding(input_ids=mb["ids"], position_ids=mb["pos"]).detach().requires_grad_(True)
             leaves[mb["k"]] = e
-            local_len = e.shape[0]
-            s0 = tp_rank * local_len if sp else 0
-            noise = torch.zeros_like(e)
-            if noise_std > 0:
-                for i in range(real):
-                    row = int(r[i])
-                    rl, p0 = int(rlen[row]), int(start[row])
-                    lo, hi = max(p0, s0), min(p0 + rl, s0 + local_len)
-                    if rl:
-                        gen = torch.Generator().manual_seed(seeds[row])
-                        xi = torch.randn(rl, e.shape[-1], generator=gen, dtype=torch.float32) * noise_std
-                        if lo < hi:
-                            noise[lo - s0 : hi - s0, i] = xi[lo - p0 : hi - p0].to(dtype=e.dtype, device=e.device)
+            s0 = tp_rank * e.shape[0] if sp else 0
+            real_rows = r[:real]  # padding rows repeat a real one and get no noise
+            noise = reasoning_noise(e, [seeds[int(x)] for x in real_rows], start[real_rows], rlen[real_rows],
+                                    noise_std, s0)
             decoder_input = e + noise
         hidden = _call_chunk(model, mb["ids"], mb["pos"], decoder_input)
 
@@ -417,12 +416,7 @@ def pipeline_oar_g(
         for mb in mbs:
             e = leaves[mb["k"]]
             grad = e.grad if e.grad is not None else torch.zeros_like(e)
-            sal = (grad.float() * e.detach().float()).sum(dim=-1).abs()  # [S(/TP), n]
-            if sp and tp > 1:
-                parts = [torch.empty_like(sal) for _ in range(tp)]
-                dist.all_gather(parts, sal.contiguous(), group=tp_group)
-                sal = torch.cat(parts, 0)
-            sal = sal.t()  # [n, S]
+            sal = grad_times_input(e, grad, sp=sp, tp_group=tp_group)  # [n, S]
             r, real = mb["rows"][: mb["real"]], mb["real"]
             picked = sal[:real].gather(1, (start[r][:, None] + k_idx).clamp(max=length - 1))
             if mode != "last":

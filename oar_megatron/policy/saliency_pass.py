@@ -228,6 +228,38 @@ def clean_pass(
 # ------------------------------------------------------------------------------------------------------ OAR-G
 
 
+def reasoning_noise(e: torch.Tensor, seeds: Sequence[int], start: torch.Tensor, rlen: torch.Tensor,
+                    noise_std: float, s0: int) -> torch.Tensor:
+    """OAR-G noise for embeddings e [S_local, n, H] holding sequence positions [s0, s0 + S_local) (SP slice):
+    row i gets σ·randn(R_i, H) from ``Generator().manual_seed(seeds[i])`` at its reasoning positions
+    [start_i, start_i + R_i), the part inside this slice — the same draw as ``algorithms.oar_g_saliency``."""
+    noise = torch.zeros_like(e)
+    if noise_std <= 0:
+        return noise
+    local_len = e.shape[0]
+    for i, s in enumerate(seeds):
+        r, p0 = int(rlen[i]), int(start[i])
+        lo, hi = max(p0, s0), min(p0 + r, s0 + local_len)
+        if r:
+            gen = torch.Generator().manual_seed(s)
+            xi = torch.randn(r, e.shape[-1], generator=gen, dtype=torch.float32) * noise_std  # [R_i, H]
+            if lo < hi:
+                noise[lo - s0 : hi - s0, i] = xi[lo - p0 : hi - p0].to(dtype=e.dtype, device=e.device)
+    return noise
+
+
+def grad_times_input(e: torch.Tensor, grad: torch.Tensor, *, sp: bool, tp_group: ProcessGroup | None) -> torch.Tensor:
+    """s = |Σ_h g·e| per position: [S_local, n] from this rank's slice, all-gathered along the sequence under SP;
+    returns [n, S]."""
+    sal = (grad.float() * e.detach().float()).sum(dim=-1).abs()  # [S(/TP), n]
+    tp = group_size(tp_group)
+    if sp and tp > 1:
+        parts = [torch.empty_like(sal) for _ in range(tp)]
+        dist.all_gather(parts, sal.contiguous(), group=tp_group)
+        sal = torch.cat(parts, 0)  # [S, n]
+    return sal.t()
+
+
 def oar_g_sharded(
     model: torch.nn.Module,
     batch: ScoringBatch,
@@ -265,7 +297,7 @@ def oar_g_sharded(
     r_max = int(batch.reasoning_len.max()) if b else 0
     out = torch.zeros(b, max(r_max, 1), dtype=torch.float32, device=dev)
     has_answer = batch.answer_len > 0
-    sp, tp, rank = sequence_parallel(gpt), group_size(tp_group), group_rank(tp_group)
+    sp, rank = sequence_parallel(gpt), group_rank(tp_group)
     kl_fn = _divergence_fn(tp_group)
 
     for rows in _chunks(b, chunk_size):
@@ -281,18 +313,8 @@ def oar_g_sharded(
 
         with torch.enable_grad(), _frozen_parameters(gpt):
             e = gpt.embedding(input_ids=ids, position_ids=pos).detach().requires_grad_(True)  # [L'(/TP), n, H]
-            local_len = e.shape[0]
-            s0 = rank * local_len if sp else 0  # first sequence position held here
-            noise = torch.zeros_like(e)
-            if noise_std > 0:
-                for i, s in enumerate(seeds[rows]):
-                    r, p0 = int(rlen[i]), int(start[i])
-                    lo, hi = max(p0, s0), min(p0 + r, s0 + local_len)
-                    if r:
-                        gen = torch.Generator().manual_seed(s)
-                        xi = torch.randn(r, e.shape[-1], generator=gen, dtype=torch.float32) * noise_std  # [R_b, H]
-                        if lo < hi:
-                            noise[lo - s0 : hi - s0, i] = xi[lo - p0 : hi - p0].to(dtype=e.dtype, device=e.device)
+            s0 = rank * e.shape[0] if sp else 0  # first sequence position held here
+            noise = reasoning_noise(e, seeds[rows], start, rlen, noise_std, s0)
             hidden = final_hidden_states(gpt, ids, pos, decoder_input=e + noise)
             cur = pfinal_from_hidden(gpt, hidden, ids, apos, alen, mode, tp_group=tp_group)
             j = _divergence(ref, cur, mode, kl_fn)  # [n], the same on every TP rank
@@ -301,12 +323,7 @@ def oar_g_sharded(
             else:  # no row of the chunk reads P_final (answer modes, no answers): J is constant
                 grad = torch.zeros_like(e)
 
-        sal = (grad.float() * e.detach().float()).sum(dim=-1).abs()  # [L'(/TP), n]
-        if sp and tp > 1:
-            parts = [torch.empty_like(sal) for _ in range(tp)]
-            dist.all_gather(parts, sal.contiguous(), group=tp_group)
-            sal = torch.cat(parts, 0)  # [L', n]
-        sal = sal.t()  # [n, L']
+        sal = grad_times_input(e, grad, sp=sp, tp_group=tp_group)  # [n, L']
         k = torch.arange(max(r_max, 1), device=dev)[None, :]
         picked = sal.gather(1, (start[:, None] + k).clamp(max=length - 1))  # [n, R_max]: column k = token k
         if mode != "last":
