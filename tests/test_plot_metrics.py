@@ -78,5 +78,6 @@ def test_cli(runs, tmp_path):
     bad = subprocess.run(cmd + ["--keys", "kl/mean"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "nothing to plot" in bad.stderr and "kl/mean" in bad.stderr
-    missing = subprocess.run(cmd[:2] + [str(tmp_path / "none.jsonl"), "--out", str(out)], capture_output=True, text=True)
+    missing_cmd = cmd[:2] + [str(tmp_path / "none.jsonl"), "--out", str(out)]
+    missing = subprocess.run(missing_cmd, capture_output=True, text=True)
     assert missing.returncode == 2 and "no such file" in missing.stderr

@@ -7,7 +7,8 @@ The papers evaluate each problem with K samples at temperature 0.8 and report tw
 
 where c_i is the number of correct samples of problem i. The estimator is unbiased for the chance that at least one of
 k samples drawn without replacement from the K is correct; pass@1 equals avg@K exactly. The binomial ratio is
-computed as the product Π_{i=K−c+1}^{K} (1 − k/i), as in the paper's numpy snippet, so it never forms huge binomials.
+computed as the product Π_{i=K−c+1}^{K} (1 − k/i), as in the paper's numpy snippet, so it never forms huge
+binomials.
 Plain Python; no torch.
 """
 
@@ -52,12 +53,14 @@ def default_ks(n: int) -> tuple[int, ...]:
     return tuple(ks)
 
 
-def summarize(correct: Sequence[Sequence[bool]], ks: Iterable[int] | None = None, *, prefix: str = "") -> dict[str, float]:
+def summarize(
+    correct: Sequence[Sequence[bool]], ks: Iterable[int] | None = None, *, prefix: str = ""
+) -> dict[str, float]:
     """``{"avg@K": ..., "pass@k": ... for k in ks}`` for ``correct[problem][sample]`` with K samples per problem.
 
     Every problem must have the same number of samples K (the papers' convention: K fixed per dataset). ``ks``
-    defaults to :func:`default_ks` (1, 2, 4, ..., K); each k must satisfy 1 ≤ k ≤ K. ``prefix`` is prepended to every
-    key, e.g. ``prefix="eval/aime24/"`` gives ``eval/aime24/avg@64``.
+    defaults to :func:`default_ks` (1, 2, 4, ..., K); each k must satisfy 1 ≤ k ≤ K. ``prefix`` is prepended to
+    every key, e.g. ``prefix="eval/aime24/"`` gives ``eval/aime24/avg@64``.
     """
     counts = _check(correct)
     sizes = {n for n, _ in counts}
@@ -84,7 +87,7 @@ def _check(correct: Sequence[Sequence[bool]]) -> list[tuple[int, int]]:
         raise ValueError("no problems given: expected correct[problem][sample] booleans")
     counts = []
     for i, samples in enumerate(correct):
-        if isinstance(samples, (str, bytes)) or not isinstance(samples, Sequence) and not hasattr(samples, "__len__"):
+        if isinstance(samples, (str, bytes)) or not hasattr(samples, "__len__"):
             raise TypeError(f"problem {i}: expected a sequence of booleans, got {type(samples).__name__}")
         if len(samples) == 0:
             raise ValueError(f"problem {i} has no samples")

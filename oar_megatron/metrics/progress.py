@@ -16,9 +16,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -49,7 +48,7 @@ class Progress:
 
     Args:
         enabled: False on every rank but 0.
-        console: a rich Console (tests pass one writing to a buffer); default stderr-free ``Console()`` on stdout.
+        console: a rich Console (tests pass one writing to a buffer); default ``Console()`` (stdout).
         transient: remove each bar when its phase ends (the per-step line stays).
     """
 
