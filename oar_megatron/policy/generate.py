@@ -1,0 +1,206 @@
+"""Autoregressive sampling from a megatron-core ``GPTModel`` with megatron's static KV cache (the local engine).
+
+``generate(model, prompts, params, vocab_size=..., generator=...)`` returns one :class:`~oar_megatron.rollout.Sample`
+per (prompt, sample) pair, prompt-major. Cost is linear in the response length: each prompt is encoded once
+(prefill), then one token per model call reads the cached keys/values (``StaticInferenceContext``).
+
+Batching. Rows (each prompt repeated ``n`` times) are bucketed by prompt length, so a batch needs no left padding
+and one position offset serves every row; a bucket is cut into batches of at most ``max_batch_size`` rows, each with
+its own KV cache of ``[prompt_len + max_new_tokens]`` positions. A row that has finished (stop token) keeps being fed
+``pad_id`` until the whole batch is done; those outputs are discarded. A batch stops as soon as every row finished.
+
+Sampling happens on the CPU in float32 from the vocabulary-gathered last-token logits [B, V_pad]
+(``runtime_gather_output``), with the caller's ``torch.Generator``:
+
+* columns >= ``vocab_size`` are TP/divisibility padding of the embedding and are never sampled, nor part of the
+  softmax below;
+* temperature 0 is greedy (argmax); otherwise logits / T, then top-k, then top-p (nucleus: the smallest set of
+  most likely tokens whose cumulative probability reaches top_p, at least one) filter the draw;
+* the reported log-prob of a drawn token is log_softmax(logits[:vocab_size] / T) at that token, WITHOUT the
+  top-k / top-p renormalisation (T = 1 when greedy): the distribution the trainer recomputes, the convention of
+  verl and slime with SGLang. ``policy.forward`` masks the padded columns (``mask_padded_vocab``) before its
+  softmax, so its log-probs of these samples equal the ones reported here.
+
+Tensor parallel: every TP rank runs the same calls; the gathered logits are the same on every rank, and the tokens
+and log-probs drawn by TP rank 0 are broadcast over ``tp_group`` anyway, so the KV caches can never diverge and
+every rank returns identical samples. Pipeline parallel is not supported (the model must hold the embedding and the
+output layer); MoE routing replay must be off (generation never records routes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..algorithms.reduce import ProcessGroup, group_size
+from ..rollout.base import Sample, SamplingParams
+
+__all__ = ["PP_ERROR", "generate", "sample_tokens"]
+
+PP_ERROR = "the local engine needs pipeline_model_parallel_size=1; use rollout=sglang for PP"
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, *, vocab_size: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from ``logits`` [B, V_pad] (any device/dtype; computed on CPU in fp32).
+
+    Returns (tokens [B] long, logprobs [B] fp32) on the CPU; logprobs as in the module docstring (unfiltered,
+    tempered, over the first ``vocab_size`` columns).
+    """
+    x = logits[:, :vocab_size].detach().to("cpu", torch.float32)  # [B, V]
+    if params.temperature == 0:
+        tokens = x.argmax(-1)
+        return tokens, torch.log_softmax(x, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    x = x / params.temperature
+    logp = torch.log_softmax(x, -1)  # [B, V] the reported distribution
+    filtered = x
+    if 0 < params.top_k < vocab_size:
+        kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if params.top_p < 1:
+        probs, order = torch.softmax(filtered, -1).sort(-1, descending=True)
+        # drop a token when the mass strictly before it already reaches top_p (the first token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        filtered = filtered.masked_fill(drop, float("-inf"))
+    tokens = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator).squeeze(-1)  # [B]
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts: expected a sequence of token-id lists, got {type(prompts).__name__}")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompts[{i}]: empty prompt (at least one token is needed to predict from)")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}]: token id {bad[0]} is outside [0, vocab_size={vocab_size})")
+        out.append(ids)
+    return out
+
+
+def _check_routing_replay(model: torch.nn.Module) -> None:
+    from .routing_replay import RoutingReplay
+
+    replay = RoutingReplay.of(model, missing_ok=True)
+    if replay is not None and replay.mode != "off":
+        raise RuntimeError(f"routing replay: a {replay.mode!r} pass is open on this model; end it before generating "
+                           "(generation must not record or replay routes)")
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, *, vocab_size: int,
+             generator: torch.Generator, tp_group: ProcessGroup | None = None, max_batch_size: int = 64,
+             pad_id: int = 0) -> list[Sample]:
+    """Sample ``params.n`` responses for each prompt (module docstring); prompt-major ``list[Sample]``.
+
+    model: a ``GPTModel`` chunk holding both the embedding and the output layer (possibly wrapped: DDP,
+    Float16Module); it is put in eval mode for the call and its training flag restored. prompts: token ids in
+    [0, vocab_size). vocab_size: the tokenizer's vocabulary (<= the model's padded vocabulary). generator: the CPU
+    generator every draw uses (seed it identically on every TP rank). tp_group: the model's TP group (None: TP=1).
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from .forward import unwrap_model
+
+    params = params.validate()
+    gpt = unwrap_model(model)
+    if not (gpt.pre_process and gpt.post_process):
+        raise ValueError(PP_ERROR)
+    tp = gpt.config.tensor_model_parallel_size
+    if group_size(tp_group) != tp:
+        raise ValueError(f"tp_group: has {group_size(tp_group)} ranks, the model was built for TP={tp}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= gpt.vocab_size:
+        raise ValueError(f"vocab_size: must be in [1, {gpt.vocab_size}] (the model's padded vocabulary), "
+                         f"got {vocab_size!r}")
+    real = getattr(gpt, "oar_vocab_size", None)  # recorded by build_model; the trainer masks columns >= it
+    if real is not None and vocab_size > real:
+        raise ValueError(f"vocab_size: {vocab_size} exceeds the model's real vocabulary {real} (build_model's "
+                         "vocab_size); tokens beyond it are padding the trainer never scores")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size: must be an integer >= 1, got {max_batch_size!r}")
+    if not 0 <= pad_id < vocab_size:
+        raise ValueError(f"pad_id: {pad_id} is outside [0, vocab_size={vocab_size})")
+    if generator.device.type != "cpu":
+        raise ValueError(f"generator: must be a CPU torch.Generator, got one on {generator.device}")
+    ids = _check_prompts(prompts, vocab_size)
+    longest = max((len(p) for p in ids), default=0) + params.max_new_tokens
+    if gpt.position_embedding_type == "learned_absolute" and longest > gpt.max_sequence_length:
+        raise ValueError(f"params.max_new_tokens: prompt + response length {longest} exceeds the model's "
+                         f"max_sequence_length {gpt.max_sequence_length}")
+    _check_routing_replay(model)
+
+    n = params.n
+    samples: list[Sample | None] = [None] * (len(ids) * n)
+    buckets: dict[int, list[int]] = {}  # prompt length -> row indices (row = prompt_index * n + j)
+    for row in range(len(samples)):
+        buckets.setdefault(len(ids[row // n]), []).append(row)
+    device = next(gpt.parameters()).device
+    training = model.training
+    model.eval()
+    try:
+        for length in sorted(buckets):
+            rows = buckets[length]
+            for start in range(0, len(rows), max_batch_size):
+                batch = rows[start:start + max_batch_size]
+                prompt = torch.tensor([ids[r // n] for r in batch], dtype=torch.long, device=device)  # [B, P]
+                ctx = StaticInferenceContext(len(batch), length + params.max_new_tokens)
+                out = _decode(model, ctx, prompt, params, vocab_size, generator, tp_group, pad_id)
+                for r, (resp, lps, reason) in zip(batch, out):
+                    samples[r] = Sample(prompt_index=r // n, prompt_ids=list(ids[r // n]), response_ids=resp,
+                                        logprobs=lps, finish_reason=reason)
+    finally:
+        model.train(training)
+    return samples  # type: ignore[return-value]
+
+
+def _decode(model, ctx, prompt: torch.Tensor, params: SamplingParams, vocab_size: int, generator: torch.Generator,
+            tp_group, pad_id: int) -> list[tuple[list[int], list[float], str]]:
+    """Prefill ``prompt`` [B, P] into ``ctx``, then decode up to ``max_new_tokens`` tokens per row."""
+    b, length = prompt.shape
+    device = prompt.device
+    pos = torch.arange(length, device=device).expand(b, length)  # [B, P]
+    logits = model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)  # [B, 1, V_pad]
+    ctx.sequence_len_offset += length
+    ctx.enable_decode_mode()
+    stops = torch.tensor(params.stop_token_ids, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    resp: list[list[int]] = [[] for _ in range(b)]
+    lps: list[list[float]] = [[] for _ in range(b)]
+    reasons = ["length"] * b
+    for step in range(params.max_new_tokens):
+        tokens, logp = _draw(logits[:, -1], params, vocab_size, generator, tp_group)  # [B], [B] on CPU
+        live = (~done).nonzero().flatten().tolist()
+        tok_list, lp_list = tokens.tolist(), logp.tolist()
+        for i in live:
+            resp[i].append(tok_list[i])
+            lps[i].append(lp_list[i])
+        hit = torch.isin(tokens, stops) & ~done
+        for i in hit.nonzero().flatten().tolist():
+            reasons[i] = "stop"
+        done |= hit
+        if bool(done.all()) or step == params.max_new_tokens - 1:
+            break
+        feed = torch.where(done, torch.full_like(tokens, pad_id), tokens).to(device)[:, None]  # [B, 1]
+        pos = torch.full((b, 1), ctx.sequence_len_offset, dtype=torch.long, device=device)
+        logits = model(feed, pos, None, inference_context=ctx, runtime_gather_output=True)  # [B, 1, V_pad]
+        ctx.sequence_len_offset += 1
+    return list(zip(resp, lps, reasons))
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, vocab_size: int, generator: torch.Generator,
+          tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_tokens`` on every rank, then TP rank 0's tokens and log-probs broadcast over ``tp_group``."""
+    tokens, logp = sample_tokens(logits, params, vocab_size=vocab_size, generator=generator)
+    if group_size(tp_group) == 1:
+        return tokens, logp
+    # one message: tokens are exact in float64 (< 2^53); NCCL needs the buffer on the logits' device
+    buf = torch.stack([tokens.double(), logp.double()]).to(logits.device)  # [2, B]
+    dist.broadcast(buf, src=dist.get_global_rank(tp_group, 0), group=tp_group)
+    buf = buf.cpu()
+    return buf[0].long(), buf[1].float()
