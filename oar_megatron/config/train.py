@@ -1,0 +1,271 @@
+"""The ``oar-train`` application config: one typed schema for every config group (``configs/config.yaml`` is its
+default instance, Hydra composes the groups onto it).
+
+Groups: ``model`` (:class:`ModelConfig`), ``parallel`` (:class:`ParallelConfig`), ``algorithm``
+(:class:`AlgorithmConfig`), ``optim`` (:class:`OptimConfig`), ``rollout``, ``data``, ``reward``, ``eval``, ``trainer``,
+``checkpoint``, ``logging`` (this module). :meth:`TrainConfig.validate` checks everything that can be checked
+without process groups — each group's own validation plus the batch arithmetic across groups — and raises one
+``ValueError`` naming the key, so a bad config fails before any worker starts.
+
+Batch arithmetic (one RL step)::
+
+    rows            = rollout.prompts_per_step · rollout.n_samples            (global, over data-parallel ranks)
+    rows_per_rank   = rows / dp                                                (prompts split evenly: a group stays on one rank)
+    micro_batches   = rows_per_rank / trainer.micro_batch_size
+    mini_batches    = algorithm.updates_per_batch  (micro_batches split evenly: one optimizer step each)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .algorithm import AlgorithmConfig
+from .model import ModelConfig
+from .optim import OptimConfig
+from .parallel import ParallelConfig, ParallelLayout
+
+ROLLOUT_ENGINES = ("local", "sglang")
+RESUME_MODES = ("auto", "never")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    engine: str = "local"  # local (in-process, the trainer's own weights) | sglang (a later issue)
+    prompts_per_step: int = 16  # global, over data-parallel ranks
+    n_samples: int = 8  # responses per prompt (the GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 16
+    max_batch_size: int = 64  # local engine: rows decoded together
+    max_gen_batches: int = 3  # dynamic sampling (algorithm.advantage.filter_groups): generation rounds per step
+    server_urls: list[str] = field(default_factory=list)  # sglang
+    timeout_s: float = 600.0
+
+    def validate(self) -> RolloutConfig:
+        if self.engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"rollout.engine: unknown {self.engine!r}; known: {', '.join(ROLLOUT_ENGINES)}")
+        for key in ("prompts_per_step", "n_samples", "max_new_tokens", "max_batch_size", "max_gen_batches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"rollout.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature: training samples need temperature > 0 (the policy gradient is "
+                             f"taken under the sampling distribution), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p: need 0 < top_p <= 1, got {self.top_p}")
+        if self.engine == "sglang" and not self.server_urls:
+            raise ValueError("rollout.server_urls: the sglang engine needs at least one server or router URL")
+        if self.timeout_s <= 0:
+            raise ValueError(f"rollout.timeout_s: must be > 0, got {self.timeout_s}")
+        return self
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    """The built-in verifiable task (``data.path: synthetic``): ``a+b=`` → ``(a+b) mod base``."""
+
+    base: int = 3
+    reasoning_len: int = 4
+    size: int = 4096  # distinct rows drawn (prompts repeat: there are base² distinct questions)
+    format_warmup_steps: int = 40  # supervised steps on random-answer examples teaching the response format
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = "synthetic"  # "synthetic" or a .jsonl / .parquet file
+    tokenizer: str = "synthetic"  # "synthetic" or a local Hugging Face tokenizer directory
+    layout: str | None = None  # None | gsm8k | math | dapo_math (sets the keys and answer extraction)
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    prompt_template: str | None = None  # str.format template with {prompt}
+    system_prompt: str | None = None
+    chat_template: bool = False  # apply the tokenizer's chat template
+    max_prompt_tokens: int | None = None  # longer prompts are skipped (and counted)
+    shuffle: bool = True
+    seed: int = 0
+    # OAR segmentation (ALGORITHMS.md §5.1): where the answer starts and the string that elicits it
+    answer_markers: list[str] = field(default_factory=lambda: ["</think>", "\\boxed{"])
+    conclude: str = "\n\nTherefore, the final answer is \\boxed{"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self) -> DataConfig:
+        if self.layout not in (None, "gsm8k", "math", "dapo_math"):
+            raise ValueError(f"data.layout: unknown {self.layout!r}; known: gsm8k, math, dapo_math")
+        if self.path == "synthetic" and self.tokenizer != "synthetic":
+            raise ValueError("data.tokenizer: the synthetic task has its own tokenizer; set data.tokenizer: synthetic")
+        if self.path != "synthetic" and not self.path.endswith((".jsonl", ".json", ".parquet")):
+            raise ValueError(f"data.path: expected 'synthetic' or a .jsonl/.parquet file, got {self.path!r}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"data.max_prompt_tokens: must be >= 1, got {self.max_prompt_tokens}")
+        s = self.synthetic
+        if s.base < 2 or s.base > 10 or s.reasoning_len < 0 or s.size < 1 or s.format_warmup_steps < 0:
+            raise ValueError("data.synthetic: need 2 <= base <= 10, reasoning_len >= 0, size >= 1, "
+                             "format_warmup_steps >= 0")
+        return self
+
+
+@dataclass(kw_only=True)
+class OverlongConfig:
+    """DAPO overlong reward shaping (Yu et al. 2025, eq. 13); ``max_len`` defaults to rollout.max_new_tokens."""
+
+    enabled: bool = False
+    max_len: int | None = None
+    cache_len: int = 4
+    factor: float = 1.0
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    fn: str = "synthetic_modsum"  # a registered name (math, synthetic_modsum, exact) or "package.module:function"
+    timeout_s: float = 10.0  # per response; a timed-out verification scores 0 and is counted
+    isolated: bool | None = None  # run in worker processes (None: the function's default; math: yes)
+    num_workers: int = 2
+    pass_threshold: float = 1.0  # a response "passes" when its score (before overlong shaping) >= this
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+
+    def validate(self) -> RewardConfig:
+        if self.timeout_s <= 0 or self.num_workers < 1:
+            raise ValueError("reward.timeout_s / reward.num_workers: need timeout_s > 0 and num_workers >= 1")
+        o = self.overlong
+        if o.enabled and (o.cache_len < 1 or (o.max_len is not None and o.max_len <= o.cache_len)):
+            raise ValueError("reward.overlong: need cache_len >= 1 and max_len > cache_len")
+        return self
+
+
+@dataclass(kw_only=True)
+class EvalDatasetConfig:
+    name: str = "synthetic"
+    path: str = "synthetic"
+    layout: str | None = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    limit: int | None = None  # first N problems
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 0  # run validation every N steps (0: only when asked, e.g. eval.at_end)
+    at_start: bool = False
+    at_end: bool = True
+    datasets: list[EvalDatasetConfig] = field(default_factory=lambda: [EvalDatasetConfig()])
+    k: int = 4  # samples per problem (avg@K, pass@k for k in ks <= K)
+    ks: list[int] = field(default_factory=lambda: [1, 4])
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = -1
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+
+    def validate(self) -> EvalConfig:
+        if self.every < 0 or self.k < 1:
+            raise ValueError("eval.every / eval.k: need every >= 0 and k >= 1")
+        bad = [k for k in self.ks if not 1 <= k <= self.k]
+        if bad:
+            raise ValueError(f"eval.ks: every k must be in [1, eval.k={self.k}], got {bad[0]}")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.datasets: duplicate name in {names}")
+        return self
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    steps: int = 200  # RL steps (rollout batches)
+    seed: int = 0
+    micro_batch_size: int = 16  # rows per micro-batch
+    recompute: str | None = None  # None | selective | full
+    routing_replay: bool | None = None  # None: on for MoE
+    world_size: int | None = None  # dry-run only: plan for this many ranks (default: the launcher's)
+    dry_run: bool = False  # print the resolved plan and exit
+    progress: bool = True  # rich progress bars (only on a TTY)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str | None = None  # None: <logging.run_dir>/checkpoints
+    every: int = 50  # steps; 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto (latest in dir, if any) | never | a checkpoint directory
+    save_final: bool = True
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    tensorboard: str = "auto"  # auto | true | false
+    wandb_project: str | None = None
+    step_line: bool = True  # a concise line per step on rank 0
+    log_every: int = 1
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int = 1) -> ParallelLayout:
+        """Every group's checks, then the cross-group batch arithmetic (module docstring). Returns the layout."""
+        self.model.validate()
+        layout = self.parallel.validate(world_size, self.model)
+        self.algorithm.validate()
+        self.optim.validate()
+        self.rollout.validate()
+        self.data.validate()
+        self.reward.validate()
+        self.eval.validate()
+        t = self.trainer
+        if t.steps < 0 or t.micro_batch_size < 1:
+            raise ValueError("trainer.steps / trainer.micro_batch_size: need steps >= 0 and micro_batch_size >= 1")
+        if t.recompute not in (None, "selective", "full"):
+            raise ValueError(f"trainer.recompute: unknown {t.recompute!r}; known: null, selective, full")
+        if self.checkpoint.resume not in RESUME_MODES and not self.checkpoint.resume:
+            raise ValueError("checkpoint.resume: 'auto', 'never' or a checkpoint directory")
+        if self.checkpoint.every < 0:
+            raise ValueError(f"checkpoint.every: must be >= 0, got {self.checkpoint.every}")
+        if self.logging.tensorboard not in ("auto", "true", "false", True, False):
+            raise ValueError(f"logging.tensorboard: auto | true | false, got {self.logging.tensorboard!r}")
+        r = self.rollout
+        if r.prompts_per_step % layout.dp:
+            raise ValueError(f"rollout.prompts_per_step: {r.prompts_per_step} prompts do not split evenly over "
+                             f"dp={layout.dp} data-parallel ranks")
+        rows = r.prompts_per_step // layout.dp * r.n_samples
+        if rows % t.micro_batch_size:
+            raise ValueError(f"trainer.micro_batch_size: {rows} rows per data-parallel rank (prompts_per_step/dp * "
+                             f"n_samples) are not a multiple of micro_batch_size={t.micro_batch_size}")
+        micro = rows // t.micro_batch_size
+        if micro % self.algorithm.updates_per_batch:
+            raise ValueError(f"algorithm.updates_per_batch: {micro} micro-batches per rank do not split into "
+                             f"{self.algorithm.updates_per_batch} equal mini-batches")
+        if self.algorithm.advantage.estimator != "dr_grpo" and r.n_samples < 2:
+            raise ValueError("rollout.n_samples: group-relative advantages need at least 2 samples per prompt")
+        if r.engine == "local" and layout.pp > 1:
+            raise ValueError("rollout.engine: the local engine needs parallel.pp=1 (generation under pipeline "
+                             "parallelism goes through rollout.engine=sglang)")
+        if self.data.path == "synthetic" and self.reward.fn == "math":
+            raise ValueError("reward.fn: the synthetic task is scored by 'synthetic_modsum', not 'math'")
+        return layout
+
+
+def train_config_from(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
+    """Hydra's composed ``DictConfig`` (or a plain dict) → a :class:`TrainConfig` object; unknown keys and wrong
+    types fail with the key named."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        msg = str(exc).splitlines()[0]
+        raise ValueError(f"{key}: {msg}" if key else f"config: {msg}") from None
+    return obj

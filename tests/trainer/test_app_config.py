@@ -1,0 +1,100 @@
+"""oar-train's configuration: the Hydra tree composes into a typed TrainConfig, the real-scale experiment configs
+resolve and dry-run, and every bad setting is a one-line error naming the key before any worker starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from oar_megatron.trainer import compose_config
+from oar_megatron.trainer.app import run_train
+from oar_megatron.trainer.plan import make_plan
+
+
+def test_default_config_is_the_embedded_run():
+    cfg = compose_config()
+    assert (cfg.model.name, cfg.algorithm.name, cfg.rollout.engine, cfg.data.path) == ("tiny-synthetic", "oar_g", "local", "synthetic")
+    assert cfg.logging.run_dir == "runs/oar_g-seed0"
+    plan = make_plan(cfg, 1)
+    # 16 prompts x 8 samples = 128 rows; micro-batches of 32 -> 4; one update
+    assert (plan.batch.rows, plan.batch.micro_batches, plan.batch.mini_batches) == (128, 4, 1)
+
+
+def test_overrides_reach_every_group():
+    cfg = compose_config(["algorithm=gspo_token_oar_g", "rollout.n_samples=4", "parallel=tp2", "trainer.seed=3",
+                          "optim.lr=2e-3"])
+    assert cfg.algorithm.loss.name == "gspo_token" and cfg.algorithm.shaper.name == "oar"
+    assert (cfg.rollout.n_samples, cfg.parallel.tp, cfg.optim.lr) == (4, 2, 2e-3)
+    assert cfg.logging.run_dir == "runs/gspo_token_oar_g-seed3"
+
+
+@pytest.mark.parametrize("name,world", [("qwen3-8b-oar-g", 64), ("qwen3-30b-a3b-gspo", 128)])
+def test_experiment_configs_dry_run(name, world, capsys):
+    cfg = compose_config([f"+experiment={name}", "trainer.dry_run=true", f"trainer.world_size={world}"])
+    assert run_train(cfg) == 0
+    out = capsys.readouterr().out
+    assert f"world {world} = " in out and "memory/GPU" in out
+    plan = make_plan(cfg, world)
+    assert plan.batch.rows == 512 * 16 and plan.batch.mini_batches == 4
+    assert cfg.optim.lr == 1e-6 and cfg.rollout.temperature == 1.0
+
+
+def test_memory_estimate_by_hand():
+    # tiny-synthetic fp32, no distributed optimizer: 16 bytes per parameter (4 weight + 4 grad + 8 Adam)
+    cfg = compose_config()
+    plan = make_plan(cfg, 1)
+    n = cfg.model.num_params(1)
+    gib = 1024**3
+    assert plan.memory.params_per_rank == n
+    assert plan.memory.weights_gib * gib == pytest.approx(4 * n)
+    assert plan.memory.optimizer_gib * gib == pytest.approx(8 * n)
+    # ZeRO-1 over 2 data-parallel ranks halves the optimizer bytes (bf16: 12 bytes of master weights + moments)
+    cfg = compose_config(["parallel=dp", "optim.bf16=true"])
+    plan = make_plan(cfg, 2)
+    assert plan.memory.optimizer_gib * gib == pytest.approx(12 * n / 2, rel=1e-6)
+    assert plan.memory.weights_gib * gib == pytest.approx(2 * n)
+
+
+@pytest.mark.parametrize("overrides,world,match", [
+    (["rollout.prompts_per_step=15"], 1, "trainer.micro_batch_size: 120 rows"),
+    (["rollout.prompts_per_step=3"], 2, "rollout.prompts_per_step: 3 prompts do not split evenly over dp=2"),
+    (["algorithm.updates_per_batch=3"], 1, "algorithm.updates_per_batch: 4 micro-batches"),
+    (["parallel.tp=3"], 3, "parallel.tp: model.num_attention_heads (4) is not divisible by tp (3)"),
+    (["parallel.pp=2"], 2, "rollout.engine: the local engine needs parallel.pp=1"),
+    (["rollout.n_samples=1", "trainer.micro_batch_size=16"], 1, "rollout.n_samples: group-relative"),
+    (["reward.fn=math"], 1, "reward.fn: the synthetic task is scored by 'synthetic_modsum'"),
+    (["data.tokenizer=/nonexistent"], 1, "data.tokenizer: the synthetic task has its own tokenizer"),
+    (["data.path=prompts.csv"], 1, "data.path: expected 'synthetic' or a .jsonl/.parquet file"),
+    (["rollout.engine=sglang"], 1, "rollout.server_urls"),
+    (["eval.ks=[1,8]"], 1, "eval.ks: every k must be in [1, eval.k=4], got 8"),
+    (["optim.lr=0"], 1, "optim.lr: must be > 0"),
+    (["algorithm.loss.name=ppo"], 1, "algorithm.loss.name: unknown value 'ppo'"),
+    (["rollout.temperature=0"], 1, "rollout.temperature: training samples need temperature > 0"),
+])
+def test_bad_configs_fail_with_one_line(overrides, world, match, capsys):
+    cfg = compose_config(overrides + ["trainer.dry_run=true", f"trainer.world_size={world}"])
+    assert run_train(cfg) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert match in err, err
+
+
+def test_unknown_key_and_wrong_type_are_rejected_by_the_schema():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="n_sample"):
+        compose_config(["rollout.n_sample=3"])
+    with pytest.raises(ConfigCompositionException, match="n_samples"):
+        compose_config(["rollout.n_samples=many"])
+
+
+def test_console_script_dry_run_and_bad_config():
+    exe = [sys.executable, "-m", "oar_megatron.trainer.app"]
+    ok = subprocess.run(exe + ["trainer.dry_run=true"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "layout     world 1 = tp 1" in ok.stdout, ok.stderr
+    bad = subprocess.run(exe + ["trainer.dry_run=true", "rollout.prompts_per_step=15"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["oar-train: trainer.micro_batch_size: 120 rows per data-parallel rank "
+                                               "(prompts_per_step/dp * n_samples) are not a multiple of "
+                                               "micro_batch_size=32"]
