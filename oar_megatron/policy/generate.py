@@ -23,13 +23,16 @@ Sampling happens on the CPU in float32 from the vocabulary-gathered last-token l
 
 Tensor parallel: every TP rank runs the same calls; the gathered logits are the same on every rank, and the tokens
 and log-probs drawn by TP rank 0 are broadcast over ``tp_group`` anyway, so the KV caches can never diverge and
-every rank returns identical samples. Pipeline parallel is not supported (the model must hold the embedding and the
-output layer); MoE routing replay must be off (generation never records routes).
+every rank returns identical samples. Sequence parallel is switched off for the call (one decode position cannot be
+split over TP; megatron's static-batching generation does the same) and restored; MoE under SP is refused. Pipeline
+parallel is not supported (the model must hold the embedding and the output layer); MoE routing replay must be off
+(generation never records routes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -82,6 +85,35 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
             raise ValueError(f"prompts[{i}]: token id {bad[0]} is outside [0, vocab_size={vocab_size})")
         out.append(ids)
     return out
+
+
+_SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+@contextlib.contextmanager
+def _sequence_parallel_off(gpt: torch.nn.Module) -> Iterator[None]:
+    """Run the model without sequence parallel (a decode step has one position, which cannot be split over TP),
+    as megatron's static-batching text generation does (``set_model_to_sequence_parallel``): every module attribute
+    in ``_SP_ATTRS`` and ``config.sequence_parallel`` are set False, and restored on exit. Parameter attributes (the
+    gradient-reduction flags) are left alone. A MoE model under SP is refused: megatron keeps SP inside its MoE
+    layers for TP x EP and supports nothing else; our CPU path cannot test either."""
+    config = gpt.config
+    if not config.sequence_parallel:
+        yield
+        return
+    if config.num_moe_experts:
+        raise ValueError("the local engine cannot run a MoE model with sequence_parallel (TP > 1); "
+                         "use rollout=sglang")
+    saved = [(m, a, getattr(m, a)) for m in gpt.modules() for a in _SP_ATTRS if getattr(m, a, None) is True]
+    try:
+        for m, a, _ in saved:
+            setattr(m, a, False)
+        config.sequence_parallel = False
+        yield
+    finally:
+        config.sequence_parallel = True
+        for m, a, v in saved:
+            setattr(m, a, v)
 
 
 def _check_routing_replay(model: torch.nn.Module) -> None:
@@ -144,16 +176,17 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
     training = model.training
     model.eval()
     try:
-        for length in sorted(buckets):
-            rows = buckets[length]
-            for start in range(0, len(rows), max_batch_size):
-                batch = rows[start:start + max_batch_size]
-                prompt = torch.tensor([ids[r // n] for r in batch], dtype=torch.long, device=device)  # [B, P]
-                ctx = StaticInferenceContext(len(batch), length + params.max_new_tokens)
-                out = _decode(model, ctx, prompt, params, vocab_size, generator, tp_group, pad_id)
-                for r, (resp, lps, reason) in zip(batch, out):
-                    samples[r] = Sample(prompt_index=r // n, prompt_ids=list(ids[r // n]), response_ids=resp,
-                                        logprobs=lps, finish_reason=reason)
+        with _sequence_parallel_off(gpt):
+            for length in sorted(buckets):
+                rows = buckets[length]
+                for start in range(0, len(rows), max_batch_size):
+                    batch = rows[start:start + max_batch_size]
+                    prompt = torch.tensor([ids[r // n] for r in batch], dtype=torch.long, device=device)  # [B, P]
+                    ctx = StaticInferenceContext(len(batch), length + params.max_new_tokens)
+                    out = _decode(model, ctx, prompt, params, vocab_size, generator, tp_group, pad_id)
+                    for r, (resp, lps, reason) in zip(batch, out):
+                        samples[r] = Sample(prompt_index=r // n, prompt_ids=list(ids[r // n]), response_ids=resp,
+                                            logprobs=lps, finish_reason=reason)
     finally:
         model.train(training)
     return samples  # type: ignore[return-value]

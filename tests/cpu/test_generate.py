@@ -266,6 +266,60 @@ def test_moe_generates_with_routing_replay_off(single):
 # ------------------------------------------------------------------------------------------------ two ranks
 
 
+def _sp_model(sp):
+    """A 2-layer GPTModel at TP=2 (SP on / off, same weights from the same seed) on the local spec with a plain
+    torch RMSNorm, which (unlike the local spec's norm) accepts sequence parallel without TE/apex."""
+    import copy
+
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    class Norm(torch.nn.RMSNorm):
+        def __init__(self, config, hidden_size, eps=1e-5, **kwargs):
+            super().__init__(hidden_size, eps=eps)
+
+    layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = Norm
+    torch.manual_seed(SEED)
+    model_parallel_cuda_manual_seed(SEED)
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                            tensor_model_parallel_size=2, sequence_parallel=sp, use_cpu_initialization=True,
+                            params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+                            init_method_std=0.1, normalization="RMSNorm")
+    spec = TransformerBlockSubmodules(layer_specs=[layer] * 2, layer_norm=Norm)
+    gpt = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=96, max_sequence_length=64,
+                   position_embedding_type="rope", share_embeddings_and_output_weights=False)
+    return gpt, parallel_state.get_tensor_model_parallel_group()
+
+
+def _sequence_parallel_case():
+    from megatron.core import parallel_state
+
+    from oar_megatron.policy.forward import final_hidden_states
+    from oar_megatron.policy.generate import generate
+    from oar_megatron.rollout import SamplingParams
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    out = {}
+    for sp in (False, True):
+        gpt, group = _sp_model(sp)
+        run = lambda p: generate(gpt, PROMPTS, p, vocab_size=90, tp_group=group,  # noqa: E731
+                                 generator=torch.Generator().manual_seed(2))
+        out[sp] = [_flat(run(SamplingParams(temperature=0.0, max_new_tokens=5))),
+                   _flat(run(SamplingParams(temperature=TEMP, max_new_tokens=5, n=2)))]
+        if sp:  # flags restored: hidden states come back sequence-sharded [L/TP, B, H]
+            ids = torch.tensor([[1, 2, 3, 4]])
+            out["sp_hidden_shape"] = tuple(final_hidden_states(gpt, ids, torch.arange(4)[None]).shape)
+            out["sp_flags"] = (gpt.config.sequence_parallel, gpt.output_layer.sequence_parallel)
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+
 def _two(rank, world_size):
     from oar_megatron.config import ParallelConfig
     from oar_megatron.policy import build_model, destroy_parallel, init_parallel
@@ -285,6 +339,7 @@ def _two(rank, world_size):
                          err=max(_recompute_err(gpt, g, model_cfg.vocab_size, 0.0),
                                  _recompute_err(gpt, s, model_cfg.vocab_size, TEMP)))
         destroy_parallel()
+    out["sp"] = _sequence_parallel_case()
     groups = init_parallel(ParallelConfig(pp=2), model_cfg, seed=SEED)
     stage = build_model(model_cfg, groups)
     try:
@@ -308,6 +363,16 @@ def test_tp2_ranks_agree_and_match_tp1(two):
         assert r0["tp2"][key][0] == r0["tp1"][key][0], key  # same weights and seed as TP=1: same tokens
         assert r0["tp2"][key][1] == pytest.approx(r0["tp1"][key][1], abs=1e-5), key
     assert r0["tp2"]["err"] < 1e-5 and r1["tp2"]["err"] < 1e-5 and r0["tp1"]["err"] < 1e-5
+
+
+def test_sequence_parallel_is_switched_off_for_generation_and_restored(two):
+    for r in two:
+        sp = r["sp"]
+        for (rows_sp, lps_sp), (rows, lps) in zip(sp[True], sp[False]):
+            assert rows_sp == rows
+            assert lps_sp == pytest.approx(lps, abs=1e-5)
+        assert sp["sp_hidden_shape"] == (2, 1, 32) and sp["sp_flags"] == (True, True)
+    assert two[0]["sp"][True] == two[1]["sp"][True]
 
 
 def test_pipeline_parallel_is_refused(two):
