@@ -221,6 +221,51 @@ def _is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in inner)
 
 
+def _init_distributed_optimizer_state(optimizer) -> None:
+    """Give a never-stepped distributed optimizer's torch Adam its (zero) state before a load: without Apex/TE,
+    megatron's ``DistributedOptimizer.state_dict`` (called while building the loading state dict) asserts that every
+    parameter state holds one common ``step``; the load then overwrites all of it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0)
+                    st.setdefault("exp_avg", torch.zeros_like(p.data))
+                    st.setdefault("exp_avg_sq", torch.zeros_like(p.data))
+
+
+def _saved_adam_steps(optimizer, loaded: Any) -> list[float | None]:
+    """The Adam step each distributed optimizer (one per chained optimizer) saved in its param groups."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chain = getattr(optimizer, "chained_optimizers", [optimizer])
+    out = []
+    for i, opt in enumerate(chain):
+        sd = loaded if len(chain) == 1 else loaded[i]
+        steps = {g.get("step") for g in sd.get("optimizer", {}).get("param_groups", [])} - {None}
+        out.append(float(steps.pop()) if isinstance(opt, DistributedOptimizer) and len(steps) == 1 else None)
+    return out
+
+
+def _restore_adam_steps(optimizer, steps: list[float | None]) -> None:
+    """Without Apex/TE, ``DistributedOptimizer.load_state_dict`` leaves torch Adam's per-parameter ``step`` wrong
+    (it gives every parameter one *shared* tensor, which torch's Adam then increments once per parameter per update,
+    and the dp_reshardable parameter-state copy can overwrite it): the resumed run diverged at its second update. Give
+    every parameter its own step tensor with the saved value."""
+    for opt, step in zip(getattr(optimizer, "chained_optimizers", [optimizer]), steps):
+        if step is None:
+            continue
+        for st in opt.optimizer.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(step, dtype=torch.float32)
+
+
 def _sharded_state_dict(actor, *, with_optimizer: bool, is_loading: bool) -> dict:
     """Megatron-LM's shape: {"model" | "model0", "model1", ...: chunk sharded_state_dict, "optimizer": ...}."""
     sd: dict[str, Any] = {}
@@ -228,6 +273,8 @@ def _sharded_state_dict(actor, *, with_optimizer: bool, is_loading: bool) -> dic
         sd[key] = model.sharded_state_dict()
     if with_optimizer:
         model_sd = {k: sd[k] for k in _model_keys(actor)}
+        if is_loading:
+            _init_distributed_optimizer_state(actor.optimizer)
         metadata = {"distrib_optim_sharding_type": OPTIM_SHARDING, "chained_optim_avoid_prefix": True}
         sd["optimizer"] = actor.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
     return sd
@@ -401,10 +448,15 @@ class CheckpointManager:
         loaded = dist_checkpointing.load(sd, str(path / DIST_DIR))
         for key, model in zip(_model_keys(actor), actor.models):
             model.load_state_dict(loaded[key], strict=True)
-        if load_optimizer:
-            actor.optimizer.load_state_dict(loaded["optimizer"])
-        else:
-            actor.optimizer.reload_model_params()  # main (fp32) params from the loaded model params
+        # no_grad: the distributed optimizer copies into fp32 main params that are views of the (grad-requiring)
+        # model parameters when params are fp32
+        with torch.no_grad():
+            if load_optimizer:
+                steps = _saved_adam_steps(actor.optimizer, loaded["optimizer"])
+                actor.optimizer.load_state_dict(loaded["optimizer"])
+                _restore_adam_steps(actor.optimizer, steps)
+            else:
+                actor.optimizer.reload_model_params()  # main (fp32) params from the loaded model params
         actor.scheduler.load_state_dict(state["scheduler"])
 
         per_rank = None

@@ -71,14 +71,16 @@ def _resume_case(root: str, parallel_kw: dict, *, keep_root: str | None = None) 
     actor, groups = _actor(parallel_kw, seed=5)
     batch = _batch(actor, groups)
     _round(actor, batch)
+    out = {}
+    if keep_root is not None:  # the full-batch log-probs of the saved weights, for the resharding check
+        out["full_logp"] = actor.compute_old_logprobs(_batch(actor, groups, all_rows=True))
     mgr = CheckpointManager(root, keep_last=2, groups=groups)
     common = {"step": 1, "data": {"epoch": 0, "offset": torch.tensor(7)}, "name": "run"}
     saved = mgr.save(1, actor, common=common, per_rank={"rank": torch.tensor([groups.rank]), "n": 3})
     r_after = torch.rand(3)
     want_losses, want_params = _round(actor, batch)
-    out = {"latest": str(mgr.latest()), "saved": str(saved)}
-    if keep_root is not None:  # the full-batch log-probs of these weights, for the resharding check
-        out["full_logp"] = actor.compute_old_logprobs(_batch(actor, groups, all_rows=True))
+    out.update(latest=str(mgr.latest()), saved=str(saved))
+    if keep_root is not None:
         # keep-last-k on the side: 4 saves keep the last 2
         kmgr = CheckpointManager(keep_root, keep_last=2, groups=groups)
         for s in range(1, 5):
