@@ -198,6 +198,8 @@ class PromptDataset:
                 raise ValueError(f"prompt_template: must be a str.format template using only {{prompt}}: {e!r}")
         if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or max_prompt_tokens < 1):
             raise ValueError(f"max_prompt_tokens: expected a positive int or None, got {max_prompt_tokens!r}")
+        if chat_template and not tokenizer.has_chat_template:  # a config error, not a bad row
+            tokenizer.render_chat([{"role": "user", "content": ""}])  # raises the tokenizer's clear ValueError
         pkey = prompt_key or LAYOUTS[layout][0]
         akey = answer_key or LAYOUTS[layout][1]
         extract = _EXTRACT[layout]
@@ -219,9 +221,7 @@ class PromptDataset:
             except _BadRow as e:
                 skipped.append((n, str(e)))
                 continue
-            except ValueError as e:  # tokenizer could not encode the text
-                if "chat template" in str(e):
-                    raise
+            except ValueError as e:  # the tokenizer could not encode the text, or a template rejected the messages
                 skipped.append((n, str(e)))
                 continue
             meta = {"dataset": name, "row": n}

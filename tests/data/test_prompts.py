@@ -223,3 +223,9 @@ def test_iterator_bad_args():
     with pytest.raises(ValueError, match="no batch"):
         PromptIterator(ds, batch_size=5)
     assert len(PromptIterator(ds, batch_size=5, drop_last=False).next_batch()) == 5
+
+
+def test_chat_template_requested_without_one_is_a_config_error(tmp_path, tok):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+2=", "answer": "0"}])
+    with pytest.raises(ValueError, match="no chat template"):
+        PromptDataset.from_file(path, tokenizer=tok, chat_template=True)

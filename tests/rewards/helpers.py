@@ -28,3 +28,12 @@ def nan_reward(response: str, answer: str, **meta) -> float:
 
 
 NOT_CALLABLE = 3
+
+
+def crashing_reward(response: str, answer: str, **meta) -> float:
+    """Kills its own (worker) process on 'crash'."""
+    if response == "crash":
+        import os
+
+        os._exit(3)
+    return 1.0

@@ -160,3 +160,15 @@ def test_rewards_package_does_not_import_torch():
             "assert r.get_reward('math')('\\\\boxed{1}', '1') == 1.0\n"
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_isolated_errors_and_a_dying_worker_are_counted():
+    with RewardRunner("tests.rewards.helpers:raising_reward", isolated=True, num_workers=1) as run:
+        scores, stats = run(["boom", "ok"], ["", ""])
+        assert scores == [0.0, 1.0] and stats["reward/errors"] == 1.0
+        assert run.last_errors == ["RuntimeError: kaboom"]
+    with RewardRunner("tests.rewards.helpers:crashing_reward", isolated=True, num_workers=2) as run:
+        scores, stats = run(["ok", "crash", "ok"], ["", "", ""])
+        assert scores[1] == 0.0 and stats["reward/errors"] >= 1.0
+        scores, stats = run(["ok", "ok"], ["", ""])  # a fresh pool replaced the broken one
+        assert scores == [1.0, 1.0] and stats["reward/errors"] == 0.0
