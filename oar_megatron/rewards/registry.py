@@ -167,6 +167,7 @@ class RewardRunner:
         self.overlong = _check_overlong(overlong)
         self._pool: cf.ProcessPoolExecutor | None = None
         self.last_errors: list[str] = []  # error messages of the last call (first one also logged)
+        self.last_verifier_scores: list[float] = []  # the last call's scores before the overlong penalty
         self.total_timeouts = 0
         self.total_errors = 0
 
@@ -298,6 +299,7 @@ class RewardRunner:
         if self.overlong is not None:
             penalties = [overlong_penalty(int(L), **self.overlong) for L in response_lengths]
         scores = [s + p for s, p in zip(raw, penalties)]
+        self.last_verifier_scores = list(raw)
         denom = max(n, 1)
         stats = {
             "reward/score_mean": sum(scores) / denom,

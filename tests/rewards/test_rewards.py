@@ -122,7 +122,7 @@ def test_runner_adds_overlong_penalty():
     run = RewardRunner("exact", overlong={"max_len": 20, "cache_len": 4})
     scores, stats = run(["a", "a", "b", "a"], ["a"] * 4, response_lengths=[10, 17, 18, 20])
     assert scores == [1.0, 0.75, -0.5, 0.0]
-    assert stats["reward/verifier_mean"] == 0.75
+    assert stats["reward/verifier_mean"] == 0.75 and run.last_verifier_scores == [1.0, 1.0, 0.0, 1.0]
     assert stats["reward/overlong_frac"] == 0.75
     assert stats["reward/overlong_penalty_mean"] == pytest.approx(-(0.25 + 0.5 + 1.0) / 4)
     with pytest.raises(ValueError, match="response_lengths"):
