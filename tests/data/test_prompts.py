@@ -75,7 +75,8 @@ def test_dapo_math_layout_with_chat_template(tmp_path, hf_tok, fmt):
     write = write_jsonl if fmt == "jsonl" else write_parquet
     rows = [{"prompt": [{"role": "user", "content": "what is 1 + 2 ?"}],
              "reward_model": {"ground_truth": "3", "style": "rule"}},
-            {"prompt": [{"role": "user", "content": "x"}], "reward_model": {"ground_truth": "34" if fmt == "parquet" else 34}}]  # parquet columns have one type
+            {"prompt": [{"role": "user", "content": "x"}],
+             "reward_model": {"ground_truth": "34" if fmt == "parquet" else 34}}]  # a parquet column has one type
     ds = PromptDataset.from_file(write(tmp_path / f"d.{fmt}", rows), tokenizer=hf_tok, layout="dapo_math",
                                  chat_template=True, system_prompt="be brief")
     assert [r.answer for r in ds] == ["3", "34"]
