@@ -79,8 +79,8 @@ class DataConfig:
     path: str = "synthetic"  # "synthetic" or a .jsonl / .parquet file
     tokenizer: str = "synthetic"  # "synthetic" or a local Hugging Face tokenizer directory
     layout: str | None = None  # None | gsm8k | math | dapo_math (sets the keys and answer extraction)
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
+    prompt_key: str | None = None  # dotted path into a row; None: the layout's key, else "prompt"
+    answer_key: str | None = None  # None: the layout's key, else "answer"
     prompt_template: str | None = None  # str.format template with {prompt}
     system_prompt: str | None = None
     chat_template: bool = False  # apply the tokenizer's chat template
@@ -141,8 +141,8 @@ class EvalDatasetConfig:
     name: str = "synthetic"
     path: str = "synthetic"
     layout: str | None = None
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
+    prompt_key: str | None = None
+    answer_key: str | None = None
     limit: int | None = None  # first N problems
 
 
@@ -234,7 +234,7 @@ class TrainConfig:
             raise ValueError("checkpoint.resume: 'auto', 'never' or a checkpoint directory")
         if self.checkpoint.every < 0:
             raise ValueError(f"checkpoint.every: must be >= 0, got {self.checkpoint.every}")
-        if self.logging.tensorboard not in ("auto", "true", "false", True, False):
+        if str(self.logging.tensorboard).lower() not in ("auto", "true", "false"):
             raise ValueError(f"logging.tensorboard: auto | true | false, got {self.logging.tensorboard!r}")
         r = self.rollout
         if r.prompts_per_step % layout.dp:

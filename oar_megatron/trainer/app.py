@@ -38,6 +38,21 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def quiet_libraries() -> None:
+    """megatron-core logs every parameter name and its optimizer config at INFO, and on a machine without CUDA warns
+    at import that Transformer Engine / apex are absent (they cannot exist there): keep the run's output readable."""
+    import logging
+    import warnings
+
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    import torch
+
+    if not torch.cuda.is_available():
+        for msg in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
+                    ".*Transformer Engine is not installed.*"):
+            warnings.filterwarnings("ignore", message=msg)
+
+
 def run_train(cfg: TrainConfig) -> int:
     """Validate, dry-run or train. Returns the process exit code."""
     from .plan import format_plan, make_plan
@@ -51,6 +66,7 @@ def run_train(cfg: TrainConfig) -> int:
         return 0
     from .loop import Trainer
 
+    quiet_libraries()
     try:
         trainer = Trainer(cfg)
     except ValueError as exc:  # data/tokenizer/reward errors found while building (before the first step)
@@ -71,9 +87,10 @@ def run_eval(cfg: TrainConfig) -> int:
     cfg.eval.at_start = False
     cfg.checkpoint.save_final = False
     cfg.data.synthetic.format_warmup_steps = 0
+    quiet_libraries()
     try:
         cfg.validate(_world_size(cfg))
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, evaluating=True)
     except ValueError as exc:
         return _fail(str(exc))
     try:

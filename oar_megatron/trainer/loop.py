@@ -1,0 +1,395 @@
+"""The RL loop: one object per rank that runs
+
+    rollout → reward → advantage → (saliency → reshape) → loss → update → weight sync → metrics → checkpoint
+
+for every algorithm, on one CPU or under torchrun/Slurm. Data flows one way through a step (``Trainer.step``);
+nothing downstream reaches back.
+
+Ranks. Prompts of a global step (``rollout.prompts_per_step``, deterministic order from the prompt iterator) are
+split evenly over data-parallel ranks; every tensor-parallel rank of a data-parallel replica generates the same
+samples (same sampling seed) and rewards are computed once per replica (TP rank 0) and broadcast over the TP group.
+Row ids are global (``step · rows + dp_rank · rows_per_rank + i``), so OAR-G's noise is the same under any split.
+
+Reproducibility. Sampling seeds come from the engine's call counter, OAR-G noise from row ids, the prompt order
+from the iterator's state; all of it, with the model, optimizer, scheduler and RNG, is in the checkpoint, so a
+resumed CPU run reproduces the uninterrupted run's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from ..algorithms import whiten
+from ..algorithms.losses import kl_penalty
+from ..algorithms.oar import credit_metrics
+from ..config.train import TrainConfig
+from ..metrics.logger import MetricsLogger
+from ..metrics.progress import Progress, format_step_line
+from ..rollout.base import SamplingParams
+from .experience import Experience, Group, filter_stats, group_advantages_of, scoring_for, select_groups
+from .sources import build_dataset, build_reward, build_tokenizer, iterator_for
+
+
+class Trainer:
+    """``Trainer(cfg).fit()``; see the module docstring. Construction initialises the process groups, builds the
+    policy, engine, data, reward, logger and checkpoint manager, and resumes when a checkpoint is found."""
+
+    def __init__(self, cfg: TrainConfig, *, evaluating: bool = False) -> None:
+        from ..checkpoint import CheckpointManager
+        from ..policy import init_parallel
+        from ..policy.actor import PolicyActor
+        from ..rollout.local import LocalEngine
+
+        self.cfg = cfg
+        self.groups = g = init_parallel(cfg.parallel, cfg.model, seed=cfg.trainer.seed)
+        cfg.validate(g.world_size)
+        self.run_dir = Path(_broadcast_object(str(Path(cfg.logging.run_dir).resolve())))
+        self.is_logger = g.rank == 0
+        self.tokenizer = build_tokenizer(cfg.data)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                             f"({self.tokenizer.vocab_size})")
+        self.dataset = build_dataset(cfg.data, self.tokenizer)
+        self.iterator = iterator_for(self.dataset, cfg.rollout.prompts_per_step, cfg.data).shard(g.dp_rank, g.dp)
+        self.reward = build_reward(cfg.reward, cfg.rollout.max_new_tokens) if g.tp_rank == 0 else None
+        self.actor = PolicyActor(model=cfg.model, parallel=cfg.parallel, optim=cfg.optim, algorithm=cfg.algorithm,
+                                 groups=g, micro_batch_size=cfg.trainer.micro_batch_size,
+                                 recompute=cfg.trainer.recompute, routing_replay=cfg.trainer.routing_replay,
+                                 temperature=cfg.rollout.temperature, saliency_seed=cfg.trainer.seed)
+        if cfg.rollout.engine != "local":
+            raise ValueError("rollout.engine: only the local engine is available in this build; the SGLang client "
+                             "is a separate work item (use rollout=local)")
+        self.engine = LocalEngine(self.actor.chunks, vocab_size=self.tokenizer.vocab_size,
+                                  tp_group=g.tp_group if g.tp > 1 else None,
+                                  max_batch_size=cfg.rollout.max_batch_size, pad_id=self.tokenizer.pad_token_id,
+                                  seed=cfg.trainer.seed * 1_000_003 + g.dp_rank)
+        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.ckpt = CheckpointManager(ckpt_dir, keep_last=cfg.checkpoint.keep_last, groups=g)
+        self.step = 0
+        self.warmed_up = False
+        resumed = self._maybe_resume()
+        tb = {"auto": "auto", "true": True, "false": False}.get(str(cfg.logging.tensorboard).lower(), "auto")
+        wandb = {"project": cfg.logging.wandb_project} if cfg.logging.wandb_project else None
+        # resumed: drop what the interrupted run logged after its checkpoint; fresh: start the file over;
+        # oar-eval appends to the run's file
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_logger, tensorboard=tb, wandb=wandb,
+                                    resume_step=None if evaluating else (self.step if resumed else -1))
+        if self.is_logger and not evaluating:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        self.progress = Progress(enabled=self.is_logger and cfg.trainer.progress)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def _maybe_resume(self) -> bool:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return False
+        path = self.ckpt.latest() if mode == "auto" else Path(mode)
+        if path is None:
+            return False
+        state = self.ckpt.load(self.actor, path)
+        common = state["common"]
+        self.step = int(common["step"])
+        self.warmed_up = bool(common.get("warmed_up", True))
+        self.iterator.load_state_dict(common["iterator"])
+        self.engine.load_state_dict(common["engine"])
+        self._print(f"resumed from {path} at step {self.step}")
+        return True
+
+    def save(self) -> Path:
+        common = {"step": self.step, "warmed_up": self.warmed_up, "iterator": self.iterator.state_dict(),
+                  "engine": self.engine.state_dict()}
+        return self.ckpt.save(self.step, self.actor, common=common)
+
+    def close(self) -> None:
+        from ..policy import destroy_parallel
+
+        if self.reward is not None:
+            self.reward.close()
+        self.logger.close()
+        self.engine.close()
+        destroy_parallel()
+
+    def _print(self, text: str) -> None:
+        if self.is_logger:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------------------------------------- the run
+
+    def fit(self) -> list[dict[str, float]]:
+        """Warm-up (synthetic task only), then ``trainer.steps`` RL steps with evaluation and checkpoints.
+        Returns the per-step metrics of this invocation."""
+        cfg = self.cfg
+        history = []
+        if not self.warmed_up:
+            self.format_warmup()
+        if cfg.eval.at_start and self.step == 0:
+            self.evaluate()
+        while self.step < cfg.trainer.steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            if self.is_logger and cfg.logging.step_line and self.step % cfg.logging.log_every == 0:
+                print(format_step_line(self.step, metrics), flush=True)
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.trainer.steps:
+                self.evaluate()
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.save()
+        if cfg.eval.at_end:
+            self.evaluate()
+        if cfg.checkpoint.save_final and (not self.ckpt.latest() or self.ckpt.latest().name != _step_dir(self.step)):
+            self.save()
+        return history
+
+    def format_warmup(self) -> None:
+        """Teach the synthetic task's response format (random answers, so chance accuracy) by maximum likelihood:
+        the configured loss at ratio 1 with token advantage 1 is the supervised gradient −(1/T)Σ∇log π. Stands in
+        for the pretrained model real RL starts from; recorded as ``warmup/*`` metrics."""
+        from .sources import synthetic_task
+
+        steps = self.cfg.data.synthetic.format_warmup_steps if self.cfg.data.path == "synthetic" else 0
+        if steps == 0:
+            self.warmed_up = True
+            return
+        task = synthetic_task(self.cfg.data)
+        rows = self.cfg.rollout.prompts_per_step // self.groups.dp * self.cfg.rollout.n_samples
+        gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 7919 + self.groups.dp_rank)
+        for i in range(steps):
+            pairs = task.format_examples(rows, gen)
+            batch = self.actor.pack([p for p, _ in pairs], [r for _, r in pairs], torch.ones(rows),
+                                    pad_id=self.tokenizer.pad_token_id)
+            self.actor.compute_old_logprobs(batch)
+            batch.token_advantages = batch.response_mask.float()
+            out = self.actor.update(batch)
+            if self.is_logger and (i + 1) % 10 == 0:
+                self.logger.log(0, {"warmup/loss": out["loss"][-1], "warmup/step": float(i + 1)}, phase="warmup")
+        self.warmed_up = True
+
+    # ------------------------------------------------------------------------------------- one RL step
+
+    def _sampling(self) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                              stop_token_ids=tuple(self.tokenizer.eos_token_ids), n=r.n_samples).validate()
+
+    def _score(self, groups_in: list[tuple[Any, list]]) -> tuple[list[Group], dict[str, float]]:
+        """Rewards for (record, samples) pairs, computed on TP rank 0 and broadcast over the TP group."""
+        n = self.cfg.rollout.n_samples
+        payload = None
+        if self.reward is not None:
+            texts, answers, metas, lengths = [], [], [], []
+            for rec, samples in groups_in:
+                for s in samples:
+                    texts.append(self.tokenizer.decode(_content(s.response_ids, self.tokenizer.eos_token_ids)))
+                    answers.append(rec.answer)
+                    metas.append(dict(rec.meta))
+                    lengths.append(len(s.response_ids))
+            scores, raw, stats = self.reward(texts, answers, metas, lengths)
+            payload = (scores, raw, stats)
+        if self.groups.tp > 1:
+            payload = _broadcast_object(payload, group=self.groups.tp_group)
+        scores, raw, stats = payload
+        thr = self.cfg.reward.pass_threshold
+        out = []
+        for i, (rec, samples) in enumerate(groups_in):
+            sl = slice(i * n, (i + 1) * n)
+            out.append(Group(list(rec.prompt_ids), [list(s.response_ids) for s in samples],
+                             [list(s.logprobs) for s in samples], [s.finish_reason for s in samples],
+                             list(scores[sl]), [r >= thr for r in raw[sl]], rec.index, rec.answer))
+        return out, stats
+
+    def _rollout(self) -> tuple[Experience, dict[str, float]]:
+        """Generate, score and select this rank's groups (with DAPO dynamic sampling when configured)."""
+        cfg, g = self.cfg, self.groups
+        want = cfg.rollout.prompts_per_step // g.dp
+        dynamic = cfg.algorithm.advantage.filter_groups
+        params = self._sampling()
+        candidates: list[Group] = []
+        stats: dict[str, float] = {}
+        gen_tokens, rounds = 0, 0
+        t0 = time.perf_counter()
+        for rounds in range(1, cfg.rollout.max_gen_batches + 1):
+            records = self.iterator.next_batch()
+            with self.progress.phase("rollout", total=len(records) * params.n):
+                samples = self.engine.generate([r.prompt_ids for r in records], params)
+            gen_tokens += sum(len(s.response_ids) for s in samples)
+            pairs = [(rec, samples[i * params.n:(i + 1) * params.n]) for i, rec in enumerate(records)]
+            t_r = time.perf_counter()
+            scored, rstats = self._score(pairs)
+            stats["time/reward_s"] = stats.get("time/reward_s", 0.0) + time.perf_counter() - t_r
+            for k, v in rstats.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
+            candidates += scored
+            if not dynamic:
+                break
+            short = sum(c.informative for c in candidates) < want
+            if not _any_rank(short):
+                break
+        first = candidates[:want]  # the step's own prompts: reward metrics describe the policy, not the filter
+        stats.update(filter_stats(first))
+        chosen, filled = select_groups(candidates, want, dynamic=dynamic)
+        adv = group_advantages_of(chosen, cfg.algorithm)
+        if cfg.algorithm.advantage.whiten:
+            adv = whiten(adv, group=g.dp_group if g.dp > 1 else None)
+        stats.update({
+            "reward/mean": _mean([s for c in first for s in c.scores]),
+            "reward/pass_rate": _mean([float(p) for c in first for p in c.passed]),
+            "response/length_mean": _mean([len(r) for c in first for r in c.responses]),
+            "response/truncated_frac": _mean([float(f == "length") for c in first for f in c.finish]),
+            "rollout/gen_rounds": float(rounds), "rollout/filled_groups": float(filled),
+            "rollout/tokens_per_s": gen_tokens / max(time.perf_counter() - t0 - stats.get("time/reward_s", 0.0), 1e-9),
+        })
+        return Experience(chosen, adv, filled, stats), stats
+
+    def train_step(self) -> dict[str, float]:
+        cfg, g, actor = self.cfg, self.groups, self.actor
+        alg = cfg.algorithm
+        times: dict[str, float] = {}
+        t_step = tick = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal tick
+            now = time.perf_counter()
+            times[f"time/{name}_s"] = now - tick
+            tick = now
+
+        exp, stats = self._rollout()
+        lap("rollout")
+        rows = len(exp.responses)
+        base = self.step * cfg.rollout.prompts_per_step * cfg.rollout.n_samples + g.dp_rank * rows
+        scoring = None
+        if alg.shaper.name == "oar":
+            scoring = scoring_for(exp, self.tokenizer, answer_markers=cfg.data.answer_markers,
+                                  conclude=cfg.data.conclude, eos_token_ids=self.tokenizer.eos_token_ids,
+                                  pad_id=self.tokenizer.pad_token_id, with_answers=alg.pfinal_mode != "last")
+        batch = actor.pack(exp.prompts, exp.responses, exp.advantages, pad_id=self.tokenizer.pad_token_id,
+                           rollout_logp=exp.rollout_logprobs, scoring=scoring, row_ids=range(base, base + rows))
+        actor.compute_ref_logprobs(batch)
+        actor.compute_old_logprobs(batch)
+        lap("logprob")
+        actor.compute_token_advantages(batch)
+        lap("advantage")
+        with self.progress.phase("update", total=alg.updates_per_batch):
+            upd = actor.update(batch)
+        lap("update")
+        self.engine.sync_weights(actor)
+        lap("sync")
+        self.step += 1
+
+        m = dict(stats)
+        m.update(self._batch_metrics(batch))
+        m = _dp_mean(m, g)  # rank-local statistics → replica mean (equal rows per rank)
+        m.update({
+            "loss/total": _mean(upd["loss"]), "loss/pg": _mean(upd.get("pg_loss", [])),
+            "grad_norm": _mean(upd["grad_norm"]), "lr": upd["lr"][-1],
+            "update/skipped": float(sum(1 - u for u in upd["updated"])),
+        })
+        for key in ("clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "dual_clip_frac", "mask_frac"):
+            if key in upd:
+                m[f"policy/{key}"] = _mean(upd[key])
+        if "kl_loss" in upd:
+            m["loss/kl"] = _mean(upd["kl_loss"])
+        if "entropy_loss" in upd:
+            m["loss/entropy"] = _mean(upd["entropy_loss"])
+        m.update({k: v for k, v in upd.items() if k.startswith("routing/") and not isinstance(v, list)})
+        m.update(times)
+        m["time/step_s"] = time.perf_counter() - t_step
+        tokens = float(batch.input_ids.numel()) * g.dp
+        m["throughput/tokens_per_s"] = tokens / m["time/step_s"]
+        m["weight_version"] = float(self.engine.weight_version)
+        self.logger.log(self.step, m)
+        return m
+
+    def _batch_metrics(self, batch) -> dict[str, float]:
+        """Per-rank statistics of the training batch (last pipeline stage holds the log-probs)."""
+        out: dict[str, float] = {}
+        mask = batch.response_mask
+        if batch.old_logp is not None:
+            tok = mask.sum().clamp(min=1)
+            out["entropy/mean"] = float(-(batch.old_logp * mask).sum() / tok)  # Monte-Carlo: E[−log π_old(y_t)]
+            if batch.rollout_logp is not None:
+                out["rollout/logp_diff_abs_mean"] = float(((batch.old_logp - batch.rollout_logp).abs() * mask).sum() / tok)
+            if batch.ref_logp is not None:
+                kl = kl_penalty(batch.old_logp, batch.ref_logp, self.cfg.algorithm.kl.kind)
+                out["kl/mean"] = float((kl * mask).sum() / tok)
+        if batch.token_weights is not None:
+            out["rollout/is_weight_mean"] = float((batch.token_weights * mask).sum() / mask.sum().clamp(min=1))
+        if batch.token_advantages is not None:
+            carry = (mask & (batch.token_advantages != 0)).any(-1)
+            if bool(carry.any()):
+                cm = credit_metrics(batch.token_advantages[carry], mask[carry])
+                out["oar/ess_ratio"] = float(cm["ess_ratio"].mean())
+                out["oar/top10_mass"] = float(cm["top10_mass"].mean())
+        return out
+
+    # ------------------------------------------------------------------------------------------ eval
+
+    def evaluate(self) -> dict[str, float]:
+        from .evaluate import evaluate
+
+        result = evaluate(self.cfg, engine=self.engine, tokenizer=self.tokenizer, reward=self.reward,
+                          groups=self.groups, seed=self.cfg.trainer.seed * 31 + self.step)
+        self.logger.log(self.step, result.metrics, phase="eval")
+        if self.is_logger:
+            print(result.table, flush=True)
+        return result.metrics
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _step_dir(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _content(ids: list[int], eos: tuple[int, ...] | list[int]) -> list[int]:
+    """The response up to (excluding) its first EOS."""
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[:i]
+    return ids
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _broadcast_object(obj: Any, group=None) -> Any:
+    """``obj`` of the group's first rank (the default group's rank 0) on every rank of ``group``."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return obj
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def _any_rank(flag: bool) -> bool:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _dp_mean(metrics: dict[str, float], groups) -> dict[str, float]:
+    """Mean over all ranks of rank-local scalars (keys may differ across pipeline stages: union, NaN-free mean
+    over the ranks that have the key)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(metrics)
+    keys_all: list = [None] * dist.get_world_size()
+    dist.all_gather_object(keys_all, sorted(metrics))
+    keys = sorted({k for ks in keys_all for k in ks})
+    vals = torch.tensor([[metrics.get(k, 0.0) if math.isfinite(metrics.get(k, 0.0)) else 0.0,
+                          1.0 if k in metrics and math.isfinite(metrics[k]) else 0.0] for k in keys],
+                        dtype=torch.float64)
+    dist.all_reduce(vals)
+    return {k: (float(v[0] / v[1]) if v[1] > 0 else float("nan")) for k, v in zip(keys, vals)}
