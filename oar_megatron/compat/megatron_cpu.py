@@ -12,7 +12,9 @@ the calling thread's torch-function-mode stack and never popped), because megatr
 context manager would miss some. Two limits: the stack is per thread (call ``apply_cpu_shims()`` again in any other
 thread that runs megatron code; it pushes the mode once per thread), and torch pops the mode while it handles a call,
 so it is off inside ``loss.backward()``. Backward code allocates via ``torch.cuda.current_device()``, which therefore
-returns a CPU device by itself. The mode class is public for scoped use (``with CudaToCpuMode(): ...``).
+returns a CPU device by itself; activation recompute, which reruns whole layers inside backward (default causal mask
+built with ``device="cuda"``, any other hard-coded placement of the forward), gets the mode re-entered around its
+rerun (``_shim_recompute``). The mode class is public for scoped use (``with CudaToCpuMode(): ...``).
 
 Usage (each rank, after ``torch.distributed.init_process_group("gloo", ...)``, before building megatron objects)::
 
@@ -196,6 +198,42 @@ def _shim_moe() -> None:
     _patch(dispatcher, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
 
 
+def _in_cpu_mode(fn):
+    """``fn`` run with a CudaToCpuMode pushed for its duration (for code that runs inside ``loss.backward()``)."""
+
+    def wrapped(*args, **kwargs):
+        with CudaToCpuMode():
+            return fn(*args, **kwargs)
+
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+def _shim_recompute() -> None:
+    """Activation recompute reruns a layer's forward inside backward, where torch has popped the placement mode:
+    megatron's default causal mask (``transformer/utils.py::get_default_causal_mask``, ``device="cuda"``) and any
+    other hard-coded placement of the forward would fail there. Re-enter the mode around every rerun: the backward
+    of ``CheckpointFunction`` (``recompute_granularity`` "full" and "selective" core attention) and
+    ``CheckpointWithoutOutput._recompute`` (output-discarding recompute of norms / MoE activations)."""
+    random = _import("megatron.core.tensor_parallel.random")
+    if random is None:
+        return
+    for cls_name, attr in (("CheckpointFunction", "backward"), ("CheckpointWithoutOutputFunction", "backward"),
+                           ("CheckpointWithoutOutput", "_recompute")):
+        owner = getattr(random, cls_name, None)
+        if owner is None:
+            log.debug("megatron_cpu: %s has no %s in this version; shim skipped", random.__name__, cls_name)
+            continue
+        original = owner.__dict__.get(attr)
+        if original is None:
+            log.debug("megatron_cpu: %s.%s not found; shim skipped", cls_name, attr)
+            continue
+        # autograd.Function looks ``backward`` up on the class at each call, so swapping the staticmethod works.
+        fn = original.__func__ if isinstance(original, staticmethod) else original
+        new = _in_cpu_mode(fn)
+        _patch(owner, attr, staticmethod(new) if isinstance(original, staticmethod) else new)
+
+
 def _enter_mode_in_this_thread() -> None:
     """Push one CudaToCpuMode on this thread's torch-function-mode stack, once per thread (never popped)."""
     if getattr(_THREAD, "mode", None) is None:
@@ -218,6 +256,7 @@ def apply_cpu_shims() -> bool:
             _shim_cuda_device()
             _shim_cuda_sync_and_streams()
             _shim_moe()
+            _shim_recompute()
             _ACTIVE = True
             log.info("megatron_cpu: %d CPU shims applied", len(_PATCHED))
     _enter_mode_in_this_thread()

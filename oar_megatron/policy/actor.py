@@ -194,10 +194,6 @@ class PolicyActor:
             # to the same peer in one batch) wrongly: the update came out with a ×44 grad norm. Unbatched p2p is
             # exact (tests/cpu/test_parallel_consistency.py, pp2-vpp2).
             self.models[0].config.batch_p2p_comm = False
-        # CPU (gloo tests) with recompute: megatron builds its default causal mask with device="cuda"; the CPU
-        # shims redirect that in forward but not inside the backward pass that reruns the layer, so pass the
-        # same causal mask explicitly (True = masked, megatron's convention).
-        self._explicit_causal_mask = recompute is not None and not torch.cuda.is_available()
         self.chunks = wrap_ddp(self.models, distributed_optimizer=parallel.distributed_optimizer,
                                overlap_grad_reduce=parallel.overlap_grad_reduce)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, optim,
@@ -265,12 +261,8 @@ class PolicyActor:
         gpt = unwrap_model(chunk)
         replay = RoutingReplay.of(gpt, missing_ok=True)
         ctx = replay.micro_batch(mb.id) if replay is not None and replay.mode != "off" else contextlib.nullcontext()
-        mask = None
-        if self._explicit_causal_mask:
-            length = mb.input_ids.shape[1]
-            mask = torch.ones(1, 1, length, length, dtype=torch.bool, device=mb.input_ids.device).triu(1)
         with ctx, _hidden_output(gpt):
-            return chunk(mb.input_ids, mb.position_ids, mask)  # [L, b, H] (hidden or the stage's activations)
+            return chunk(mb.input_ids, mb.position_ids, None)  # [L, b, H] (hidden or the stage's activations)
 
     def _logprobs(self, chunk, hidden, mb: MicroBatch, entropy: bool):
         return logprobs_from_hidden(unwrap_model(chunk), hidden, mb.input_ids, mb.response_mask,

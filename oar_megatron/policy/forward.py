@@ -10,6 +10,15 @@ Layouts. Inputs are right-padded [B, L] (padded batches with the causal mask of 
 passes ``packed_seq_params`` through to megatron, untested on CPU). Hidden states are [L, B, H], or [L/TP, B, H]
 under sequence parallel (rank r holds positions [r·L/TP, (r+1)·L/TP)).
 
+Padded vocabulary. megatron allocates ``ModelConfig.padded_vocab_size(tp)`` output rows (a multiple of
+``make_vocab_size_divisible_by · TP``); rows ≥ the tokenizer's ``vocab_size`` are not tokens. The rollout engine
+(SGLang, the local engine) samples from and reports log-probs over the real vocabulary only, so every logits path
+here goes through ``mask_padded_vocab``: the padded columns of each rank's [.., V/TP] slice are set to
+``PADDED_LOGIT`` (−1e4, finite: entropy and KL stay finite, e^(−1e4 − max) is exactly 0 in fp32/bf16) before any
+softmax — the response log-probs and entropy, OAR-P's KL and OAR-G's P_final alike. The real size comes from the
+``vocab_size`` argument, or (None) from ``model.oar_vocab_size``, which ``policy.model.build_model`` records on each
+``GPTModel``; a model without that attribute (built directly with megatron) is not masked.
+
 ``response_mask[b, t]`` is True where ``input_ids[b, t]`` is a response token (a token the policy generated). Its
 log-prob is read from the logits at position t − 1, so ``response_mask[:, 0]`` must be False.
 
@@ -34,9 +43,12 @@ from ..algorithms.reduce import ProcessGroup, group_rank, group_size
 
 __all__ = [
     "final_hidden_states",
+    "PADDED_LOGIT",
     "full_logits_logprobs",
     "logprobs_from_hidden",
+    "mask_padded_vocab",
     "pad_to_tp_multiple",
+    "real_vocab_size",
     "response_logprobs",
     "sequence_parallel",
     "unwrap_model",
@@ -123,13 +135,55 @@ def pad_to_tp_multiple(model: torch.nn.Module, length: int) -> int:
     return -(-length // tp) * tp
 
 
+# ------------------------------------------------------------------------------------------ padded vocabulary
+
+PADDED_LOGIT = -1.0e4  # the logit of a padded vocabulary row (module docstring); finite in fp16/bf16/fp32
+
+
+def real_vocab_size(model: torch.nn.Module, vocab_size: int | None = None) -> int | None:
+    """The real vocabulary size for masking: ``vocab_size`` if given, else ``model.oar_vocab_size`` (set by
+    ``build_model``), else None (no masking). Checked against the model's padded size (``GPTModel.vocab_size``)."""
+    gpt = unwrap_model(model)
+    if vocab_size is None:
+        vocab_size = getattr(gpt, "oar_vocab_size", None)
+    if vocab_size is None:
+        return None
+    padded = gpt.vocab_size
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 0 < vocab_size <= padded:
+        raise ValueError(f"vocab_size: expected an int in [1, {padded}] (the model's padded vocabulary), "
+                         f"got {vocab_size!r}")
+    return vocab_size
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int | None, *,
+                      tp_group: ProcessGroup | None = None) -> torch.Tensor:
+    """Vocab-parallel logits [..., V_pad/TP] with the columns of padded vocabulary rows (global id ≥ ``vocab_size``)
+    set to ``PADDED_LOGIT``; the input itself when this rank's slice has none (or ``vocab_size`` is None).
+
+    Rank r of ``tp_group`` holds global ids [r·V_pad/TP, (r+1)·V_pad/TP). Out of place (one copy of this rank's
+    slice, only on ranks holding padding): the output layer's backward does not need its output, but callers may
+    keep the unmasked tensor. The gradient w.r.t. the masked columns is zero.
+    """
+    if vocab_size is None:
+        return logits
+    local = logits.shape[-1]
+    start = group_rank(tp_group) * local
+    keep = vocab_size - start  # columns of this slice that are real tokens
+    if keep >= local:
+        return logits
+    col = torch.arange(local, device=logits.device)
+    return logits.masked_fill(col >= max(keep, 0), PADDED_LOGIT)
+
+
 # ---------------------------------------------------------------------------------------- response-only logits
 
 
 def vocab_parallel_logits(
-    model: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor, *, tp_group: ProcessGroup | None = None
+    model: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor, *, tp_group: ProcessGroup | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Output-layer logits [M, V/TP] (this rank's vocab slice) of the hidden rows ``rows`` only.
+    """Output-layer logits [M, V/TP] (this rank's vocab slice) of the hidden rows ``rows`` only, padded vocabulary
+    columns masked (``mask_padded_vocab``; ``vocab_size`` None: ``model.oar_vocab_size`` or no masking).
 
     hidden: [L, B, H] ([L/TP, B, H] under SP), from ``final_hidden_states``. rows: [M, 2] long (position s, batch
     b) into the full [L, B] grid, identical on every TP rank. Differentiable w.r.t. ``hidden`` and the weights.
@@ -142,6 +196,7 @@ def vocab_parallel_logits(
     """
     gpt = unwrap_model(model)
     _check_tp_group(gpt, tp_group)
+    vocab_size = real_vocab_size(gpt, vocab_size)
     check_tensor("rows", rows, ndim=2)
     if rows.shape[1] != 2:
         raise ValueError(f"rows: expected shape [M, 2] (position, batch), got {tuple(rows.shape)}")
@@ -150,7 +205,7 @@ def vocab_parallel_logits(
     if not sequence_parallel(gpt):
         picked = hidden[s, b]  # [M, H]
         logits, _ = gpt.output_layer(picked.unsqueeze(1), weight=weight, runtime_gather_output=False)
-        return logits.squeeze(1)  # [M, V/TP]
+        return mask_padded_vocab(logits.squeeze(1), vocab_size, tp_group=tp_group)  # [M, V/TP]
 
     tp, rank = group_size(tp_group), group_rank(tp_group)
     local_len = hidden.shape[0]
@@ -169,7 +224,8 @@ def vocab_parallel_logits(
     local_b = F.pad(b[mine], (0, pad))
     picked = hidden[local_s, local_b]  # [n_max, H]
     logits, _ = gpt.output_layer(picked.unsqueeze(1), weight=weight, runtime_gather_output=False)
-    return logits.squeeze(1)[owner * n_max + slot]  # [TP·n_max, V/TP] → [M, V/TP]
+    logits = logits.squeeze(1)[owner * n_max + slot]  # [TP·n_max, V/TP] → [M, V/TP]
+    return mask_padded_vocab(logits, vocab_size, tp_group=tp_group)
 
 
 def _response_rows(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,14 +244,19 @@ def logprobs_from_hidden(
     temperature: float = 1.0,
     compute_entropy: bool = False,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Response log-probs from decoder hidden states (the part of ``response_logprobs`` after the decoder; on a
     PP > 1 model the last stage calls this). hidden [L, B, H] / [L/TP, B, H]; input_ids, response_mask [B, L]
     (L may be shorter than the hidden's sequence, which may carry right padding). Returns as ``response_logprobs``.
     """
     bt, rows = _response_rows(response_mask)
-    logits = vocab_parallel_logits(model, hidden, rows, tp_group=tp_group)  # [N, V/TP]
+    vocab_size = real_vocab_size(model, vocab_size)
+    logits = vocab_parallel_logits(model, hidden, rows, tp_group=tp_group, vocab_size=vocab_size)  # [N, V/TP]
     target = input_ids[bt[:, 0], bt[:, 1]]  # [N]
+    if vocab_size is not None and target.numel() and int(target.max()) >= vocab_size:
+        raise ValueError(f"input_ids: response token id {int(target.max())} is a padded vocabulary row "
+                         f"(real vocab_size {vocab_size})")
     logp, ent = vocab_parallel_logprob_entropy(
         logits, target, tp_group=tp_group, temperature=temperature, chunk_size=chunk_size,
         compute_entropy=compute_entropy,
@@ -247,6 +308,7 @@ def response_logprobs(
     temperature: float = 1.0,
     compute_entropy: bool = False,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(y_t | y_<t) / T-tempered, and optionally the entropy, at every response token; nothing of size [B, L, V].
 
@@ -254,7 +316,8 @@ def response_logprobs(
     input_ids[b, t] is a response token (module docstring; position 0 never). attention_mask / packed_seq_params:
     passed to megatron (None: causal). tp_group: the model's tensor-parallel group (None for TP=1). temperature: the
     sampler's (logits / T before the softmax). chunk_size: rows per block inside the fused log-prob (bounds its
-    scratch to [k, V/TP]).
+    scratch to [k, V/TP]). vocab_size: the real vocabulary (softmax over it only; None: ``model.oar_vocab_size``
+    or the whole padded output).
 
     Returns (logp [B, L], entropy [B, L] or None), fp32, 0 off the response; the same on every TP rank.
     Differentiable w.r.t. the model parameters. Under SP a sequence length not divisible by TP is right-padded here
@@ -268,7 +331,7 @@ def response_logprobs(
     hidden = final_hidden_states(gpt, ids, pos, attention_mask=attention_mask, packed_seq_params=packed_seq_params)
     return logprobs_from_hidden(
         gpt, hidden, input_ids, mask, tp_group=tp_group, temperature=temperature,
-        compute_entropy=compute_entropy, chunk_size=chunk_size,
+        compute_entropy=compute_entropy, chunk_size=chunk_size, vocab_size=vocab_size,
     )
 
 
@@ -280,17 +343,22 @@ def full_logits_logprobs(
     *,
     attention_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Naive reference of ``response_logprobs``: the model's logits at every position, all-gathered over the
     vocabulary ([B, L, V] on every TP rank), then log_softmax and gather (autograd backward). For tests and as the
-    benchmark baseline; it holds several [B, L, V] fp32 tensors. Returns (logp [B, L], entropy [B, L]), 0 off the
-    response."""
+    benchmark baseline; it holds several [B, L, V] fp32 tensors. The softmax runs over the first ``vocab_size``
+    columns (None: ``model.oar_vocab_size`` or all; sliced, not masked: the plain reference). Returns
+    (logp [B, L], entropy [B, L]), 0 off the response."""
     mask = _check_inputs(input_ids, position_ids, response_mask)
     gpt = unwrap_model(model)
     _check_single_stage(gpt)
     length = input_ids.shape[1]
     ids, pos = _padded_inputs(gpt, input_ids, position_ids, attention_mask, None)
-    logits = gpt(ids, pos, attention_mask, runtime_gather_output=True)[:, :length]  # [B, L, V]
+    vocab_size = real_vocab_size(gpt, vocab_size)
+    logits = gpt(ids, pos, attention_mask, runtime_gather_output=True)[:, :length]  # [B, L, V_pad]
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]  # [B, L, V]
     logp, ent = reference_logprob_entropy(logits[:, :-1], input_ids[:, 1:], temperature)  # [B, L-1]
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = F.pad(torch.where(mask[:, 1:], logp, zero), (1, 0))

@@ -3,7 +3,9 @@
 ``build_model(model_cfg, groups)`` returns this rank's model: one ``GPTModel`` (``pre_process`` / ``post_process``
 from its pipeline stage), or a list of ``virtual_pp`` chunks with interleaved pipelining. Output logits are
 vocab-parallel ``[B, S, V_pad/TP]`` (``V_pad = model_cfg.padded_vocab_size(tp)``) on the last stage; other stages
-return hidden states ``[S/TP_sp, B, H]``.
+return hidden states ``[S/TP_sp, B, H]``. Each ``GPTModel`` carries ``oar_vocab_size = model_cfg.vocab_size`` (the
+real vocabulary): ``policy.forward`` masks the padded logit columns with it, as the rollout engine samples only real
+tokens.
 
 Precision and placement: float32 on CPU whatever ``params_dtype`` says (megatron's CPU path is an fp32 test path);
 on GPU ``params_dtype`` (bf16 for the presets) and the model is moved to the current CUDA device. With
@@ -184,6 +186,8 @@ def _gpt(model: ModelConfig, config, spec, padded_vocab: int, pre_process: bool 
         position_embedding_type=model.position_embedding_type, rotary_percent=model.rotary_percent,
         rotary_base=int(base) if float(base).is_integer() else base, rope_scaling=model.rope_scaling == "llama3",
         rope_scaling_factor=model.rope_scaling_factor, vp_stage=vp_stage)
+    # The real vocabulary (rows >= it are TP padding): policy.forward masks those logits (forward module docstring).
+    gpt.oar_vocab_size = model.vocab_size
     for param in gpt.parameters():  # as megatron-LM's get_model: DDP / grad-norm code reads these attributes
         set_defaults_if_not_set_tensor_model_parallel_attributes(param)
     if torch.cuda.is_available():

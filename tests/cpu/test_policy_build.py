@@ -67,7 +67,7 @@ def _single_rank(rank, world_size):
         is_gpt=isinstance(gpt, GPTModel), flags=(gpt.pre_process, gpt.post_process),
         n_params=sum(p.numel() for p in gpt.parameters()), want_params=tiny.num_params(1),
         dtypes={str(p.dtype) for p in gpt.parameters()}, logits_shape=tuple(logits.shape),
-        layers=len(gpt.decoder.layers), tied=gpt.share_embeddings_and_output_weights,
+        layers=len(gpt.decoder.layers), tied=gpt.share_embeddings_and_output_weights, oar_vocab=gpt.oar_vocab_size,
         loss_finite=bool(torch.isfinite(loss).all()), all_grads=all(p.grad is not None for p in gpt.parameters()))
     del gpt
 
@@ -117,6 +117,7 @@ def test_single_rank_init_from_env_and_builds():
     assert dense["n_params"] == dense["want_params"]
     assert dense["dtypes"] == {"torch.float32"}
     assert dense["logits_shape"] == (B, S, 256) and dense["layers"] == 4
+    assert dense["oar_vocab"] == 250  # the real vocabulary, recorded for policy.forward's padded-row masking
     assert dense["loss_finite"] and dense["all_grads"]
     assert out["rope_scaling_err"] < 1e-9 and out["rope_scaled_some"]
     moe = out["moe"]

@@ -11,6 +11,9 @@ from the same seed so that the TP=2 weights are slices of the TP=1 ones. Checked
     run on the TP=1 model through generic embed/forward callables, every P_final mode; ``clean_pass`` shares one
     forward between π_old log-probs and the P_final reference without changing either.
 (d) OAR-G leaves parameter ``.grad`` and ``requires_grad`` as they were.
+(e) padded vocabulary: with ``oar_vocab_size`` = 90 < the model's 96 output rows (TP=2: the padding sits in rank
+    1's slice), log-probs and entropy equal log_softmax over logits[..., :90] at TP=1 and TP=2, entropy finite, and
+    OAR-P / OAR-G equal the single-process algorithms on logits sliced to the real vocabulary.
 """
 
 import pytest
@@ -25,6 +28,7 @@ B, L, V, H = 3, 15, 96, 32  # L odd: sequence parallel must pad it to a multiple
 TEMP = 0.7
 NOISE = 0.05  # OAR-G noise σ of the comparison (σ = 1e-3 makes ∂J/∂e ~ σ·Hessian, near fp32 rounding)
 MODES = ("last", "answer_mean", "answer_joint")
+VR = 90  # (e): the real vocabulary; rows [VR, V) of the output layer are padding
 
 
 # ----------------------------------------------------------------------------------------------- model and data
@@ -75,10 +79,10 @@ def _build(tp, sp, tied):
     return gpt, parallel_state.get_tensor_model_parallel_group()
 
 
-def _rollout():
+def _rollout(vocab=V):
     """Right-padded prompt | response rows: ids [B, L], positions [B, L], response_mask [B, L]."""
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(1, V, (B, L), generator=g)
+    ids = torch.randint(1, vocab, (B, L), generator=g)
     prompt, total = [3, 5, 2], [15, 11, 9]
     col = torch.arange(L)[None, :]
     mask = (col >= torch.tensor(prompt)[:, None]) & (col < torch.tensor(total)[:, None])
@@ -86,11 +90,11 @@ def _rollout():
     return ids, torch.arange(L).expand(B, L), mask
 
 
-def _scoring_batch():
+def _scoring_batch(vocab=V):
     from oar_megatron.algorithms.segment import build_scoring_batch
 
     g = torch.Generator().manual_seed(9)
-    tok = lambda n: torch.randint(1, V, (n,), generator=g).tolist()  # noqa: E731
+    tok = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
     # Row 2 has no answer tokens: it scores 0 in the answer modes. Lengths 14, 15, 10 (odd max: SP pads).
     prompts, reasonings, answers = [tok(3), tok(2), tok(4)], [tok(5), tok(6), tok(4)], [tok(4), tok(5), []]
     return build_scoring_batch(prompts, reasonings, tok(2), answers, pad_id=0)
@@ -155,7 +159,57 @@ def _layout(tp, sp, tied):
         res.update(_single_process_saliency(gpt, batch))
     else:
         res["errors"] = _argument_errors(gpt, group, ids, pos, mask, batch)
+    res.update(_padded_vocab(gpt, group, tp))
     return res, dict(gpt.named_parameters())
+
+
+def _padded_vocab(gpt, group, tp):
+    """(e): the passes with ``oar_vocab_size = VR`` set on the model (as ``build_model`` does)."""
+    from oar_megatron.policy.forward import full_logits_logprobs, response_logprobs
+    from oar_megatron.policy.saliency_pass import oar_g_sharded, oar_p_sharded
+
+    ids, pos, mask = _rollout(VR)
+    batch = _scoring_batch(VR)
+    out = {}
+    gpt.oar_vocab_size = VR
+    gpt.zero_grad(set_to_none=True)  # (d) left sentinel .grad values
+    try:
+        logp, ent = response_logprobs(gpt, ids, pos, mask, tp_group=group, temperature=TEMP, compute_entropy=True)
+        (logp.sum() + ent.sum()).backward()
+        for p in gpt.parameters():
+            if getattr(p, "sequence_parallel", False):
+                torch.distributed.all_reduce(p.grad, group=group)
+        out["v.grads"] = {n: p.grad.clone() for n, p in gpt.named_parameters()}
+        gpt.zero_grad(set_to_none=True)
+        out["v.logp"], out["v.ent"] = logp.detach(), ent.detach()
+        with torch.no_grad():
+            out["v.full_logp"], out["v.full_ent"] = full_logits_logprobs(gpt, ids, pos, mask, temperature=TEMP)
+        out["v.p_last"] = oar_p_sharded(gpt, batch, tp_group=group, mode="last", chunk_size=4, width=8)
+        out["v.g_answer_mean"] = oar_g_sharded(gpt, batch, tp_group=group, mode="answer_mean", noise_std=NOISE,
+                                               seed=3, width=8)
+        try:
+            response_logprobs(gpt, torch.where(mask, VR + 1, ids), pos, mask, tp_group=group)
+            out["v.error"] = None
+        except ValueError as err:
+            out["v.error"] = str(err)
+    finally:
+        del gpt.oar_vocab_size
+    if tp == 1:
+        from oar_megatron.algorithms.saliency import oar_g_saliency, oar_p_saliency
+
+        with torch.no_grad():
+            out["v.full_logits"] = gpt(ids, pos, None)[..., :VR]  # [B, L, VR]: the reference's vocabulary
+
+        def embed(x):
+            return gpt.embedding(input_ids=x, position_ids=torch.arange(x.shape[1]).expand_as(x)).transpose(0, 1)
+
+        def forward(e, att):
+            return gpt(None, None, None, decoder_input=e.transpose(0, 1).contiguous())[..., :VR]
+
+        out["v.ref_p_last"] = oar_p_saliency(embed, forward, batch, mode="last", chunk_size=4, width=8)
+        out["v.ref_g_answer_mean"] = oar_g_saliency(embed, forward, batch, mode="answer_mean", noise_std=NOISE,
+                                                    seed=3, width=8)
+    return out
 
 
 def _argument_errors(gpt, group, ids, pos, mask, batch):
@@ -258,6 +312,22 @@ def _compare(ref, got, params, rank, tp):
         errs[f"c.clean_pass_logp.{src}"] = (res["clean_logp"] - res["logp"]).abs().max().item()
         facts[f"d.{src}"] = (res["grad_untouched"], res["requires_grad_kept"])
     facts["errors"] = got["errors"]
+    # (e) padded vocabulary: TP=1 and TP=2 against log_softmax over the real vocabulary only.
+    ids_v, _, mask_v = _rollout(VR)
+    logsm = F.log_softmax(ref["v.full_logits"][:, :-1] / TEMP, dim=-1)  # [B, L-1, VR]
+    want = torch.where(mask_v, F.pad(logsm.gather(-1, ids_v[:, 1:, None]).squeeze(-1), (1, 0)), 0.0)
+    want_ent = torch.where(mask_v, F.pad(-(logsm.exp() * logsm).sum(-1), (1, 0)), 0.0)
+    for name, p in params.items():
+        errs[f"e.grad.{name}"] = _rel(got["v.grads"][name], _shard(ref["v.grads"][name], p, rank, tp))
+    for src, res in (("tp1", ref), ("tp2", got)):
+        errs[f"e.logp.{src}"] = (res["v.logp"] - want).abs().max().item()
+        errs[f"e.ent.{src}"] = (res["v.ent"] - want_ent).abs().max().item()
+        errs[f"e.full_path.{src}"] = max((res["v.full_logp"] - want).abs().max().item(),
+                                         (res["v.full_ent"] - want_ent).abs().max().item())
+        for k in ("p_last", "g_answer_mean"):
+            errs[f"e.{k}.{src}"] = _rel(res[f"v.{k}"].scores, ref[f"v.ref_{k}"].scores)
+        facts[f"e.finite.{src}"] = bool(torch.isfinite(res["v.ent"]).all() and torch.isfinite(res["v.logp"]).all())
+        facts[f"e.error.{src}"] = res["v.error"]
     return errs, facts
 
 
@@ -311,6 +381,19 @@ def test_bad_arguments_are_named(results):
             assert got["response_mask"].startswith("response_mask: position 0")
             assert got["batch"].startswith("batch: attention_mask must be right padding")
             assert got["noise_std"].startswith("noise_std: must be > 0")
+
+
+def test_padded_vocabulary_rows_are_masked(results):
+    errs = _errors(results, "e.")
+    assert sum(".grad." not in k for k in errs) == 2 * 2 * 2 * 5
+    assert sum(".grad." in k for k in errs) > 2 * 2 * 20
+    bad = {k: v for k, v in errs.items() if v > (2e-4 if ".p_last" in k else 1e-5)}
+    assert not bad, bad
+    for res in results:
+        for _, facts in res.values():
+            assert facts["e.finite.tp1"] and facts["e.finite.tp2"]
+            for src in ("tp1", "tp2"):
+                assert facts[f"e.error.{src}"].startswith("input_ids: response token id 91 is a padded"), facts
 
 
 def test_oar_g_leaves_parameter_grads_untouched(results):
