@@ -10,7 +10,9 @@ import costs ~6 s)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -202,12 +204,21 @@ def test_crash_during_save_leaves_the_previous_checkpoint(tmp_path):
     env.pop("OAR_CKPT_FAULT", None)
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(k, None)
-    procs = {p: subprocess.Popen([sys.executable, "-m", "tests.cpu.test_checkpoint", root, p], cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for p, root in roots.items()}
-    for p, proc in procs.items():
-        log = proc.communicate(timeout=240)[0].decode(errors="replace")
-        assert proc.returncode == FAULT_EXIT_CODE, (p, proc.returncode, log[-3000:])
+    # Own session per child: dist-checkpointing leaves helper processes (a multiprocessing Manager) that outlive the
+    # os._exit; they are killed with the child's process group. Output goes to a file (a pipe would stay open).
+    procs = {}
+    for p, root in roots.items():
+        log = open(tmp_path / f"{p}.log", "wb")  # noqa: SIM115 - closed below
+        procs[p] = (subprocess.Popen([sys.executable, "-m", "tests.cpu.test_checkpoint", root, p], cwd=REPO, env=env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
+    for p, (proc, log) in procs.items():
+        try:
+            code = proc.wait(timeout=240)
+        finally:
+            log.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert code == FAULT_EXIT_CODE, (p, code, (tmp_path / f"{p}.log").read_text(errors="replace")[-3000:])
     for p, root in roots.items():
         assert read_latest(root).name == "step_00000001", p
         assert [s for s, _ in list_checkpoints(root)] == [1], p
