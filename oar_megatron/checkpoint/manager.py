@@ -9,7 +9,7 @@ On-disk layout (``root`` is shared by every rank, as megatron's dist-checkpointi
         dist/                   megatron dist_checkpointing (torch_dist): model chunks ("model", or "model0",
                                 "model1", ... under virtual PP, as Megatron-LM names them) and "optimizer"
         state.pt                rank 0: format, step, common (trainer state), scheduler state_dict, layout
-        rank_00000.pt ...       one per rank: RNG states, per_rank, the reference-policy weights when the actor keeps some
+        rank_00000.pt ...       one per rank: RNG states, per_rank, the reference-policy weights (when kept)
       .tmp-step_00000050/       a save in progress (or one that crashed); never read, removed by the next save
 
 Atomicity. Every rank writes into ``root/.tmp-step_{step:08d}/``; after a barrier (every rank's files complete), rank 0
@@ -287,8 +287,7 @@ def _optimizer_mismatch(saved: dict, actor) -> str | None:
     dist_now = _is_distributed_optimizer(actor.optimizer)
     if saved["distributed_optimizer"] != dist_now:
         diffs.append(f"distributed_optimizer: saved {saved['distributed_optimizer']}, now {dist_now}")
-    if not saved["distributed_optimizer"] and saved["layout"]["dp"] != now["dp"]:
-        pass  # plain optimizer state lives in model space and is replicated over DP: any DP size loads it
+    # DP size is free: plain optimizer state is model-space (replicated over DP), dp_reshardable reshards over DP
     return "; ".join(diffs) or None
 
 
