@@ -22,6 +22,15 @@ function turns them into response log-probs with ``forward.logprobs_from_hidden`
 logits). The same code path serves PP = 1 and PP > 1, driven by megatron's ``get_forward_backward_func``.
 π_old / reference log-probs live on the last pipeline stage only, which is where the loss consumes them.
 
+Shared clean pass. With OAR shaping (``shaper.name == 'oar'``), scoring rows on the batch and no MoE routing replay,
+``compute_old_logprobs`` runs ``pipeline.pipeline_clean_pass``: ONE forward-only schedule over the rollout
+micro-batches and the scoring rows, giving π_old log-probs and the clean P_final that OAR-G / OAR-P need as their
+reference; ``compute_token_advantages`` on the same batch object then passes it on (``reference=``) instead of
+running its own clean forward (PP = 1 and PP > 1 alike: one forward schedule fewer per rollout batch). The
+reference is kept on the actor for that one batch and dropped by ``update`` (it belongs to π_old's weights).
+``share_clean_pass=False`` (or routing replay on, whose records must hold only the rollout micro-batches) keeps
+the two passes separate. ``pipeline.SCHEDULE_RUNS`` counts the forward schedules.
+
 Loss. Per mini-batch: ``loss_denominators`` over the mini-batch's response masks on the data-parallel (× CP)
 group, then per micro-batch ``policy_loss`` + ``kl_loss`` (if ``kl.coef > 0`` and reference log-probs are set)
 + ``entropy_bonus`` (if ``entropy_coef > 0``), all with those global denominators; ``train_step`` applies the
@@ -58,6 +67,7 @@ from .forward import logprobs_from_hidden, unwrap_model
 from .model import build_model
 from .optim import build_optimizer, wrap_ddp
 from .parallel import ParallelGroups
+from .pipeline import count_schedule, pipeline_clean_pass
 from .routing_replay import RoutingReplay
 from .saliency_pass import oar_g_sharded, oar_p_sharded
 from .train_step import train_step
@@ -174,7 +184,7 @@ class PolicyActor:
                  algorithm: AlgorithmConfig, groups: ParallelGroups, micro_batch_size: int = 1,
                  recompute: str | None = None, routing_replay: bool | None = None, replay_weights: str = "recomputed",
                  temperature: float = 1.0, saliency_seed: int = 0, use_cpu_initialization: bool | None = None,
-                 reference: str | None = "initial") -> None:
+                 reference: str | None = "initial", share_clean_pass: bool = True) -> None:
         algorithm.validate()
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
@@ -203,6 +213,8 @@ class PolicyActor:
         self.tp_group = groups.tp_group if groups.tp > 1 else None
         self.dp_group = groups.dp_cp_group if groups.dp * groups.cp > 1 else None
         self._ref_weights: list[dict[str, torch.Tensor]] | None = None
+        self.share_clean_pass = bool(share_clean_pass)
+        self._clean: tuple | None = None  # (batch, method, mode, reference) from the shared clean pass
         if algorithm.kl.coef > 0 and reference == "initial":
             self.set_reference_weights()
 
@@ -287,6 +299,7 @@ class PolicyActor:
 
         for m in self.chunks:
             m.eval()
+        count_schedule(forward_only=True)
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(mbs) if len(self.chunks) == 1 else [iter(mbs) for _ in self.chunks],
@@ -299,19 +312,44 @@ class PolicyActor:
     def compute_old_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
         """π_old log-probs into ``batch.old_logp`` (last stage); records MoE routes for the updates of this batch;
         rollout-correction weights into ``batch.token_weights`` when configured and rollout log-probs are given."""
-        for r in self.replays:
-            r.begin_record()
-        try:
-            batch.old_logp = self._forward_only_logprobs(batch)
-        finally:
+        self._clean = None
+        if self._shares_clean_pass(batch):
+            batch.old_logp = self._old_logprobs_with_clean_pass(batch)
+        else:
             for r in self.replays:
-                if r.mode != "off":
-                    r.end_pass()
+                r.begin_record()
+            try:
+                batch.old_logp = self._forward_only_logprobs(batch)
+            finally:
+                for r in self.replays:
+                    if r.mode != "off":
+                        r.end_pass()
         rc = self.algorithm.rollout_correction
         if rc.mode is not None and batch.rollout_logp is not None and batch.old_logp is not None:
             batch.token_weights, _ = rollout_correction(batch.old_logp, batch.rollout_logp, batch.response_mask,
                                                         mode=rc.mode, level=rc.level, low=rc.low, high=rc.high)
         return batch.old_logp
+
+    def _shares_clean_pass(self, batch: RolloutBatch) -> bool:
+        return (self.share_clean_pass and self.algorithm.shaper.name == "oar" and batch.scoring is not None
+                and not self.replays)
+
+    def _old_logprobs_with_clean_pass(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """π_old log-probs [N, L] (last stage) and the OAR clean reference, kept for ``saliency`` (module docstring)."""
+        method, mode = self._saliency_method()
+        mbs = self.micro_batches(batch)
+        for m in self.models:
+            m.eval()
+        res = pipeline_clean_pass(self.models, batch.scoring.to(self.groups.device),
+                                  [(mb.input_ids, mb.position_ids, mb.response_mask) for mb in mbs],
+                                  groups=self.groups, modes=(mode,), micro_batch_size=self.micro_batch_size,
+                                  temperature=self.temperature)
+        # pipeline_oar_g/p read the reference on the last stage only; other stages pass a placeholder (not None).
+        ref = res.reference[mode] if res.reference is not None else torch.empty(0)
+        self._clean = (batch, method, mode, ref)
+        if res.logprobs is None:
+            return None
+        return torch.cat([lp.detach().float().cpu() for lp, _ in res.logprobs], 0)
 
     # ------------------------------------------------------------------------------------ reference policy
 
@@ -362,21 +400,32 @@ class PolicyActor:
         for m in self.chunks:
             m.eval()  # deterministic forward; MoE aux losses off (they would leak into OAR-G's gradient)
         seeds = [self.saliency_seed + int(r) for r in batch.row_ids]
-        method = s.saliency if method is None else method
-        if method not in ("oar_g", "oar_p"):
-            raise ValueError(f"method: unknown {method!r}; known: 'oar_g', 'oar_p'")
-        mode = s.pfinal_mode or ("answer_mean" if method == "oar_g" else "last")
+        method, mode = self._saliency_method(method)
+        ref = None  # the clean P_final from compute_old_logprobs' shared pass, for this batch, method and mode
+        if self._clean is not None and self._clean[0] is batch and self._clean[1:3] == (method, mode):
+            ref = self._clean[3]
+            self._clean = None
         if self.groups.pp > 1:  # megatron's schedules, scores broadcast to every PP rank (policy/pipeline.py)
             from .pipeline import pipeline_oar_g, pipeline_oar_p
 
             if method == "oar_g":
                 return pipeline_oar_g(self.models, scoring, groups=self.groups, mode=mode, noise_std=s.noise_std,
-                                      seed=seeds, micro_batch_size=self.micro_batch_size)
-            return pipeline_oar_p(self.models, scoring, groups=self.groups, mode=mode, chunk_size=s.chunk_size)
+                                      seed=seeds, micro_batch_size=self.micro_batch_size, reference=ref)
+            return pipeline_oar_p(self.models, scoring, groups=self.groups, mode=mode, chunk_size=s.chunk_size,
+                                  reference=ref)
         if method == "oar_g":
             return oar_g_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, noise_std=s.noise_std,
-                                 seed=seeds)
-        return oar_p_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, chunk_size=s.chunk_size)
+                                 seed=seeds, reference=ref)
+        return oar_p_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, chunk_size=s.chunk_size,
+                             reference=ref)
+
+    def _saliency_method(self, method: str | None = None) -> tuple[str, str]:
+        """(method, P_final mode): ``method`` or the shaper's, the shaper's mode or the method's default."""
+        s = self.algorithm.shaper
+        method = s.saliency if method is None else method
+        if method not in ("oar_g", "oar_p"):
+            raise ValueError(f"method: unknown {method!r}; known: 'oar_g', 'oar_p'")
+        return method, s.pfinal_mode or ("answer_mean" if method == "oar_g" else "last")
 
     def compute_token_advantages(self, batch: RolloutBatch) -> torch.Tensor:
         """``batch.token_advantages`` [N, L]: Â·w_t from OAR saliency when ``shaper.name == 'oar'`` (scored tokens
@@ -414,6 +463,7 @@ class PolicyActor:
         every rank."""
         if self.is_last_stage and (batch.old_logp is None or batch.token_advantages is None):
             raise ValueError("batch: run compute_old_logprobs and compute_token_advantages before update")
+        self._clean = None  # the shared clean reference belongs to π_old's weights
         mbs = self.micro_batches(batch)
         k = self.algorithm.updates_per_batch
         if len(mbs) % k:

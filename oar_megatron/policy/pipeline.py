@@ -19,6 +19,14 @@ code as ``saliency_pass`` (TP×PP not run here: 4 ranks).
   s_t = |Σ_h g·e| (all-gathered along the sequence under SP). Equal to ``saliency_pass.oar_g_sharded``.
 - ``pipeline_oar_p``: the counterfactual copies through the forward-only schedule, KL on the last stage. Equal to
   ``saliency_pass.oar_p_sharded``.
+- ``pipeline_clean_pass``: the pipeline counterpart of ``saliency_pass.clean_pass``: ONE forward-only schedule over
+  the rollout micro-batches (π_old response log-probs) followed by the scoring rows (clean P_final of each requested
+  mode), all padded to one sequence length; the reference then goes to ``pipeline_oar_g`` / ``pipeline_oar_p``
+  (``reference=``), which skip their own clean schedule. ``PolicyActor.compute_old_logprobs`` uses it when OAR
+  shaping follows, so π_old and OAR's clean pass cost one forward schedule instead of two.
+
+``SCHEDULE_RUNS`` counts the schedules run here and by the actor's forward-only passes (keys ``forward_only``,
+``forward_backward``; training steps not counted), for tests and profiling.
 
 Delivery (``broadcast``). The policy loss is computed on the last stage, so only the last stage needs π_old
 log-probs and saliency; the log-probs and OAR-P scores are born there, OAR-G scores on the first stage. With
@@ -38,17 +46,27 @@ must have no multi-token-prediction layers.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..algorithms._validate import check_int, check_positive
+from ..algorithms._validate import check_choice, check_int, check_positive
 from ..algorithms.reduce import ProcessGroup, group_rank, group_size
-from ..algorithms.saliency import Saliency, _divergence, _sample_seeds, _to_width, perturbation_index, perturbed_ids, score_buffer
+from ..algorithms.saliency import (
+    PFINAL_MODES,
+    Saliency,
+    _divergence,
+    _sample_seeds,
+    _to_width,
+    perturbation_index,
+    perturbed_ids,
+    score_buffer,
+)
 from ..algorithms.segment import ScoringBatch
 from .forward import _check_inputs, _hidden_states_only, logprobs_from_hidden, unwrap_model
 from .saliency_pass import (
@@ -61,7 +79,15 @@ from .saliency_pass import (
     reasoning_noise,
 )
 
-__all__ = ["pipeline_logprobs", "pipeline_oar_g", "pipeline_oar_p"]
+__all__ = ["SCHEDULE_RUNS", "PipelineCleanPass", "pipeline_clean_pass", "pipeline_logprobs", "pipeline_oar_g",
+           "pipeline_oar_p"]
+
+SCHEDULE_RUNS: collections.Counter = collections.Counter()  # module docstring
+
+
+def count_schedule(forward_only: bool) -> None:
+    """Count one megatron schedule run (``SCHEDULE_RUNS``)."""
+    SCHEDULE_RUNS["forward_only" if forward_only else "forward_backward"] += 1
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -152,6 +178,7 @@ def _run_schedule(chunks, micro_batches: list, forward_step, *, forward_only: bo
     mbs = list(micro_batches)
     mbs += [dict(mbs[-1], real=0, k=-1 - i) for i in range(_schedule_size(chunks, n) - n)]
     data = iter(mbs) if len(chunks) == 1 else [iter(mbs) for _ in chunks]
+    count_schedule(forward_only)
     ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     with ctx:
         store = get_forward_backward_func()(
@@ -294,6 +321,91 @@ def pipeline_logprobs(
             off += n
         out.append((logp, ent))
     return out
+
+
+# ------------------------------------------------------------------------------------------ shared clean pass
+
+
+class PipelineCleanPass(NamedTuple):
+    """reference: {mode: clean P_final [B, V/TP] logits or φ [B]} of every scoring row, for ``pipeline_oar_g`` /
+    ``pipeline_oar_p`` (``reference=``); logprobs: [(logp [b, L], entropy [b, L] or None)] per rollout micro-batch,
+    as ``pipeline_logprobs``. Both on the last pipeline stage; None on the others."""
+
+    reference: dict[str, torch.Tensor] | None
+    logprobs: list[tuple[torch.Tensor, torch.Tensor | None]] | None
+
+
+@torch.no_grad()
+def pipeline_clean_pass(
+    chunks,
+    batch: ScoringBatch,
+    rollout: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    groups=None,
+    tp_group: ProcessGroup | None = None,
+    pp_group: ProcessGroup | None = None,
+    modes: Sequence[str] = ("answer_mean",),
+    micro_batch_size: int,
+    temperature: float = 1.0,
+    compute_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> PipelineCleanPass:
+    """One forward-only schedule for π_old log-probs and the clean P_final of OAR-G / OAR-P (module docstring).
+
+    rollout: (input_ids, position_ids, response_mask) [b, L_r] micro-batches with b == ``micro_batch_size``, as for
+    ``pipeline_logprobs`` (may be empty: P_final only); batch: the B scoring rows, run after them in micro-batches
+    of ``micro_batch_size`` rows (the last padded with repeated rows, dropped). Every micro-batch is right-padded to
+    S = max(L_r, L_scoring) (a multiple of TP under SP): right padding under the causal mask changes no row.
+    temperature / compute_entropy / chunk_size apply to the log-probs; P_final uses T = 1. The same arguments on
+    every PP rank; results on the last stage (``PipelineCleanPass``). Equal to ``pipeline_logprobs`` plus the clean
+    schedule ``pipeline_oar_g`` / ``pipeline_oar_p`` run without ``reference``.
+    """
+    tp_group, pp_group = _resolve_groups(groups, tp_group, pp_group)
+    chunks = _chunk_list(chunks)
+    modes = list(dict.fromkeys(modes))
+    if not modes:
+        raise ValueError("modes: expected at least one P_final mode")
+    for m in modes:
+        check_choice("modes", m, PFINAL_MODES)
+    _check_batch(batch, modes[0], None)
+    check_int("micro_batch_size", micro_batch_size, minimum=1)
+    b, s_len = batch.input_ids.shape
+    dev = batch.input_ids.device
+    r_len = max((ids.shape[1] for ids, _, _ in rollout), default=0)
+    seq = _pad_len(unwrap_model(chunks[0]), max(s_len, r_len))
+    mbs = []
+    for k, (ids, pos, mask) in enumerate(rollout):
+        mask = _check_inputs(ids, pos, mask)
+        if ids.shape[0] != micro_batch_size:
+            raise ValueError(f"rollout[{k}]: {ids.shape[0]} rows, expected micro_batch_size={micro_batch_size}")
+        p_ids, p_pos = _pad_ids(ids, pos, seq)
+        mbs.append(dict(kind=0, ids=p_ids, pos=p_pos, tgt=ids, mask=mask))
+    n_roll = len(mbs)
+    s_ids = F.pad(batch.input_ids, (0, seq - s_len), value=batch.pad_id)
+    s_pos = torch.arange(seq, device=dev).expand(b, seq)
+    row_mbs = _row_micro_batches(b, micro_batch_size, dev)
+    mbs += [dict(kind=1, ids=s_ids[r], pos=s_pos[r], rows=r, real=real) for r, real in row_mbs]
+    if not mbs:
+        raise ValueError("rollout/batch: nothing to run")
+    apos, alen = batch.answer_pos, batch.answer_len
+
+    def on_last(gpt, hidden, mb):
+        if mb["kind"] == 0:
+            logp, ent = logprobs_from_hidden(gpt, hidden, mb["tgt"], mb["mask"], tp_group=tp_group,
+                                             temperature=temperature, compute_entropy=compute_entropy,
+                                             chunk_size=chunk_size)
+            return {"logp": logp, "ent": ent} if ent is not None else {"logp": logp}
+        r = mb["rows"]
+        return {m: pfinal_from_hidden(gpt, hidden, batch.input_ids[r], apos[r], alen[r], m, tp_group=tp_group)
+                for m in modes}
+
+    store = _forward_only(chunks, mbs, on_last, seq_length=seq, micro_batch_size=micro_batch_size)
+    if not store:
+        return PipelineCleanPass(None, None)
+    logprobs = [(d["logp"], d.get("ent")) for d in store[:n_roll]]
+    scoring = list(zip(store[n_roll:], mbs[n_roll:]))
+    reference = {m: torch.cat([d[m][: mb["real"]] for d, mb in scoring], 0) for m in modes} if b else {}
+    return PipelineCleanPass(reference, logprobs)
 
 
 # ------------------------------------------------------------------------------------------------------ OAR-G

@@ -10,6 +10,9 @@ One 2-rank spawn (megatron's import costs ~6 s per spawn), ``tiny`` preset (fp32
 (c) the same with virtual PP (2 stages x 2 chunks, interleaved schedule).
 (d) tiny-moe (untied, one MoE layer per stage): PP=2 log-probs and OAR-G == PP=1.
 (e) the saliency passes leave parameter ``.grad`` None and ``requires_grad`` True on every stage.
+(f) ``PolicyActor`` with OAR-G / OAR-P shaping at PP=1 and PP=2: ``compute_old_logprobs`` +
+    ``compute_token_advantages`` through the shared clean pass (``pipeline_clean_pass``) equal the separate passes
+    (``share_clean_pass=False``), with one forward-only schedule fewer at PP=2 (``pipeline.SCHEDULE_RUNS``).
 """
 
 import pytest
@@ -180,6 +183,48 @@ def _two_ranks(rank, world_size):
         moe[pp] = dict(logp=lp[0][0], g=g.scores)
         destroy_parallel()
     out["moe"] = moe
+    out["actor"] = _actor_sharing(tiny)
+    return out
+
+
+def _actor_sharing(model):
+    """(f): {(pp, method, share): (old_logp, token_advantages, forward_only schedules, forward_backward ones,
+    saliency scores)}."""
+    from oar_megatron.config import ParallelConfig
+    from oar_megatron.config.algorithm import load_algorithm
+    from oar_megatron.config.optim import OptimConfig
+    from oar_megatron.policy import destroy_parallel, init_parallel
+    from oar_megatron.policy.actor import PolicyActor
+    from oar_megatron.policy.pipeline import SCHEDULE_RUNS
+
+    ids, _, mask = _rollout(model.vocab_size)
+    prompt_len = mask.int().argmax(1).tolist()
+    total = mask.sum(1).tolist()
+    prompts = [ids[b, : prompt_len[b]].tolist() for b in range(B)]
+    responses = [ids[b, prompt_len[b]: prompt_len[b] + total[b]].tolist() for b in range(B)]
+    g = torch.Generator().manual_seed(4)
+    answers = [torch.randint(1, model.vocab_size, (2,), generator=g).tolist() for _ in range(B)]
+    from oar_megatron.algorithms.segment import build_scoring_batch
+
+    scoring = build_scoring_batch(prompts, [r[:4] for r in responses], [7, 8], answers, pad_id=0)
+    out = {}
+    for pp in (1, 2):
+        for method in ("oar_g", "oar_p"):
+            for share in (True, False):
+                groups = init_parallel(ParallelConfig(pp=pp, distributed_optimizer=False), model, seed=11)
+                actor = PolicyActor(model=model, parallel=groups.cfg, optim=OptimConfig(lr=1e-3), groups=groups,
+                                    algorithm=load_algorithm(method), micro_batch_size=2, share_clean_pass=share)
+                batch = actor.pack(prompts, responses, torch.tensor([1.0, -1.0, 0.5, -0.5]), scoring=scoring)
+                seen = {}
+                saliency = actor.saliency
+                actor.saliency = lambda b, m=None, f=saliency: seen.setdefault("s", f(b, m))  # noqa: B023
+                before = dict(SCHEDULE_RUNS)
+                actor.compute_old_logprobs(batch)
+                actor.compute_token_advantages(batch)
+                runs = {k: SCHEDULE_RUNS[k] - before.get(k, 0) for k in ("forward_only", "forward_backward")}
+                out[(pp, method, share)] = (batch.old_logp, batch.token_advantages, runs["forward_only"],
+                                            runs["forward_backward"], seen["s"].scores)
+                destroy_parallel()
     return out
 
 
@@ -205,9 +250,38 @@ def test_pipeline_matches_single_stage():
         assert res["errors"] == ["micro_batches[0]", "micro_batches[0]", "micro_batches"], res["errors"]
         torch.testing.assert_close(res["with_ref"]["g"], res["ref"]["g_last"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(res["with_ref"]["p"], res["ref"]["p_last"], rtol=1e-4, atol=1e-5)
+    _check_actor_sharing(results)
     ref = results[1]["ref"]
     first, last = results[0]["no_bcast"], results[1]["no_bcast"]
     assert first == dict(logp=None, g=None, p=None)
     torch.testing.assert_close(last["logp"], ref["logp"][:2], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(last["g"], ref["g_last"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(last["p"], ref["p_last"], rtol=1e-4, atol=1e-5)
+
+
+def _check_actor_sharing(results):
+    for rank, res in enumerate(results):
+        got = res["actor"]
+        for pp in (1, 2):
+            last = pp == 1 or rank == 1
+            for method in ("oar_g", "oar_p"):
+                shared, separate = got[(pp, method, True)], got[(pp, method, False)]
+                key = f"rank {rank} pp{pp} {method}"
+                if pp == 2:  # one forward-only schedule fewer: π_old + clean P_final in one; OAR-G's noisy
+                    # fwd-bwd schedule unchanged. (OAR-P: π_old, clean, counterfactuals -> shared, counterfactuals.)
+                    assert shared[2] == separate[2] - 1 == (1 if method == "oar_g" else 2), (key, shared, separate)
+                    assert shared[3] == separate[3] == (1 if method == "oar_g" else 0), key
+                else:  # PP=1: saliency_pass runs outside megatron's schedules; its clean forward is the one saved
+                    assert shared[2:4] == separate[2:4] == (1, 0), key
+                if last:
+                    assert separate[0].abs().sum() > 0, key
+                    torch.testing.assert_close(shared[0], separate[0], rtol=1e-5, atol=1e-5, msg=key)
+                else:
+                    assert shared[0] is None and separate[0] is None, key
+                assert separate[1].abs().sum() > 0 and separate[4].abs().sum() > 0, key
+                if method == "oar_g":
+                    torch.testing.assert_close(shared[4], separate[4], rtol=1e-3, atol=1e-7, msg=key)
+                    torch.testing.assert_close(shared[1], separate[1], rtol=1e-4, atol=1e-5, msg=key)
+                else:  # OAR-P scores: KLs of nearly equal P_final (~1e-4); fp32 leaves ~1e-6 absolute (as
+                    # consistency.TOLERANCES), which the min-max reshaping of tiny scores magnifies in the advantages
+                    torch.testing.assert_close(shared[4], separate[4], rtol=0, atol=5e-6, msg=key)
