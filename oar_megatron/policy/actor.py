@@ -335,7 +335,7 @@ class PolicyActor:
                 and not self.replays)
 
     def _old_logprobs_with_clean_pass(self, batch: RolloutBatch) -> torch.Tensor | None:
-        """π_old log-probs [N, L] (last stage) and the OAR clean reference, kept for ``saliency`` (module docstring)."""
+        """π_old log-probs [N, L] (last stage); keeps the OAR clean reference for ``saliency`` (module docstring)."""
         method, mode = self._saliency_method()
         mbs = self.micro_batches(batch)
         for m in self.models:

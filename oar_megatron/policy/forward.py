@@ -6,8 +6,9 @@ embedding weight when embeddings are shared), and ``algorithms.vocab_parallel_lo
 log-probs without gathering the vocabulary. Full [B, L, V] logits never exist (``full_logits_logprobs`` is the
 naive reference that does build them, for tests and benchmarks).
 
-Layouts. Inputs are right-padded [B, L] (padded batches with the causal mask of the local/TE spec; THD packing
-passes ``packed_seq_params`` through to megatron, untested on CPU). Hidden states are [L, B, H], or [L/TP, B, H]
+Layouts. Inputs are right-padded [B, L] (padded batches with the causal mask of the local/TE spec), or one packed
+THD row [1, T] from ``policy.packing`` with its ``packed_seq_params`` (Transformer Engine attention only; refused
+for local attention; not executed in this project, see docs/scaling.md). Hidden states are [L, B, H], or [L/TP, B, H]
 under sequence parallel (rank r holds positions [r·L/TP, (r+1)·L/TP)).
 
 Padded vocabulary. megatron allocates ``ModelConfig.padded_vocab_size(tp)`` output rows (a multiple of
@@ -122,10 +123,20 @@ def final_hidden_states(
     """
     gpt = unwrap_model(model)
     _check_single_stage(gpt)
+    _check_packing(gpt, packed_seq_params)
     with _hidden_states_only(gpt):
         return gpt(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, packed_seq_params=packed_seq_params
         )
+
+
+def _check_packing(gpt: GPTModel, packed_seq_params) -> None:
+    """THD packing (``policy.packing``) needs Transformer Engine attention; local attention would ignore
+    ``cu_seqlens`` and attend across rows."""
+    impl = getattr(gpt.config, "transformer_impl", "local")
+    if packed_seq_params is not None and impl != "transformer_engine":
+        raise ValueError(f"packed_seq_params: packed THD batches need transformer_impl 'transformer_engine', this "
+                         f"model uses {impl!r} attention (padded batches only)")
 
 
 def pad_to_tp_multiple(model: torch.nn.Module, length: int) -> int:
@@ -327,6 +338,7 @@ def response_logprobs(
     mask = _check_inputs(input_ids, position_ids, response_mask)
     gpt = unwrap_model(model)
     _check_tp_group(gpt, tp_group)
+    _check_packing(gpt, packed_seq_params)
     ids, pos = _padded_inputs(gpt, input_ids, position_ids, attention_mask, packed_seq_params)
     hidden = final_hidden_states(gpt, ids, pos, attention_mask=attention_mask, packed_seq_params=packed_seq_params)
     return logprobs_from_hidden(

@@ -225,6 +225,7 @@ def _argument_errors(gpt, group, ids, pos, mask, batch):
         "response_mask": lambda: response_logprobs(gpt, ids, pos, mask | (torch.arange(L) == 0), tp_group=group),
         "batch": lambda: oar_g_sharded(gpt, left_padded, tp_group=group),
         "noise_std": lambda: oar_g_sharded(gpt, batch, tp_group=group, noise_std=0.0),
+        "packed": lambda: response_logprobs(gpt, ids, pos, mask, tp_group=group, packed_seq_params=object()),
     }
     out = {}
     for name, call in calls.items():
@@ -381,6 +382,7 @@ def test_bad_arguments_are_named(results):
             assert got["response_mask"].startswith("response_mask: position 0")
             assert got["batch"].startswith("batch: attention_mask must be right padding")
             assert got["noise_std"].startswith("noise_std: must be > 0")
+            assert got["packed"].startswith("packed_seq_params: packed THD batches need transformer_impl")
 
 
 def test_padded_vocabulary_rows_are_masked(results):
