@@ -30,7 +30,7 @@ SCRATCH = tuple("abcdefgh")
 CHARS: tuple[str, ...] = DIGITS + ("+", "=", "#") + SCRATCH
 VOCAB: dict[str, int] = {PAD: 0, BOS: 1, EOS: 2, **{c: 3 + k for k, c in enumerate(CHARS)}}
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-REASONING_CHARS: tuple[str, ...] = SCRATCH + DIGITS
+REASONING_CHARS: tuple[str, ...] = SCRATCH  # letters only: a digit in the response is the answer
 
 
 def char_tokenizer() -> Tokenizer:
