@@ -133,10 +133,16 @@ def final_hidden_states(
 def _check_packing(gpt: GPTModel, packed_seq_params) -> None:
     """THD packing (``policy.packing``) needs Transformer Engine attention; local attention would ignore
     ``cu_seqlens`` and attend across rows."""
-    impl = getattr(gpt.config, "transformer_impl", "local")
-    if packed_seq_params is not None and impl != "transformer_engine":
-        raise ValueError(f"packed_seq_params: packed THD batches need transformer_impl 'transformer_engine', this "
-                         f"model uses {impl!r} attention (padded batches only)")
+    if packed_seq_params is None:
+        return
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    # The attention modules built, not config.transformer_impl (whose default says TE even with the local spec).
+    local = [m for m in gpt.modules() if isinstance(m, DotProductAttention)]
+    if local:
+        raise ValueError("packed_seq_params: packed THD batches need Transformer Engine attention "
+                         "(transformer_impl 'transformer_engine'); this model uses megatron's local "
+                         "DotProductAttention (padded batches only)")
 
 
 def pad_to_tp_multiple(model: torch.nn.Module, length: int) -> int:

@@ -382,7 +382,7 @@ def test_bad_arguments_are_named(results):
             assert got["response_mask"].startswith("response_mask: position 0")
             assert got["batch"].startswith("batch: attention_mask must be right padding")
             assert got["noise_std"].startswith("noise_std: must be > 0")
-            assert got["packed"].startswith("packed_seq_params: packed THD batches need transformer_impl")
+            assert got["packed"].startswith("packed_seq_params: packed THD batches need Transformer Engine")
 
 
 def test_padded_vocabulary_rows_are_masked(results):
