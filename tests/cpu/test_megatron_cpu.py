@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_ranks
+from tests.megatron_helpers import gather_last_dim, tp_shard
 
 pytestmark = pytest.mark.megatron
 
@@ -158,23 +159,6 @@ def test_rng_tracker_and_placement_on_cpu():
 # ----------------------------------------------------------------------------------------------- 3. TP=2 == TP=1
 
 
-def _shard(full, param, tp_rank, tp_size):
-    """The TP shard of a full (TP=1) tensor that megatron's CPU initialisation gives ``param``."""
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return full
-    dim, stride = param.partition_dim, param.partition_stride
-    chunks = torch.split(full, full.shape[dim] // (tp_size * stride), dim=dim)
-    return torch.cat(chunks[tp_rank::tp_size], dim=dim)
-
-
-def _gather_last_dim(x, group):
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
 def _tp_run(tp):
     """Build the layers and a tiny GPT at TP=``tp`` from the same seed; forward + backward on fixed inputs."""
     from megatron.core import ModelParallelConfig, parallel_state
@@ -217,7 +201,7 @@ def _tp_run(tp):
     params = {f"{m}.{n}": p for m, mod in modules.items() for n, p in mod.named_parameters()}
     result = {
         "out": out.detach(), "x_grad": x.grad, "emb_out": embedded.detach(), "loss": loss.detach(),
-        "logits": _gather_last_dim(logits.detach(), tp_group),
+        "logits": gather_last_dim(logits.detach(), tp_group),
         "params": {n: p.detach().clone() for n, p in params.items()},
         "grads": {n: p.grad.clone() for n, p in params.items()},
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
@@ -270,11 +254,11 @@ def _tp2_vs_tp1(rank, world_size):
     errs["grad_norm"] = abs(got["grad_norm"] - ref["grad_norm"])
     for name, p in params.items():
         full_w, full_g = ref["params"][name], ref["grads"][name]
-        initial = _shard(full_w, p, got["tp_rank"], world_size)
+        initial = tp_shard(full_w, p, got["tp_rank"], world_size)
         assert torch.equal(got["params"][name], initial), name  # TP=2 weights are slices of the TP=1 ones
-        errs["grad:" + name] = (got["grads"][name] - _shard(full_g, p, got["tp_rank"], world_size)).abs().max().item()
+        errs["grad:" + name] = (got["grads"][name] - tp_shard(full_g, p, got["tp_rank"], world_size)).abs().max().item()
         if name in got["stepped"]:
-            stepped = _shard(ref["stepped"][name], p, got["tp_rank"], world_size)
+            stepped = tp_shard(ref["stepped"][name], p, got["tp_rank"], world_size)
             assert not torch.equal(stepped, initial), name  # the optimizer did move it
             errs["step:" + name] = (got["stepped"][name] - stepped).abs().max().item()
     return errs, len(params)

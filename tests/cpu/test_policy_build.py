@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_ranks
+from tests.megatron_helpers import gather_last_dim, load_renamed, stage_renamer
 
 pytestmark = [pytest.mark.megatron, pytest.mark.dist]
 
@@ -131,32 +132,6 @@ def test_single_rank_init_from_env_and_builds():
 # ------------------------------------------------------------------------------------------------- 2 ranks
 
 
-def _gather_vocab(logits, group):
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
-def _load(model, ref, rename):
-    """Copy reference (single-layout) weights into ``model``; ``rename`` maps a local name to the reference name."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(ref[rename(name)])
-
-
-def _layer_renamer(offset):
-    def rename(name):
-        head, sep, tail = name.partition("decoder.layers.")
-        if not sep:
-            return name
-        index, rest = tail.split(".", 1)
-        return f"{head}decoder.layers.{int(index) + offset}.{rest}"
-
-    return rename
-
-
 def _two_ranks(rank, world_size):
     import torch.distributed as dist
 
@@ -181,7 +156,7 @@ def _two_ranks(rank, world_size):
     groups, gpt = run(ParallelConfig(tp=2), tiny)
     logits = gpt(ids, pos, attention_mask=None).detach()
     out["tp2"] = dict(shard=tuple(gpt.embedding.word_embeddings.weight.shape), local_vocab=logits.shape[-1],
-                      err=(_gather_vocab(logits, groups.tp_group) - ref_logits).abs().max().item())
+                      err=(gather_last_dim(logits, groups.tp_group) - ref_logits).abs().max().item())
     destroy_parallel()
 
     # PP=2: stage flags, layer split, tied output weight synchronised from the first stage's embedding; with the
@@ -192,8 +167,7 @@ def _two_ranks(rank, world_size):
     if gpt.post_process:
         info["tied_synced"] = torch.equal(gpt.output_layer.weight, ref_params["embedding.word_embeddings.weight"])
     offset = groups.pp_rank * 2
-    _load(gpt, ref_params, lambda n: "embedding.word_embeddings.weight" if n == "output_layer.weight"
-          else _layer_renamer(offset)(n))
+    load_renamed(gpt, ref_params, stage_renamer(offset, tied_output=True))
     with torch.no_grad():
         if gpt.pre_process:
             hidden = gpt(ids, pos, attention_mask=None)  # [S, B, H]
@@ -230,7 +204,7 @@ def _two_ranks(rank, world_size):
         index, rest = tail.split(".", 1)
         return f"{head}local_experts.{groups.ep_rank * 2 + int(index)}.{rest}"
 
-    _load(moe, moe_params, expert_name)
+    load_renamed(moe, moe_params, expert_name)
     logits = moe(ids, pos, attention_mask=None)
     loss = moe(ids, pos, attention_mask=None, labels=labels)
     loss.mean().backward()

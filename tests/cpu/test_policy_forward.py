@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_ranks
+from tests.megatron_helpers import tp_shard
 
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
 
@@ -98,15 +99,6 @@ def _scoring_batch(vocab=V):
     # Row 2 has no answer tokens: it scores 0 in the answer modes. Lengths 14, 15, 10 (odd max: SP pads).
     prompts, reasonings, answers = [tok(3), tok(2), tok(4)], [tok(5), tok(6), tok(4)], [tok(4), tok(5), []]
     return build_scoring_batch(prompts, reasonings, tok(2), answers, pad_id=0)
-
-
-def _shard(full, param, tp_rank, tp_size):
-    """The TP shard of a full (TP=1) tensor that megatron's CPU initialisation gives ``param``."""
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return full
-    dim, stride = param.partition_dim, param.partition_stride
-    chunks = torch.split(full, full.shape[dim] // (tp_size * stride), dim=dim)
-    return torch.cat(chunks[tp_rank::tp_size], dim=dim)
 
 
 # ----------------------------------------------------------------------------------------------- one layout
@@ -298,7 +290,7 @@ def _compare(ref, got, params, rank, tp):
     for k in ("logp", "ent", "logp_t1", "ent_t1", "full_logp"):
         errs[f"b.{k}"] = (got[k] - ref[k]).abs().max().item()
     for name, p in params.items():
-        errs[f"b.grad.{name}"] = _rel(got["grads"][name], _shard(ref["grads"][name], p, rank, tp))
+        errs[f"b.grad.{name}"] = _rel(got["grads"][name], tp_shard(ref["grads"][name], p, rank, tp))
     # (c) saliency: sharded at TP=1 and TP=2 against the single-process algorithms on TP=1.
     for m in MODES:
         for kind in ("g", "p"):
@@ -319,7 +311,7 @@ def _compare(ref, got, params, rank, tp):
     want = torch.where(mask_v, F.pad(logsm.gather(-1, ids_v[:, 1:, None]).squeeze(-1), (1, 0)), 0.0)
     want_ent = torch.where(mask_v, F.pad(-(logsm.exp() * logsm).sum(-1), (1, 0)), 0.0)
     for name, p in params.items():
-        errs[f"e.grad.{name}"] = _rel(got["v.grads"][name], _shard(ref["v.grads"][name], p, rank, tp))
+        errs[f"e.grad.{name}"] = _rel(got["v.grads"][name], tp_shard(ref["v.grads"][name], p, rank, tp))
     for src, res in (("tp1", ref), ("tp2", got)):
         errs[f"e.logp.{src}"] = (res["v.logp"] - want).abs().max().item()
         errs[f"e.ent.{src}"] = (res["v.ent"] - want_ent).abs().max().item()

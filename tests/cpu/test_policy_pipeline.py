@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_ranks
+from tests.megatron_helpers import load_renamed, stage_renamer
 
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
 
@@ -46,19 +47,6 @@ def _scoring_batch(vocab):
     # Row 2 has no answer tokens (scores 0 in the answer modes); 3 rows in micro-batches of 2: the last is padded.
     prompts, reasonings, answers = [tok(3), tok(2), tok(4)], [tok(5), tok(6), tok(4)], [tok(4), tok(5), []]
     return build_scoring_batch(prompts, reasonings, tok(2), answers, pad_id=0)
-
-
-def _rename(offset):
-    def rename(name):
-        if name == "output_layer.weight":
-            return "embedding.word_embeddings.weight"  # tied: the last stage's copy of the embedding
-        head, sep, tail = name.partition("decoder.layers.")
-        if not sep:
-            return name
-        index, rest = tail.split(".", 1)
-        return f"{head}decoder.layers.{int(index) + offset}.{rest}"
-
-    return rename
 
 
 def _grad_state(chunks):
@@ -116,10 +104,7 @@ def _two_ranks(rank, world_size):
     groups = init_parallel(ParallelConfig(pp=2), tiny, seed=11)
     gpt = build_model(tiny, groups)
     gpt.eval()
-    rename = _rename(groups.pp_rank * tiny.num_layers // 2)
-    with torch.no_grad():
-        for name, p in gpt.named_parameters():
-            p.copy_(params[rename(name)])
+    load_renamed(gpt, params, stage_renamer(groups.pp_rank * tiny.num_layers // 2, tied_output=True))
     out["pp2"] = _passes(gpt, groups, ids, pos, mask, batch)
     # Without broadcast: results only on the last stage.
     lp = pipeline_logprobs(gpt, [(ids[:2], pos[:2], mask[:2])], groups=groups, temperature=TEMP, seq_length=L,
@@ -156,9 +141,7 @@ def _two_ranks(rank, world_size):
     with torch.no_grad():
         for v, chunk in enumerate(chunks):
             chunk.eval()
-            rename = _rename(2 * v + groups.pp_rank)
-            for name, p in chunk.named_parameters():
-                p.copy_(params[rename(name)])
+            load_renamed(chunk, params, stage_renamer(2 * v + groups.pp_rank, tied_output=True))
     out["vpp"] = _passes(chunks, groups, ids, pos, mask, batch)
     # All rows in one micro-batch: the interleaved schedule runs it with a dummy one and divides J by 2.
     out["vpp_one_mb"] = pipeline_oar_g(chunks, batch, groups=groups, mode="last", noise_std=NOISE, seed=3).scores
@@ -174,10 +157,7 @@ def _two_ranks(rank, world_size):
         if pp == 1:
             moe_params = {n: p.detach().clone() for n, p in gpt.named_parameters()}
         else:
-            rename = _rename(groups.pp_rank)
-            with torch.no_grad():
-                for name, p in gpt.named_parameters():
-                    p.copy_(moe_params[name if name == "output_layer.weight" else rename(name)])
+            load_renamed(gpt, moe_params, stage_renamer(groups.pp_rank))  # untied: output_layer as named
         lp = pipeline_logprobs(gpt, [(ids, pos, mask)], groups=groups, seq_length=L, micro_batch_size=B)
         g = pipeline_oar_g(gpt, batch, groups=groups, mode="answer_mean", noise_std=NOISE, seed=3)
         moe[pp] = dict(logp=lp[0][0], g=g.scores)
