@@ -16,7 +16,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     blocks = _bash_blocks((ROOT / "README.md").read_text())
     assert len(blocks) == 2, blocks
     run_cmd, test_cmd = blocks
-    assert "oar-demo" in run_cmd and "pytest" in test_cmd
+    assert run_cmd.endswith(".venv/bin/oar-train") and "pytest" in test_cmd
     ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert test_cmd in ci_lines, f"CI must run README's test command {test_cmd!r}"
 
