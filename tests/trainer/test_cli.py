@@ -15,7 +15,7 @@ import pytest
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
 
 SMALL = ["rollout.prompts_per_step=4", "rollout.n_samples=4", "trainer.micro_batch_size=4", "rollout.max_new_tokens=7",
-         "data.synthetic.format_warmup_steps=2", "eval.at_end=false", "trainer.progress=false",
+         "data.synthetic.format_warmup_steps=2", "eval.at_start=false", "eval.at_end=false", "trainer.progress=false",
          "logging.tensorboard=false", "checkpoint.every=2"]
 TRAIN = [sys.executable, "-m", "oar_megatron.trainer.app"]
 EVAL = [sys.executable, "-c", "from oar_megatron.trainer.app import eval_main; eval_main()"]
@@ -23,11 +23,29 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def _train(run_dir, *extra, env=None, check=True):
-    p = subprocess.run(TRAIN + SMALL + [f"logging.run_dir={run_dir}", *extra], capture_output=True, text=True,
-                       timeout=600, env=env or ENV)
+    """Run oar-train to the end. Output goes to files and the run gets its own session, killed as a group at the
+    end: megatron dist-checkpointing's helper processes outlive a crashed parent and would hold pipes open."""
+    log = Path(str(run_dir) + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out, open(str(log) + ".err", "w") as err:
+        proc = subprocess.Popen(TRAIN + SMALL + [f"logging.run_dir={run_dir}", *extra], stdout=out, stderr=err,
+                                env=env or ENV, start_new_session=True)
+        try:
+            proc.wait(timeout=600)
+        finally:
+            _kill_group(proc)
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text(), Path(str(log) + ".err").read_text())
     if check:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
 
 
 def _metrics(run_dir, phase="train"):
@@ -47,15 +65,14 @@ def reference(tmp_path_factory):
 def test_killed_run_resumes_to_the_same_metrics(reference, tmp_path):
     d = tmp_path / "run"
     proc = subprocess.Popen(TRAIN + SMALL + [f"logging.run_dir={d}", "trainer.steps=8"], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = d / "checkpoints" / "latest"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if latest.exists() and latest.read_text().strip():
             break
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    _kill_group(proc)  # SIGKILL to the run and anything it started
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = latest.read_text().strip()
     assert killed_at.startswith("step_") and int(killed_at[5:]) < 8
@@ -79,13 +96,16 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(reference, tmp_path):
     assert _metrics(d) == _metrics(reference)[:4]
 
 
-def test_tensor_parallel_run_under_torchrun(reference, tmp_path):
+def test_tensor_parallel_run_under_torchrun(tmp_path):
+    # the same padded vocabulary (32 rows) at TP 1 and 2, so CPU initialisation draws the same weights
+    same = ["model.make_vocab_size_divisible_by=16", "trainer.steps=2"]
+    _train(tmp_path / "tp1", *same)
     d = tmp_path / "tp2"
     launcher = Path(__file__).resolve().parents[2] / "launch" / "torchrun.sh"
-    cmd = ["bash", str(launcher), "2", *SMALL, "parallel=tp2", "trainer.steps=2", f"logging.run_dir={d}"]
+    cmd = ["bash", str(launcher), "2", *SMALL, *same, "parallel=tp2", f"logging.run_dir={d}"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**ENV, "PYTHON": sys.executable})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    tp2, tp1 = _metrics(d), _metrics(reference)[:2]
+    tp2, tp1 = _metrics(d), _metrics(tmp_path / "tp1")
     assert [m["step"] for m in tp2] == [1, 2]
     # same initial weights (CPU init from one seed), same sampling seeds: the same samples and rewards as TP=1
     for a, b in zip(tp2, tp1):

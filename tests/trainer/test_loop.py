@@ -12,7 +12,7 @@ from tests.dist_harness import run_ranks
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
 
 SMALL = ["rollout.prompts_per_step=4", "rollout.n_samples=4", "trainer.micro_batch_size=4", "rollout.max_new_tokens=7",
-         "data.synthetic.format_warmup_steps=2", "eval.at_end=false", "checkpoint.every=0",
+         "data.synthetic.format_warmup_steps=2", "eval.at_start=false", "eval.at_end=false", "checkpoint.every=0",
          "checkpoint.save_final=false", "trainer.progress=false", "logging.step_line=false",
          "logging.tensorboard=false"]
 ALGORITHMS = ["grpo", "dapo", "dr_grpo", "gspo", "gspo_token", "aspo", "cispo", "oar_g", "oar_p", "gspo_token_oar_g"]
