@@ -281,6 +281,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
                         ffn_hidden_size=128, vocab_size=250, make_vocab_size_divisible_by=64,
                         max_position_embeddings=128, rotary_base=10000.0, norm_epsilon=1e-6, qk_layernorm=True,
                         params_dtype="float32"),
+    # The embedded default's policy (oar-train with no arguments): sized for the synthetic task's 24-token vocabulary;
+    # init std 0.1 because a 64-wide model initialised at 0.02 stalls even supervised learning of the task.
+    "tiny-synthetic": ModelConfig(name="tiny-synthetic", num_layers=2, hidden_size=64, num_attention_heads=4,
+                                  num_query_groups=2, ffn_hidden_size=128, vocab_size=24, make_vocab_size_divisible_by=8,
+                                  max_position_embeddings=64, rotary_base=10000.0, norm_epsilon=1e-6, qk_layernorm=True,
+                                  init_method_std=0.1, params_dtype="float32"),
     "tiny-moe": ModelConfig(name="tiny-moe", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                             ffn_hidden_size=128, vocab_size=250, make_vocab_size_divisible_by=64,
                             max_position_embeddings=128, norm_epsilon=1e-6, untie_embeddings_and_output_weights=True,
