@@ -15,6 +15,11 @@ Three figures (issue 4, "Benchmark"):
    outside the timing) at ``chunk_size`` 8 and 32, divided by the number of scored tokens, relative to one no-grad
    forward of the same scoring rows (``clean_pass``).
 
+4. **GRPO train step** — one update on the same rows: megatron (``train_step``: DDP, Adam, response-only fused
+   log-probs) vs a Hugging Face ``transformers`` model of the same shape with ``log_softmax`` over full logits and
+   ``torch.optim.AdamW``, as a speed and memory ratio; on CUDA with bf16 also the MFU (FLOPs per token
+   6N + 12·layers·hidden·seq over the device's dense bf16 peak).
+
 Every time is the median of ``--repeats`` (≥ 3) runs after one warm-up. Memory: each variant runs in a fresh
 subprocess; on CPU the peak resident memory of one run of the variant minus the resident memory before it (peak
 mark reset through ``/proc/self/clear_refs``, else ``ru_maxrss``); on CUDA ``max_memory_allocated`` minus the
@@ -339,7 +344,79 @@ def worker_oarp(opts: dict, chunk: int) -> dict:
                 times=t_p, fwd_times=t_f)
 
 
-WORKERS = {"logprob": worker_logprob, "cycle": worker_cycle, "oarp": worker_oarp}
+def hf_model(cfg, dev, dtype):
+    """The same architecture as a Hugging Face ``transformers`` model (Qwen2: RMSNorm, SwiGLU, GQA, RoPE, QKV bias
+    as the preset says), randomly initialised: the baseline of figure 4."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hf_cfg = Qwen2Config(vocab_size=cfg.padded_vocab_size(1), hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.ffn_size, num_hidden_layers=cfg.num_layers,
+                         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.query_groups,
+                         max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rotary_base,
+                         rms_norm_eps=cfg.norm_epsilon, tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
+                         attention_dropout=0.0)
+    model = Qwen2ForCausalLM(hf_cfg).to(device=dev, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    model.train()
+    return model
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    """Training FLOPs per token: 6·N (forward + backward of every weight) + 12·layers·hidden·seq (attention scores
+    and values), PaLM (Chowdhery et al. 2022) appendix B; N counts the output layer once."""
+    return 6 * cfg.num_params(1) + 12 * cfg.num_layers * cfg.hidden_size * seq
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks (vendor sheets)
+
+
+def worker_trainstep(opts: dict, variant: str) -> dict:
+    """Figure 4 for one variant: one GRPO update (π_old given) on B rows. ``megatron``: ``train_step`` (DDP, Adam,
+    response-only fused log-probs); ``hf``: the Hugging Face model, ``log_softmax`` over full logits, ``gather``,
+    the same loss, ``torch.optim.AdamW``. Memory of one step, then the median time."""
+    import torch
+
+    from oar_megatron.algorithms import policy_loss
+    from oar_megatron.policy.train_step import train_step
+
+    gpt, cfg, dev = _setup(opts)
+    cuda = dev.type == "cuda"
+    b, p, r = opts["B"], opts["P"], opts["R"]
+    ids, pos, mask, adv = _rollout(cfg, b, p, r, dev)
+    old = torch.zeros(b, p + r, device=dev)
+    g_tok = float(mask.sum())
+    if variant == "megatron":
+        chunks, optimizer, scheduler, forward_fn = _trainer(gpt, cfg, dev, ids, pos, mask, adv)
+        micro = [(ids[i:i + 1], pos[i:i + 1], mask[i:i + 1], adv[i:i + 1], old[i:i + 1]) for i in range(b)]
+
+        def step():
+            train_step(chunks, optimizer, scheduler, micro, forward_fn, dp_size=1, seq_length=p + r,
+                       micro_batch_size=1)
+    else:
+        del gpt
+        model = hf_model(cfg, dev, opts["dtype"])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+        def step():
+            for i in range(b):  # one row per micro-batch, as the megatron step
+                logits = model(input_ids=ids[i:i + 1]).logits[:, :-1].float()
+                logp = torch.zeros(1, p + r, device=dev)
+                logp[:, 1:] = torch.log_softmax(logits, -1).gather(-1, ids[i:i + 1, 1:, None]).squeeze(-1)
+                loss, _ = policy_loss("grpo", logp, old[i:i + 1], adv[i:i + 1], mask[i:i + 1], global_tokens=g_tok)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: optimizer state, gradient buffers
+    with PeakMem(cuda) as m:
+        step()
+    times = [_timed(step, cuda) for _ in range(opts["repeats"])]
+    return dict(median_s=statistics.median(times), times=times, mem_mib=m.mib, tokens=ids.numel(),
+                flops_per_token=flops_per_token(cfg, p + r))
+
+
+WORKERS = {"logprob": worker_logprob, "cycle": worker_cycle, "oarp": worker_oarp, "trainstep": worker_trainstep}
 
 
 def run_worker(kind: str, opts: dict, arg) -> dict:
@@ -369,7 +446,7 @@ def main() -> None:
                     help="'small' (the CPU model of the docstring) or a preset name, e.g. qwen2.5-0.5b")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure after one warm-up (>= 3)")
     ap.add_argument("--chunks", default="8,32", help="OAR-P chunk sizes")
-    ap.add_argument("--only", choices=["logprob", "cycle", "oarp"], default=None, help="only this figure")
+    ap.add_argument("--only", choices=["logprob", "cycle", "oarp", "trainstep"], default=None, help="only this figure")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -440,6 +517,22 @@ def main() -> None:
             per = r["oarp_s"] / r["scored"]
             print(f"| {c} | {r['oarp_s']:.2f} | {per:.3f} | {per / r['fwd_s']:.3f} | {r['fwd_s']:.3f} | "
                   f"{r['mem_mib']:.0f} / {r['fwd_mem_mib']:.0f} |", flush=True)
+
+    if args.only in (None, "trainstep"):
+        res = {v: run_worker("trainstep", opts, v) for v in ("hf", "megatron")}
+        ntok = res["hf"]["tokens"]
+        peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in machine), None) if dtype == "bf16" else None
+        print(f"\n## 4. GRPO train step: B={opts['B']} rows of prompt {opts['P']} + response {opts['R']} "
+              f"({ntok} tokens), one row per micro-batch, one optimizer step")
+        print("| implementation | median s | tokens/s | speed vs HF | MFU | extra peak MiB | memory vs HF |")
+        print("|---|---|---|---|---|---|---|")
+        base = res["hf"]
+        for v, label in (("hf", "HF transformers + log_softmax"), ("megatron", "megatron-core (this repo)")):
+            x = res[v]
+            tps = ntok / x["median_s"]
+            mfu = f"{tps * x['flops_per_token'] / peak:.1%}" if peak else "n/a"
+            print(f"| {label} | {x['median_s']:.3f} | {tps:.0f} | {base['median_s'] / x['median_s']:.2f}x | {mfu} | "
+                  f"{x['mem_mib']:.0f} | {x['mem_mib'] / max(base['mem_mib'], 1e-9):.2f} |", flush=True)
 
 
 if __name__ == "__main__":
