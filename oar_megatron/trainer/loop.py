@@ -37,6 +37,11 @@ from .experience import Experience, Group, filter_stats, group_advantages_of, sc
 from .sources import build_dataset, build_reward, build_tokenizer, iterator_for
 
 
+# per-rank counts: logged as totals over data-parallel replicas (everything else is a mean)
+COUNT_KEYS = ("reward/timeouts", "reward/errors", "rollout/filled_groups", "rollout/groups_all_correct",
+              "rollout/groups_all_wrong", "rollout/groups_uninformative")
+
+
 class Trainer:
     """``Trainer(cfg).fit()``; see the module docstring. Construction initialises the process groups, builds the
     policy, engine, data, reward, logger and checkpoint manager, and resumes when a checkpoint is found."""
@@ -285,7 +290,10 @@ class Trainer:
 
         m = dict(stats)
         m.update(self._batch_metrics(batch))
-        m = _dp_mean(m, g)  # rank-local statistics → replica mean (equal rows per rank)
+        m = _dp_mean(m, g)  # rank-local statistics → replica mean (equal rows per rank); counts → totals
+        for key in COUNT_KEYS:
+            if key in m:
+                m[key] *= g.dp
         m.update({
             "loss/total": _mean(upd["loss"]), "loss/pg": _mean(upd.get("pg_loss", [])),
             "grad_norm": _mean(upd["grad_norm"]), "lr": upd["lr"][-1],

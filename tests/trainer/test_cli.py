@@ -135,3 +135,22 @@ def test_compare_algorithms_table_and_plot(tmp_path):
     assert "grpo" in table and "oar_g" in table and "reward_last" in table
     assert (tmp_path / "reward_mean.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(_metrics(tmp_path / "oar_g-seed0")) == 3
+
+
+def test_data_parallel_dapo_run_under_torchrun(tmp_path):
+    """Two data-parallel replicas (distributed optimizer) with DAPO's dynamic sampling: prompts split per rank,
+    generation rounds agreed across ranks, counts logged as totals over replicas."""
+    d = tmp_path / "dp2"
+    launcher = Path(__file__).resolve().parents[2] / "launch" / "torchrun.sh"
+    cmd = ["bash", str(launcher), "2", *SMALL, "parallel=dp", "algorithm=dapo", "trainer.steps=2",
+           f"logging.run_dir={d}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**ENV, "PYTHONWARNINGS": "ignore",
+                                                                                "PYTHON": sys.executable})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    rows = _metrics(d)
+    assert [m["step"] for m in rows] == [1, 2]
+    for m in rows:
+        # 4 prompts per step over 2 replicas: each group's verdict counted once
+        assert m["rollout/groups_uninformative"] == int(m["rollout/groups_uninformative"]) <= 4
+        assert m["rollout/groups_all_wrong"] == int(m["rollout/groups_all_wrong"]) <= m["rollout/groups_uninformative"]
+        assert 1 <= m["rollout/gen_rounds"] <= 3 and m["loss/total"] == m["loss/total"]
