@@ -222,8 +222,9 @@ class Trainer:
         t0 = time.perf_counter()
         for rounds in range(1, cfg.rollout.max_gen_batches + 1):
             records = self.iterator.next_batch()
-            with self.progress.phase("rollout", total=len(records) * params.n):
+            with self.progress.phase("rollout", total=len(records) * params.n) as advance:
                 samples = self.engine.generate([r.prompt_ids for r in records], params)
+                advance(len(samples))
             gen_tokens += sum(len(s.response_ids) for s in samples)
             pairs = [(rec, samples[i * params.n:(i + 1) * params.n]) for i, rec in enumerate(records)]
             t_r = time.perf_counter()
@@ -281,8 +282,9 @@ class Trainer:
         lap("logprob")
         actor.compute_token_advantages(batch)
         lap("advantage")
-        with self.progress.phase("update", total=alg.updates_per_batch):
+        with self.progress.phase("update", total=alg.updates_per_batch) as advance:
             upd = actor.update(batch)
+            advance(alg.updates_per_batch)
         lap("update")
         self.engine.sync_weights(actor)
         lap("sync")
