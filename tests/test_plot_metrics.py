@@ -1,23 +1,18 @@
 """tools/plot_metrics.py on two synthetic runs: PNG per key, missing keys skipped, exit code 2 with nothing to plot."""
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from oar_megatron.metrics import MetricsLogger
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tool_loader import ROOT, load_tool
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("plot_metrics", ROOT / "tools" / "plot_metrics.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("plot_metrics")
 
 
 @pytest.fixture()

@@ -1,20 +1,15 @@
 """tools/inspect_split.py on a tokenizer trained here (nothing downloaded)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tool_loader import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("inspect_split", ROOT / "tools" / "inspect_split.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("inspect_split")
 
 
 @pytest.fixture()
