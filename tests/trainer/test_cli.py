@@ -3,6 +3,7 @@ same metrics as an uninterrupted run; a crash in the middle of writing a checkpo
 a 2-rank tensor-parallel run under torchrun samples what the 1-rank run samples; oar-eval evaluates a checkpoint."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -153,4 +154,5 @@ def test_data_parallel_dapo_run_under_torchrun(tmp_path):
         # 4 prompts per step over 2 replicas: each group's verdict counted once
         assert m["rollout/groups_uninformative"] == int(m["rollout/groups_uninformative"]) <= 4
         assert m["rollout/groups_all_wrong"] == int(m["rollout/groups_all_wrong"]) <= m["rollout/groups_uninformative"]
-        assert 1 <= m["rollout/gen_rounds"] <= 3 and m["loss/total"] == m["loss/total"]
+        assert m["rollout/gen_rounds"] in (1.0, 2.0, 3.0)  # rollout.max_gen_batches = 3
+        assert math.isfinite(m["loss/total"])
