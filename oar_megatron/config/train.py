@@ -95,10 +95,19 @@ class DataConfig:
     def validate(self) -> DataConfig:
         if self.layout not in (None, "gsm8k", "math", "dapo_math"):
             raise ValueError(f"data.layout: unknown {self.layout!r}; known: gsm8k, math, dapo_math")
+        if self.path == "synthetic" and self.layout is not None:
+            # data=gsm8k|math|dapo_math leave `path: ???`, which does not replace the schema's synthetic default
+            raise ValueError(f"data.path: the {self.layout} layout reads a prompt file with a real tokenizer; set "
+                             f"data.path=<.jsonl/.parquet file> and data.tokenizer=<local Hugging Face tokenizer "
+                             f"directory>")
         if self.path == "synthetic" and self.tokenizer != "synthetic":
             raise ValueError("data.tokenizer: the synthetic task has its own tokenizer; set data.tokenizer: synthetic")
         if self.path != "synthetic" and not self.path.endswith((".jsonl", ".json", ".parquet")):
             raise ValueError(f"data.path: expected 'synthetic' or a .jsonl/.parquet file, got {self.path!r}")
+        if self.path != "synthetic" and self.tokenizer == "synthetic":
+            raise ValueError(f"data.tokenizer: the synthetic tokenizer encodes only the built-in task, not the "
+                             f"prompts of data.path={self.path}; set data.tokenizer=<local Hugging Face tokenizer "
+                             f"directory>")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"data.max_prompt_tokens: must be >= 1, got {self.max_prompt_tokens}")
         s = self.synthetic

@@ -6,7 +6,8 @@
     torchrun --nproc-per-node 2 -m oar_megatron.trainer.app parallel=tp2
     oar-eval checkpoint.resume=runs/oar_g-seed0/checkpoints/step_00000060 eval.k=8 eval.ks=[1,8]
 
-A bad config is one line on stderr naming the key (exit code 2) before any worker starts; ``trainer.dry_run``
+A bad config is one line on stderr naming the key (exit code 2) before any worker starts (Hydra's own composition
+errors — unknown group option, unknown key, wrong type — keep Hydra's message and end with that line); ``trainer.dry_run``
 prints the resolved plan (layout, batch arithmetic, memory estimate) and exits.
 
 The config directory is the repository's ``configs/`` (an editable install, or a checkout on ``PYTHONPATH``);
@@ -109,15 +110,69 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="base_config", node=TrainConfig)
 
 
+def _type_name(tp) -> str:
+    """``int`` → "int", ``int | None`` → "int or null", ``list[str]`` → "list[str]"."""
+    import types
+    import typing
+
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if args:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def hydra_error_line(exc: BaseException | None) -> str | None:
+    """The one line a user needs after Hydra's own message for a composition error ``exc``: which option or key is
+    wrong and what is accepted (group options, the expected type, the nearest known key). None: not a Hydra error."""
+    import dataclasses
+    import difflib
+    import typing
+
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    while exc is not None and not isinstance(exc, HydraException):
+        exc = exc.__context__
+    if exc is None:
+        return None
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
+        group, name = exc.missing_cfg_file.rsplit("/", 1)
+        return f"{group}={name}: unknown option; available: {', '.join(exc.options or [])}"
+    if isinstance(exc, OverrideParseException):
+        return (f"{exc.override}: not an override; write key=value (trainer.steps=10) or group=option "
+                f"(model=tiny)")
+    cause = exc.__cause__
+    key = getattr(cause, "full_key", None)
+    owner = getattr(cause, "object_type", None)
+    if key and dataclasses.is_dataclass(owner):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        fields = [f.name for f in dataclasses.fields(owner)]
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+            near = difflib.get_close_matches(cause.key, fields, n=1)
+            if near:
+                return f"{key}: unknown key; did you mean {parent + '.' if parent else ''}{near[0]}?"
+            return f"{key}: unknown key; {parent or 'the config'} has: {', '.join(fields)}"
+        if isinstance(cause, ValidationError) and cause.key in fields:
+            expected = typing.get_type_hints(owner)[cause.key]
+            return f"{key}={cause.value}: expects {_type_name(expected)}"
+    if key:
+        return f"{key}: {str(cause).splitlines()[0]}"
+    return f"config: {str(exc).splitlines()[0]}"
+
+
 def _hydra_entry(runner) -> int:
     import hydra
     from omegaconf import DictConfig
 
     register_schema()
-    code = {"rc": 0}
+    code = {"rc": 0, "entered": False}
 
     @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
     def _main(raw: DictConfig) -> None:
+        code["entered"] = True
         try:
             cfg = train_config_from(raw)
         except ValueError as exc:
@@ -125,7 +180,15 @@ def _hydra_entry(runner) -> int:
             return
         code["rc"] = runner(cfg)
 
-    _main()
+    try:
+        _main()
+    except SystemExit as exc:
+        # Hydra printed its message (with provider paths) and exits 1: add the line a user needs, exit 2 as every
+        # other configuration error does. exc.__context__ is the exception Hydra was reporting.
+        line = None if code["entered"] or exc.code in (0, None) else hydra_error_line(exc.__context__)
+        if line is None:
+            raise
+        return _fail(line)
     return code["rc"]
 
 

@@ -98,3 +98,46 @@ def test_console_script_dry_run_and_bad_config():
     assert bad.stderr.strip().splitlines() == ["oar-train: trainer.micro_batch_size: 120 rows per data-parallel rank "
                                                "(prompts_per_step/dp * n_samples) are not a multiple of "
                                                "micro_batch_size=32"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "oar_megatron.trainer.app", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    # data=gsm8k sets the layout and chat template; its `path: ???` / `tokenizer: ???` do not override the schema's
+    # synthetic defaults (OmegaConf keeps a value when MISSING is merged onto it), so the run used to go on with the
+    # synthetic tokenizer and end in a traceback at the first OAR scoring batch
+    (["data=gsm8k"], "data.path"),
+    (["data=math"], "data.path"),
+    (["data=gsm8k", "data.path=train.jsonl"], "data.tokenizer"),
+])
+def test_dataset_group_without_file_or_tokenizer_is_one_line(overrides, match):
+    p = _cli(*overrides, "trainer.steps=1")
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"oar-train: {match}:"), p.stderr[-3000:]
+    assert "data.tokenizer" in lines[0] and "data.path" in lines[0]
+
+
+@pytest.mark.parametrize("overrides,hydra_says,line", [
+    (["model=foo"], "Could not find 'model/foo'",
+     "oar-train: model=foo: unknown option; available: llama3-8b, llama3.1-8b, qwen2.5-0.5b, qwen2.5-1.5b, "
+     "qwen2.5-7b, qwen3-0.6b, qwen3-1.7b, qwen3-30b-a3b, qwen3-4b, qwen3-8b, tiny, tiny-moe, tiny-synthetic"),
+    (["+experiment=nope"], "Could not find 'experiment/nope'",
+     "oar-train: experiment=nope: unknown option; available: qwen3-30b-a3b-gspo, qwen3-8b-oar-g"),
+    (["rollout.n_samples=many"], "could not be converted to Integer",
+     "oar-train: rollout.n_samples=many: expects int"),
+    (["rollout.temperature=hot"], "could not be converted to Float",
+     "oar-train: rollout.temperature=hot: expects float"),
+    (["rollout.n_sample=3"], "Key 'n_sample' not in 'RolloutConfig'",
+     "oar-train: rollout.n_sample: unknown key; did you mean rollout.n_samples?"),
+    (["trainer.steps"], "Error parsing override 'trainer.steps'",
+     "oar-train: trainer.steps: not an override; write key=value (trainer.steps=10) or group=option (model=tiny)"),
+])
+def test_hydra_errors_keep_their_message_and_end_with_the_line_a_user_needs(overrides, hydra_says, line):
+    p = _cli(*overrides, "trainer.dry_run=true")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert hydra_says in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == line, p.stderr[-3000:]
