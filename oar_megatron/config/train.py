@@ -189,6 +189,8 @@ class TrainerConfig:
     routing_replay: bool | None = None  # None: on for MoE
     world_size: int | None = None  # dry-run only: plan for this many ranks (default: the launcher's)
     dry_run: bool = False  # print the resolved plan and exit
+    memory_check: bool = True  # refuse a plan whose memory estimate exceeds the device's memory (trainer/plan.py)
+    preflight: bool = False  # check the cluster (groups, model, checkpoint, servers) and exit (trainer/preflight.py)
     progress: bool = True  # rich progress bars (only on a TTY)
 
 

@@ -65,6 +65,13 @@ def run_train(cfg: TrainConfig) -> int:
     if cfg.trainer.dry_run:
         print(format_plan(cfg, plan), flush=True)
         return 0
+    if cfg.trainer.memory_check:
+        from .plan import check_memory
+
+        try:
+            check_memory(cfg, plan)  # before anything is built: an 8B model on a laptop is refused in a second
+        except ValueError as exc:
+            return _fail(str(exc))
     from .loop import Trainer
 
     quiet_libraries()

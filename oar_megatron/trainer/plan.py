@@ -13,10 +13,16 @@ Memory per GPU (an estimate: what a serious reader checks before asking for node
   upper bound); ``full`` recompute keeps only each layer's input, ``2·s·b·h``; ``selective`` drops the
   ``5·a·s/h`` term. With 1F1B pipelining the first stage holds ``pp`` micro-batches in flight;
 * response-only logits: ``b·s·V/tp`` fp32 values for the log-prob pass.
+
+Before a real run builds anything, :func:`check_memory` compares this estimate with the memory of the device the
+rank runs on (:func:`device_memory`: the free memory of its GPU, or on CPU the host's available memory divided by
+the ranks on the host, the reference weights' host copy counted there) and refuses a plan that cannot fit with one
+line naming the estimate, the limit and the settings that would fit (:func:`fitting_settings`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..config.parallel import ParallelLayout
@@ -85,7 +91,13 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     k = cfg.algorithm.updates_per_batch
     seq = prompt_tokens_estimate(cfg) + r.max_new_tokens
     batch = BatchPlan(r.prompts_per_step, r.n_samples, rows, per_rank, t.micro_batch_size, micro, k, micro // k, seq)
+    return Plan(layout, batch, estimate_memory(cfg, layout))
 
+
+def estimate_memory(cfg: TrainConfig, layout: ParallelLayout) -> MemoryPlan:
+    """The per-rank memory estimate of ``cfg`` under ``layout`` (module docstring; no validation)."""
+    r, t, m = cfg.rollout, cfg.trainer, cfg.model
+    seq = prompt_tokens_estimate(cfg) + r.max_new_tokens
     expert = _expert_params(cfg)
     dense = m.num_params(layout.tp) - expert
     params = dense // (layout.tp * layout.pp) + expert // (layout.ep * layout.etp * layout.pp)
@@ -102,9 +114,8 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     act = per_layer / layout.tp * layers_per_stage * in_flight
     logits = b * s * m.padded_vocab_size(layout.tp) / layout.tp * 4
     ref_host = params * weight_b if cfg.algorithm.kl.coef > 0 else 0
-    memory = MemoryPlan(params, params * weight_b / GiB, params * grad_b / GiB, opt_bytes / GiB, act / GiB,
-                        logits / GiB, ref_host / GiB)
-    return Plan(layout, batch, memory)
+    return MemoryPlan(params, params * weight_b / GiB, params * grad_b / GiB, opt_bytes / GiB, act / GiB,
+                      logits / GiB, ref_host / GiB)
 
 
 def format_plan(cfg: TrainConfig, plan: Plan) -> str:
@@ -135,3 +146,153 @@ def format_plan(cfg: TrainConfig, plan: Plan) -> str:
         f"; eval every {cfg.eval.every or 'end'}; run_dir {cfg.logging.run_dir}",
     ]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- does the plan fit?
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What one rank may use: ``gib`` on the device it runs on. ``shared_host``: the ranks of a host share it (CPU
+    runs: the host's available memory divided by the local ranks), so more ranks on the host leave less for each;
+    on a GPU every rank has its own device."""
+
+    gib: float
+    where: str  # for the message, e.g. "cuda:0 free memory" or "host memory available / 2 local ranks"
+    shared_host: bool
+
+    def for_ranks(self, factor: float) -> float:
+        """The limit per rank when the job has ``factor`` times as many ranks (on the same hosts, for CPU)."""
+        return self.gib / factor if self.shared_host else self.gib
+
+
+def local_ranks() -> int:
+    """Ranks on this host, from the launcher (torchrun ``LOCAL_WORLD_SIZE``, Slurm ``SLURM_NTASKS_PER_NODE``); 1
+    without a launcher."""
+    from ..policy.parallel import rank_env
+
+    return rank_env().local_world_size or 1
+
+
+def device_memory() -> DeviceMemory:
+    """The memory of the device this rank will run on: the free memory of its CUDA device (the local rank's), else
+    the host's available memory divided by the ranks on the host."""
+    import torch
+
+    from ..policy.parallel import rank_env
+
+    if torch.cuda.is_available():
+        index = rank_env().local_rank % max(torch.cuda.device_count(), 1)
+        free, _total = torch.cuda.mem_get_info(index)
+        return DeviceMemory(free / GiB, f"cuda:{index} free memory", shared_host=False)
+    import psutil
+
+    n = local_ranks()
+    avail = psutil.virtual_memory().available
+    return DeviceMemory(avail / n / GiB, f"host memory available {avail / GiB:.1f} GiB / {n} local rank"
+                        + ("s" if n > 1 else ""), shared_host=True)
+
+
+def needed_gib(mem: MemoryPlan, device: DeviceMemory) -> float:
+    """The estimate compared with the device: on a CPU the reference weights' host copy is in the same memory."""
+    return mem.total_gib + (mem.reference_host_gib if device.shared_host else 0.0)
+
+
+def _with(cfg: TrainConfig, **groups) -> TrainConfig:
+    """A copy of ``cfg`` with fields of its groups replaced: ``_with(cfg, trainer={"recompute": "full"})``."""
+    return dataclasses.replace(cfg, **{g: dataclasses.replace(getattr(cfg, g), **kv) for g, kv in groups.items()})
+
+
+def _estimate(cfg: TrainConfig, world: int, device: DeviceMemory, factor: float) -> tuple[float, bool] | None:
+    """(needed GiB per rank, fits) of ``cfg`` on ``world`` ranks (``factor`` × today's), None if the layout is
+    invalid."""
+    try:
+        layout = cfg.parallel.validate(world, cfg.model)
+    except ValueError:
+        return None
+    need = needed_gib(estimate_memory(cfg, layout), device)
+    return need, need <= device.for_ranks(factor)
+
+
+def fitting_settings(cfg: TrainConfig, plan: Plan, device: DeviceMemory, *, max_tp: int = 8) -> list[str]:
+    """Settings that would make ``plan`` fit ``device``, each with its estimate: full recompute; the largest smaller
+    micro-batch; the distributed optimizer (dp > 1); the smallest larger TP (up to ``max_tp``, a node's GPUs) and
+    the smallest larger PP; if no single change fits, the smallest TP×PP layout with full recompute and the
+    smallest micro-batch; if nothing fits, the largest smaller model preset that fits the current settings (the
+    one entry, ``model=NAME (...)``)."""
+    lo, t = plan.layout, cfg.trainer
+    world = lo.world_size
+    out: list[str] = []
+
+    def add(label: str, c: TrainConfig, w: int = world) -> bool:
+        got = _estimate(c, w, device, w / world)
+        if got is None or not got[1]:
+            return False
+        ranks = f"{w} ranks, " if w != world else ""
+        out.append(f"{label} ({ranks}~{got[0]:.1f} GiB)")
+        return True
+
+    if t.recompute != "full":
+        add("trainer.recompute=full", _with(cfg, trainer={"recompute": "full"}))
+    rows, k = plan.batch.rows_per_dp_rank, cfg.algorithm.updates_per_batch
+    smaller = [b for b in range(t.micro_batch_size - 1, 0, -1) if rows % b == 0 and (rows // b) % k == 0]
+    for b in smaller:  # largest first: the first that fits
+        if add(f"trainer.micro_batch_size={b}", _with(cfg, trainer={"micro_batch_size": b})):
+            break
+    if lo.dp > 1 and not cfg.parallel.distributed_optimizer:
+        add("parallel.distributed_optimizer=true", _with(cfg, parallel={"distributed_optimizer": True}))
+    for tp in range(lo.tp + 1, max_tp + 1):
+        if add(f"parallel.tp={tp}", _with(cfg, parallel={"tp": tp}), world * tp // lo.tp):
+            break
+    pp_note = " with rollout=sglang" if cfg.rollout.engine == "local" else ""
+    for pp in range(lo.pp + 1, cfg.model.num_layers + 1):
+        if add(f"parallel.pp={pp}{pp_note}", _with(cfg, parallel={"pp": pp}), world * pp // lo.pp):
+            break
+    if out:
+        return out
+    # no single change: the smallest model-parallel size with everything else at its most frugal
+    frugal = _with(cfg, trainer={"recompute": "full", "micro_batch_size": smaller[-1] if smaller else t.micro_batch_size})
+    for size in range(lo.tp * lo.pp + 1, max_tp * cfg.model.num_layers + 1):
+        for tp in range(lo.tp, max_tp + 1):
+            if size % tp or size // tp < lo.pp:
+                continue
+            pp = size // tp
+            label = (f"parallel.tp={tp} parallel.pp={pp}{pp_note if pp > 1 else ''} trainer.recompute=full "
+                     f"trainer.micro_batch_size={frugal.trainer.micro_batch_size}")
+            if add(label, _with(frugal, parallel={"tp": tp, "pp": pp}), world * size // (lo.tp * lo.pp)):
+                return out
+    from ..config.model import MODEL_PRESETS
+
+    fitting = []
+    for name, preset in MODEL_PRESETS.items():
+        got = _estimate(dataclasses.replace(cfg, model=preset), world, device, 1)
+        if got is not None and got[1] and preset.num_params() < cfg.model.num_params():
+            fitting.append((preset.num_params(), name, got[0]))
+    if fitting:
+        _, name, gib = max(fitting)
+        out.append(f"model={name} (~{gib:.1f} GiB)")
+    return out
+
+
+def check_memory(cfg: TrainConfig, plan: Plan, device: DeviceMemory | None = None) -> DeviceMemory:
+    """Refuse a plan whose per-rank estimate exceeds the memory of the device it will run on: one ``ValueError``
+    line with the estimate, the limit and the settings that would fit (:func:`fitting_settings`). Returns the
+    device memory it compared with."""
+    device = device or device_memory()
+    mem = plan.memory
+    need = needed_gib(mem, device)
+    if need <= device.gib:
+        return device
+    parts = (f"weights {mem.weights_gib:.1f} + grads {mem.grads_gib:.1f} + optimizer {mem.optimizer_gib:.1f} + "
+             f"activations {mem.activations_gib:.1f} + logits {mem.logits_gib:.1f}"
+             + (f" + reference weights {mem.reference_host_gib:.1f}" if device.shared_host and mem.reference_host_gib
+                else ""))
+    fits = fitting_settings(cfg, plan, device)
+    if not fits:
+        hint = "no tp/pp layout or smaller model preset fits this device"
+    elif fits[0].startswith("model="):
+        hint = f"no tp/pp layout fits this device; a smaller model does: {fits[0]}"
+    else:
+        hint = "would fit: " + " | ".join(fits)
+    raise ValueError(f"memory: the plan needs ~{need:.1f} GiB per rank ({parts}), more than the {device.gib:.1f} GiB "
+                     f"this rank has ({device.where}); {hint}; trainer.memory_check=false skips this check")
