@@ -4,11 +4,14 @@
     oar-train algorithm=gspo trainer.steps=100         # any group or key, as Hydra users expect
     oar-train +experiment=qwen3-8b-oar-g trainer.dry_run=true trainer.world_size=64
     torchrun --nproc-per-node 2 -m oar_megatron.trainer.app parallel=tp2
+    sbatch --nodes 8 launch/slurm.sh +experiment=qwen3-8b-oar-g trainer.preflight=true ...   # check, then exit
     oar-eval checkpoint.resume=runs/oar_g-seed0/checkpoints/step_00000060 eval.k=8 eval.ks=[1,8]
 
 A bad config is one line on stderr naming the key (exit code 2) before any worker starts (Hydra's own composition
 errors — unknown group option, unknown key, wrong type — keep Hydra's message and end with that line); ``trainer.dry_run``
-prints the resolved plan (layout, batch arithmetic, memory estimate) and exits.
+prints the resolved plan (layout, batch arithmetic, memory estimate) and exits; a real run first refuses a plan
+whose memory estimate exceeds the device (``plan.check_memory``); ``trainer.preflight`` runs the cluster checks of
+``trainer/preflight.py`` on the real layout and exits (0: all passed, 1: the first failure, named).
 
 The config directory is the repository's ``configs/`` (an editable install, or a checkout on ``PYTHONPATH``);
 ``--config-dir`` adds another, Hydra's usual way.
@@ -65,6 +68,11 @@ def run_train(cfg: TrainConfig) -> int:
     if cfg.trainer.dry_run:
         print(format_plan(cfg, plan), flush=True)
         return 0
+    if cfg.trainer.preflight:  # memory, layer spec, groups, forward/backward, checkpoint, servers; then exit
+        from .preflight import run_preflight
+
+        quiet_libraries()
+        return run_preflight(cfg, plan)
     if cfg.trainer.memory_check:
         from .plan import check_memory
 
