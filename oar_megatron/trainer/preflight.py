@@ -113,6 +113,8 @@ def check_layer_spec(cfg: TrainConfig) -> str:
 
 
 def check_data_plane(groups) -> str:
+    import torch.distributed as dist
+
     done = []
     for field in GROUP_FIELDS:
         group = getattr(groups, field)
@@ -120,8 +122,6 @@ def check_data_plane(groups) -> str:
         if ranks is None:
             continue
         n = len(ranks)
-        import torch.distributed as dist
-
         me = ranks.index(dist.get_rank())
         got = data_all_reduce(torch.full((1,), float(me + 1), device=groups.device), group)
         if got.device != groups.device or float(got.item()) != n * (n + 1) / 2:
