@@ -266,6 +266,9 @@ class TrainConfig:
                              "parallelism goes through rollout.engine=sglang)")
         if self.data.path == "synthetic" and self.reward.fn == "math":
             raise ValueError("reward.fn: the synthetic task is scored by 'synthetic_modsum', not 'math'")
+        if self.data.layout is not None and self.reward.fn == "synthetic_modsum":
+            raise ValueError(f"reward.fn: {self.data.layout} answers are scored by math-verify (reward=math or "
+                             f"reward=dapo), not the synthetic task's 'synthetic_modsum'")
         return layout
 
 

@@ -65,6 +65,8 @@ def test_memory_estimate_by_hand():
     (["reward.fn=math"], 1, "reward.fn: the synthetic task is scored by 'synthetic_modsum'"),
     (["data.tokenizer=/nonexistent"], 1, "data.tokenizer: the synthetic task has its own tokenizer"),
     (["data.path=prompts.csv"], 1, "data.path: expected 'synthetic' or a .jsonl/.parquet file"),
+    (["data=gsm8k", "data.path=gsm8k.jsonl", "data.tokenizer=tok"], 1,
+     "reward.fn: gsm8k answers are scored by math-verify (reward=math or reward=dapo)"),
     (["rollout.engine=sglang"], 1, "rollout.server_urls"),
     (["eval.ks=[1,8]"], 1, "eval.ks: every k must be in [1, eval.k=4], got 8"),
     (["optim.lr=0"], 1, "optim.lr: must be > 0"),
