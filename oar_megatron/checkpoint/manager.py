@@ -7,9 +7,11 @@ On-disk layout (``root`` is shared by every rank, as megatron's dist-checkpointi
       latest                    text: the directory name of the newest complete checkpoint, e.g. "step_00000040"
       step_00000040/
         dist/                   megatron dist_checkpointing (torch_dist): model chunks ("model", or "model0",
-                                "model1", ... under virtual PP, as Megatron-LM names them) and "optimizer"
-        state.pt                rank 0: format, step, common (trainer state), scheduler state_dict, layout
-        rank_00000.pt ...       one per rank: RNG states, per_rank, the reference-policy weights (when kept)
+                                "model1", ... under virtual PP, as Megatron-LM names them), "optimizer", and the
+                                KL reference policy ("reference": the chunks' parameters, keys "reference.*")
+        state.pt                rank 0: format, step, common (trainer state), scheduler state_dict, layout,
+                                whether the reference was saved
+        rank_00000.pt ...       one per rank: RNG states, per_rank (the trainer's per-rank state)
       .tmp-step_00000050/       a save in progress (or one that crashed); never read, removed by the next save
 
 Atomicity. Every rank writes into ``root/.tmp-step_{step:08d}/``; after a barrier (every rank's files complete), rank 0
@@ -23,7 +25,10 @@ Resharding. Model weights load into any layout (dist-checkpointing reshards TP/P
 in megatron's ``dp_reshardable`` format (distributed optimizer: fully parallel, no gather; plain optimizer: model
 space), so it loads only under the same TP/PP/virtual-PP/CP/EP/expert-TP layout and the same optimizer kind (the data
 parallel size may differ for the distributed optimizer); anything else is a ``ValueError`` that names the difference
-and suggests ``load_optimizer=False``. RNG and ``per_rank`` load only when the world size and layout match.
+and suggests ``load_optimizer=False``. RNG and ``per_rank`` load only when the world size and layout match. The KL
+reference policy is saved like the weights (the model's own sharded tensors, holding the reference values, keys
+prefixed ``reference.``), so it reshards to any layout; ``load`` restores it when the actor needs one
+(``kl.coef > 0``) and refuses a checkpoint without it.
 
 Files outside ``dist/`` are read with ``torch.load(..., weights_only=True)``: ``common`` and ``per_rank`` must hold
 tensors, numbers, strings, None and lists/tuples/dicts of them.
@@ -364,8 +369,10 @@ class CheckpointManager:
     def save(self, step: int, actor, *, common: dict, per_rank: dict | None = None) -> Path:
         """Write checkpoint ``step`` (collective; returns ``root/step_{step:08d}`` on every rank).
 
-        ``common``: trainer state, identical on every rank, written once by rank 0 (step, data-iterator and engine
-        state; tensors and plain Python). ``per_rank``: this rank's own tensors/ints."""
+        ``common``: trainer state, identical on every rank, written once by rank 0 (step, the global data-iterator
+        position, shared counters; tensors and plain Python). ``per_rank``: this rank's own state (e.g. its engine's
+        seed), returned by ``load`` to the same rank when the layout matches. The actor's KL reference policy, when
+        it has one, goes to ``dist/`` with the weights."""
         from megatron.core import dist_checkpointing
 
         if not isinstance(step, int) or step < 0:
