@@ -299,6 +299,9 @@ def _reference_sharded_state_dict(actor, *, is_loading: bool) -> dict:
         for key, model in zip(_model_keys(actor), actor.models):
             names = {n for n, _ in model.named_parameters()}
             sd = {k: v for k, v in model.sharded_state_dict().items() if k in names}
+            if len(sd) != len(names):  # never a partial reference
+                raise CheckpointError(f"reference: parameters missing from {key}'s sharded state dict: "
+                                      f"{sorted(names - sd.keys())[:3]}")
             for v in sd.values():
                 v.data = v.data.detach().to("cpu", copy=True)
             add_prefix_for_sharding(sd, REFERENCE_PREFIX)
