@@ -128,8 +128,10 @@ class Trainer:
             self.iterator.load_state_dict(common["iterator"])
             self.engine.load_state_dict(common["engine"])  # counters only: this rank keeps its own seed
             old = self.ckpt.saved_layout(path)
-            self._print(f"data-parallel layout changed (dp {old['dp']} -> {self.groups.dp}): model, reference and "
-                        f"optimizer resharded; rollout sampling streams re-derived for the new ranks")
+            ref = ", KL reference" if self.actor.has_reference else ""
+            self._print(f"data-parallel layout changed (dp {old['dp']} -> {self.groups.dp}): model{ref} and optimizer "
+                        f"resharded; rollout sampling streams re-derived for the new ranks (samples differ from an "
+                        f"uninterrupted dp {old['dp']} run)")
         self._print(f"resumed from {path} at step {self.step}")
         return True
 

@@ -1,14 +1,14 @@
 """Checkpoints of a ``PolicyActor`` (``oar_megatron.checkpoint``) on real megatron-core under gloo.
 
-Resume is exact: 2 updates, the KL reference set from the current policy, 2 updates, save, 2 more updates (losses, parameters, ``torch.rand`` right after the save recorded);
-a fresh actor built with another seed loads the checkpoint and repeats the same 2 updates with identical losses and
-parameters (optimizer moments, LR schedule, RNG and the KL reference restored: its log-probs are bitwise the saved
-run's, not the new actor's initial reference). On 1 rank (plain optimizer), DP2 (distributed
-optimizer) and TP2. A DP2 checkpoint loads its model weights and its reference into TP2 (dist-checkpointing
-resharding: same log-probs) while its optimizer state is refused with a clear error; a checkpoint without the
-reference is refused when kl.coef > 0. A crash during save (``OAR_CKPT_FAULT``, in a child process) leaves the
-previous checkpoint loadable and ``latest`` on it; keep-last-k; bad inputs. One spawn per world size (megatron's
-import costs ~6 s)."""
+Resume is exact: 2 updates, the KL reference set from the current policy, 2 updates, save, 2 more updates (losses,
+parameters, ``torch.rand`` right after the save recorded); a fresh actor built with another seed loads the
+checkpoint and repeats the same 2 updates with identical losses and parameters (optimizer moments, LR schedule, RNG
+and the KL reference restored: its log-probs are bitwise the saved run's, not the new actor's initial reference).
+On 1 rank (plain optimizer), DP2 (distributed optimizer) and TP2. A DP2 checkpoint loads its model weights and its
+reference into TP2 (dist-checkpointing resharding: same log-probs) while its optimizer state is refused with a
+clear error; a checkpoint without the reference is refused when kl.coef > 0. A crash during save
+(``OAR_CKPT_FAULT``, in a child process) leaves the previous checkpoint loadable and ``latest`` on it; keep-last-k;
+bad inputs. One spawn per world size (megatron's import costs ~6 s)."""
 
 from __future__ import annotations
 
