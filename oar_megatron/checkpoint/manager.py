@@ -7,9 +7,11 @@ On-disk layout (``root`` is shared by every rank, as megatron's dist-checkpointi
       latest                    text: the directory name of the newest complete checkpoint, e.g. "step_00000040"
       step_00000040/
         dist/                   megatron dist_checkpointing (torch_dist): model chunks ("model", or "model0",
-                                "model1", ... under virtual PP, as Megatron-LM names them) and "optimizer"
-        state.pt                rank 0: format, step, common (trainer state), scheduler state_dict, layout
-        rank_00000.pt ...       one per rank: RNG states, per_rank, the reference-policy weights (when kept)
+                                "model1", ... under virtual PP, as Megatron-LM names them), "optimizer", and the
+                                KL reference policy ("reference": the chunks' parameters, keys "reference.*")
+        state.pt                rank 0: format, step, common (trainer state), scheduler state_dict, layout,
+                                whether the reference was saved
+        rank_00000.pt ...       one per rank: RNG states, per_rank (the trainer's per-rank state)
       .tmp-step_00000050/       a save in progress (or one that crashed); never read, removed by the next save
 
 Atomicity. Every rank writes into ``root/.tmp-step_{step:08d}/``; after a barrier (every rank's files complete), rank 0
@@ -23,7 +25,10 @@ Resharding. Model weights load into any layout (dist-checkpointing reshards TP/P
 in megatron's ``dp_reshardable`` format (distributed optimizer: fully parallel, no gather; plain optimizer: model
 space), so it loads only under the same TP/PP/virtual-PP/CP/EP/expert-TP layout and the same optimizer kind (the data
 parallel size may differ for the distributed optimizer); anything else is a ``ValueError`` that names the difference
-and suggests ``load_optimizer=False``. RNG and ``per_rank`` load only when the world size and layout match.
+and suggests ``load_optimizer=False``. RNG and ``per_rank`` load only when the world size and layout match. The KL
+reference policy is saved like the weights (the model's own sharded tensors, holding the reference values, keys
+prefixed ``reference.``), so it reshards to any layout; ``load`` restores it when the actor needs one
+(``kl.coef > 0``) and refuses a checkpoint without it.
 
 Files outside ``dist/`` are read with ``torch.load(..., weights_only=True)``: ``common`` and ``per_rank`` must hold
 tensors, numbers, strings, None and lists/tuples/dicts of them.
@@ -49,12 +54,13 @@ import torch.distributed as dist
 
 __all__ = ["FAULT_EXIT_CODE", "CheckpointError", "CheckpointManager", "list_checkpoints", "read_latest"]
 
-FORMAT = 1
+FORMAT = 2  # 2: the reference policy lives in dist/ ("reference." keys), no longer in the rank files
 LATEST = "latest"
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 TMP_PREFIX = ".tmp-"
 DIST_DIR = "dist"
 STATE_FILE = "state.pt"
+REFERENCE_PREFIX = "reference."  # dist-checkpointing key prefix of the KL reference policy
 OPTIM_SHARDING = "dp_reshardable"  # megatron's distributed-optimizer format (module docstring)
 LAYOUT_KEYS = ("tp", "pp", "virtual_pp", "cp", "ep", "etp")
 
@@ -280,6 +286,42 @@ def _sharded_state_dict(actor, *, with_optimizer: bool, is_loading: bool) -> dic
     return sd
 
 
+def _reference_sharded_state_dict(actor, *, is_loading: bool) -> dict:
+    """The KL reference policy as megatron sharded tensors: the model chunks' own ``sharded_state_dict`` (so it
+    reshards like the weights: any TP/PP/EP/DP on load), restricted to the parameters, every key prefixed with
+    ``reference.``, the data on the host (a copy; never the live parameters). Saving: built while the reference is
+    swapped into the model, so each entry (and any view megatron takes of a parameter) holds the reference values.
+    Loading: the same entries with fresh host tensors for dist-checkpointing to fill."""
+    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+    def build() -> dict:
+        out = {}
+        for key, model in zip(_model_keys(actor), actor.models):
+            names = {n for n, _ in model.named_parameters()}
+            sd = {k: v for k, v in model.sharded_state_dict().items() if k in names}
+            if len(sd) != len(names):  # never a partial reference
+                raise CheckpointError(f"reference: parameters missing from {key}'s sharded state dict: "
+                                      f"{sorted(names - sd.keys())[:3]}")
+            for v in sd.values():
+                v.data = v.data.detach().to("cpu", copy=True)
+            add_prefix_for_sharding(sd, REFERENCE_PREFIX)
+            out[key] = sd
+        return out
+
+    if is_loading:
+        return build()
+    with actor.reference_swapped_in():
+        return build()
+
+
+def _reference_weights(actor, loaded: dict) -> list[dict[str, torch.Tensor]]:
+    """Loaded reference entries → ``set_reference_weights``' per-chunk dicts keyed by parameter name."""
+    out = []
+    for key, model in zip(_model_keys(actor), actor.models):
+        out.append({name: loaded[key][name].detach().cpu() for name, _ in model.named_parameters()})
+    return out
+
+
 def _optimizer_mismatch(saved: dict, actor) -> str | None:
     """Why the saved optimizer state cannot load into ``actor`` (None when it can)."""
     now = _layout_of(actor.groups)
@@ -330,8 +372,10 @@ class CheckpointManager:
     def save(self, step: int, actor, *, common: dict, per_rank: dict | None = None) -> Path:
         """Write checkpoint ``step`` (collective; returns ``root/step_{step:08d}`` on every rank).
 
-        ``common``: trainer state, identical on every rank, written once by rank 0 (step, data-iterator and engine
-        state; tensors and plain Python). ``per_rank``: this rank's own tensors/ints."""
+        ``common``: trainer state, identical on every rank, written once by rank 0 (step, the global data-iterator
+        position, shared counters; tensors and plain Python). ``per_rank``: this rank's own state (e.g. its engine's
+        seed), returned by ``load`` to the same rank when the layout matches. The actor's KL reference policy, when
+        it has one, goes to ``dist/`` with the weights."""
         from megatron.core import dist_checkpointing
 
         if not isinstance(step, int) or step < 0:
@@ -347,19 +391,19 @@ class CheckpointManager:
         _barrier()
 
         sd = _sharded_state_dict(actor, with_optimizer=True, is_loading=False)
+        with_reference = bool(getattr(actor, "has_reference", False))
+        if with_reference:
+            sd["reference"] = _reference_sharded_state_dict(actor, is_loading=False)
         dist_checkpointing.save(sd, str(tmp / DIST_DIR))
         _fault("after_model")
 
         mine: dict[str, Any] = {"rng": rng_state(), "per_rank": per_rank}
-        ref = getattr(actor, "_ref_weights", None)
-        if ref is not None:
-            mine["ref_weights"] = ref
         _write_atomic(tmp / rank_filename(rank), lambda p: torch.save(mine, p))
         if rank == 0:
             state = {"format": FORMAT, "step": step, "common": common, "scheduler": actor.scheduler.state_dict(),
                      "layout": _layout_of(self.groups),
                      "distributed_optimizer": _is_distributed_optimizer(actor.optimizer),
-                     "model_keys": _model_keys(actor)}
+                     "model_keys": _model_keys(actor), "reference": with_reference}
             _write_atomic(tmp / STATE_FILE, lambda p: torch.save(state, p))
         _barrier()  # every rank's files are complete
         _fault("before_rename")
@@ -417,11 +461,25 @@ class CheckpointManager:
                                   f"{DIST_DIR}/metadata.json)")
         return path
 
-    def load(self, actor, path: str | os.PathLike | None = None, *, load_optimizer: bool = True,
-             load_rng: bool = True) -> dict:
-        """Restore model, optimizer (and scheduler), RNG in place from ``path`` (default: ``latest``); collective.
+    def saved_layout(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
+        """The layout a checkpoint was saved with (``world_size``, ``dp``, ``tp``, ``pp``, ...); no process group."""
+        path = self.resolve(path)
+        return torch.load(path / STATE_FILE, weights_only=True)["layout"]
 
-        Returns ``{"step", "common", "per_rank"}`` (``per_rank`` None when the world size differs)."""
+    def same_layout(self, path: str | os.PathLike | None = None) -> bool:
+        """True when the checkpoint's ranks are this run's ranks (world size and every parallel size equal): then
+        rank r's per-rank state (RNG, ``per_rank``) is rank r's again."""
+        saved, now = self.saved_layout(path), _layout_of(self.groups)
+        return all(saved[k] == now[k] for k in ("world_size", "dp", *LAYOUT_KEYS))
+
+    def load(self, actor, path: str | os.PathLike | None = None, *, load_optimizer: bool = True,
+             load_rng: bool = True, load_reference: bool | None = None) -> dict:
+        """Restore model, optimizer (and scheduler), RNG and the KL reference policy in place from ``path``
+        (default: ``latest``); collective.
+
+        ``load_reference`` (default: ``actor.needs_reference``, i.e. ``kl.coef > 0``): load the reference policy
+        (resharded to this layout like the weights); a checkpoint without one is a :class:`CheckpointError`.
+        Returns ``{"step", "common", "per_rank"}`` (``per_rank`` None when the layout differs)."""
         from megatron.core import dist_checkpointing
 
         path = self.resolve(path)
@@ -432,6 +490,11 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: saved with model chunks {state['model_keys']}, the actor has "
                                   f"{_model_keys(actor)} (virtual pipeline size differs); build the actor with the "
                                   f"saved virtual_pp")
+        if load_reference is None:
+            load_reference = bool(getattr(actor, "needs_reference", False))
+        if load_reference and not state.get("reference"):
+            raise CheckpointError(f"{path}: no KL reference policy in this checkpoint (dist/ keys "
+                                  f"'{REFERENCE_PREFIX}*'); algorithm.kl.coef > 0 needs it")
         now = _layout_of(self.groups)
         same_ranks = all(state["layout"][k] == now[k] for k in ("world_size", "dp", *LAYOUT_KEYS))
         if load_optimizer:
@@ -444,9 +507,13 @@ class CheckpointManager:
                                   f"load with load_rng=False")
 
         sd = _sharded_state_dict(actor, with_optimizer=load_optimizer, is_loading=True)
+        if load_reference:
+            sd["reference"] = _reference_sharded_state_dict(actor, is_loading=True)
         loaded = dist_checkpointing.load(sd, str(path / DIST_DIR))
         for key, model in zip(_model_keys(actor), actor.models):
             model.load_state_dict(loaded[key], strict=True)
+        if load_reference:
+            actor.set_reference_weights(_reference_weights(actor, loaded["reference"]))
         # no_grad: the distributed optimizer copies into fp32 main params that are views of the (grad-requiring)
         # model parameters when params are fp32
         with torch.no_grad():
@@ -456,6 +523,7 @@ class CheckpointManager:
                 _restore_adam_steps(actor.optimizer, steps)
             else:
                 actor.optimizer.reload_model_params()  # main (fp32) params from the loaded model params
+        actor.scheduler.num_steps = 0  # megatron's load_state_dict adds the saved steps to the current count
         actor.scheduler.load_state_dict(state["scheduler"])
 
         per_rank = None
@@ -464,7 +532,5 @@ class CheckpointManager:
             per_rank = mine["per_rank"]
             if load_rng:
                 set_rng_state(mine["rng"])
-            if "ref_weights" in mine and hasattr(actor, "set_reference_weights"):
-                actor.set_reference_weights(mine["ref_weights"])
         _barrier()
         return {"step": state["step"], "common": state["common"], "per_rank": per_rank}

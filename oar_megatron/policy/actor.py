@@ -36,11 +36,13 @@ group, then per micro-batch ``policy_loss`` + ``kl_loss`` (if ``kl.coef > 0`` an
 + ``entropy_bonus`` (if ``entropy_coef > 0``), all with those global denominators; ``train_step`` applies the
 schedule/DDP scaling (see its docstring), so the update is the gradient of the global mini-batch loss.
 
-Reference policy (KL). The simplest honest choice: the reference weights are a CPU copy of this rank's
-parameter shards taken at construction (the initial policy) when ``kl.coef > 0`` (or set with
-``set_reference_weights``). ``compute_ref_logprobs`` swaps them into the same model (current weights parked on the
-host), runs one forward-only pass over the rollout batch and swaps back: no second model on the accelerator, two
-host↔device parameter copies per rollout batch. With ``kl.coef == 0`` nothing is kept.
+Reference policy (KL). The reference is the policy the run starts from: a CPU copy of this rank's parameter
+shards, kept when ``kl.coef > 0``. ``reference="initial"`` takes it at construction (standalone use); the trainer
+builds the actor with ``reference=None`` and calls ``set_reference_from_current()`` at the start of RL, after the
+format warm-up, or gets it back from a checkpoint (``checkpoint/manager.py`` saves it through dist-checkpointing in
+a layout-independent form and reshards it on load). ``compute_ref_logprobs`` swaps it into the same model (current
+weights parked on the host), runs one forward-only pass over the rollout batch and swaps back: no second model on
+the accelerator, two host↔device parameter copies per rollout batch. With ``kl.coef == 0`` nothing is kept.
 
 Activation recompute. ``recompute=None | "selective" | "full"`` maps to megatron's ``recompute_granularity``
 (``"selective"``: core attention only; ``"full"``: ``recompute_method="uniform"``, ``recompute_num_layers=1``, i.e.
@@ -358,14 +360,49 @@ class PolicyActor:
             for name, p in m.named_parameters():
                 yield i, name, p
 
+    @property
+    def needs_reference(self) -> bool:
+        """True when the loss has a KL term (``algorithm.kl.coef > 0``), which needs reference log-probs."""
+        return self.algorithm.kl.coef > 0
+
+    @property
+    def has_reference(self) -> bool:
+        return self._ref_weights is not None
+
     def set_reference_weights(self, weights: list[dict[str, torch.Tensor]] | None = None) -> None:
-        """Keep a CPU copy of the reference weights (this rank's shards, one dict per chunk; default: the current
-        parameters)."""
+        """Keep a CPU copy of the reference weights (this rank's shards, one dict per chunk keyed by parameter name;
+        default: the current parameters)."""
         if weights is None:
             weights = [{} for _ in self.models]
             for i, name, p in self._local_params():
                 weights[i][name] = p.detach().to("cpu", copy=True)
+        else:
+            for i, name, p in self._local_params():
+                got = weights[i].get(name) if i < len(weights) else None
+                if got is None or tuple(got.shape) != tuple(p.shape):
+                    raise ValueError(f"weights[{i}][{name!r}]: expected a tensor of shape {tuple(p.shape)}, got "
+                                     f"{None if got is None else tuple(got.shape)}")
         self._ref_weights = weights
+
+    def set_reference_from_current(self) -> None:
+        """The reference policy is the policy RL starts from: the trainer calls this once at the start of RL (after
+        the format warm-up; after loading a pretrained model once loading exists), unless a resumed checkpoint
+        supplied the reference. A no-op when no KL term needs it."""
+        if self.needs_reference:
+            self.set_reference_weights()
+
+    @contextlib.contextmanager
+    def reference_swapped_in(self):
+        """Inside the block the model's parameters hold the reference weights (the current ones parked on the host
+        and put back on exit, also on error). Used for the reference forward pass and by the checkpoint manager to
+        build the reference's sharded state dict from the model's own (``checkpoint/manager.py``)."""
+        if self._ref_weights is None:
+            raise ValueError("reference: no reference weights are set (set_reference_from_current)")
+        parked = self._swap(self._ref_weights)
+        try:
+            yield
+        finally:
+            self._swap(parked)
 
     @torch.no_grad()
     def _swap(self, source: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -380,11 +417,8 @@ class PolicyActor:
         (module docstring); None (and nothing run) when no reference is kept."""
         if self._ref_weights is None:
             return None
-        parked = self._swap(self._ref_weights)
-        try:
+        with self.reference_swapped_in():
             batch.ref_logp = self._forward_only_logprobs(batch)
-        finally:
-            self._swap(parked)
         return batch.ref_logp
 
     # --------------------------------------------------------------------------------------- advantages

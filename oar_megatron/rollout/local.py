@@ -2,9 +2,12 @@
 
 Parameters are shared with the trainer, so ``sync_weights`` copies nothing; it only bumps ``weight_version``.
 Randomness is reproducible and resumable: each ``generate`` call draws from a fresh CPU generator seeded with
-``params.seed`` when given, else with a hash of (engine seed, call counter); ``state_dict()`` holds the counter and
-the weight version, so a resumed run draws what the uninterrupted run would have. Every TP rank builds the same
-engine with the same seed and returns the same samples.
+``params.seed`` when given, else with a hash of (engine seed, call counter); ``state_dict()`` holds the counter, the
+weight version and the seed, so a resumed run draws what the uninterrupted run would have. Every TP rank builds the
+same engine with the same seed and returns the same samples; the seed differs per data-parallel rank, so the state
+is per rank (the trainer checkpoints it per rank). A state without ``seed`` (the counters shared by every rank)
+loads into an engine of any seed: after a change of data-parallel layout each new rank continues the shared
+counters with its own stream.
 
 Megatron is imported on the first ``generate`` call, not when this module is imported.
 """
@@ -85,6 +88,7 @@ class LocalEngine(RolloutEngine):
         return {"calls": self.calls, "weight_version": self.weight_version, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the counters; a ``seed`` in ``state`` must be this engine's (module docstring)."""
         missing = {"calls", "weight_version"} - set(state)
         if missing:
             raise ValueError(f"state: missing key {sorted(missing)[0]!r} (expected calls, weight_version)")

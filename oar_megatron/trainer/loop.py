@@ -67,7 +67,8 @@ class Trainer:
         self.actor = PolicyActor(model=cfg.model, parallel=cfg.parallel, optim=cfg.optim, algorithm=cfg.algorithm,
                                  groups=g, micro_batch_size=cfg.trainer.micro_batch_size,
                                  recompute=cfg.trainer.recompute, routing_replay=cfg.trainer.routing_replay,
-                                 temperature=cfg.rollout.temperature, saliency_seed=cfg.trainer.seed)
+                                 temperature=cfg.rollout.temperature, saliency_seed=cfg.trainer.seed,
+                                 reference=None)  # the KL reference: set in fit() or loaded by _maybe_resume
         if cfg.rollout.engine != "local":
             raise ValueError("rollout.engine: only the local engine is available in this build; the SGLang client "
                              "is a separate work item (use rollout=local)")
@@ -79,7 +80,7 @@ class Trainer:
         self.ckpt = CheckpointManager(ckpt_dir, keep_last=cfg.checkpoint.keep_last, groups=g)
         self.step = 0
         self.warmed_up = False
-        resumed = self._maybe_resume()
+        resumed = self._maybe_resume(evaluating)
         tb = {"auto": "auto", "true": True, "false": False}.get(str(cfg.logging.tensorboard).lower(), "auto")
         wandb = {"project": cfg.logging.wandb_project} if cfg.logging.wandb_project else None
         # resumed: drop what the interrupted run logged after its checkpoint; fresh: start the file over;
@@ -93,26 +94,57 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def _maybe_resume(self) -> bool:
+    def _maybe_resume(self, evaluating: bool = False) -> bool:
+        """Load the checkpoint ``checkpoint.resume`` names (model, optimizer, KL reference, trainer state).
+
+        Same layout: every rank gets its own RNG, engine and iterator state back (the run continues exactly).
+        Another data-parallel size (the only change the optimizer state reshards over): model, reference and
+        optimizer reshard; the per-rank rollout state is re-derived for the new ranks: the shared counters (step,
+        the iterator's position, the engine's call count and weight version) from the checkpoint, each rank's
+        sampling stream from its engine seed (``trainer.seed`` and its new DP rank). The samples then differ from
+        the uninterrupted run's (it sampled with the old ranks' streams), deterministically. Any other layout
+        change is refused by the checkpoint manager with one line."""
+        from ..checkpoint import CheckpointError
+
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return False
         path = self.ckpt.latest() if mode == "auto" else Path(mode)
         if path is None:
             return False
-        state = self.ckpt.load(self.actor, path)
-        common = state["common"]
+        same = self.ckpt.same_layout(path)
+        # oar-eval needs no KL reference; training with kl.coef > 0 does (a checkpoint without one is an error)
+        state = self.ckpt.load(self.actor, path, load_rng=same, load_reference=False if evaluating else None)
+        common, mine = state["common"], state["per_rank"]
         self.step = int(common["step"])
         self.warmed_up = bool(common.get("warmed_up", True))
-        self.iterator.load_state_dict(common["iterator"])
-        self.engine.load_state_dict(common["engine"])
+        if mine is not None:
+            if int(mine["dp_rank"]) != self.groups.dp_rank:
+                raise CheckpointError(f"{path}: rank {self.groups.rank} was DP rank {mine['dp_rank']} when saved and "
+                                      f"is DP rank {self.groups.dp_rank} now")
+            self.iterator.load_state_dict(mine["iterator"])
+            self.engine.load_state_dict(mine["engine"])
+        else:
+            self.iterator.load_state_dict(common["iterator"])
+            self.engine.load_state_dict(common["engine"])  # counters only: this rank keeps its own seed
+            old = self.ckpt.saved_layout(path)
+            ref = ", KL reference" if self.actor.has_reference else ""
+            self._print(f"data-parallel layout changed (dp {old['dp']} -> {self.groups.dp}): model{ref} and optimizer "
+                        f"resharded; rollout sampling streams re-derived for the new ranks (samples differ from an "
+                        f"uninterrupted dp {old['dp']} run)")
         self._print(f"resumed from {path} at step {self.step}")
         return True
 
     def save(self) -> Path:
+        """Checkpoint: ``common`` (written once) holds what every rank shares: the step, the global prompt
+        iterator's position and the engine's shared counters (call count, weight version; the re-derivation
+        source when the layout changes); ``per_rank`` holds each rank's own engine state (its seed differs per DP
+        rank), its iterator shard and its DP rank, loaded back on the same rank (``_maybe_resume``)."""
+        engine = self.engine.state_dict()
         common = {"step": self.step, "warmed_up": self.warmed_up, "iterator": self.iterator.state_dict(),
-                  "engine": self.engine.state_dict()}
-        return self.ckpt.save(self.step, self.actor, common=common)
+                  "engine": {k: v for k, v in engine.items() if k != "seed"}}
+        per_rank = {"dp_rank": self.groups.dp_rank, "engine": engine, "iterator": self.iterator.state_dict()}
+        return self.ckpt.save(self.step, self.actor, common=common, per_rank=per_rank)
 
     def close(self) -> None:
         from ..policy import destroy_parallel
@@ -136,6 +168,8 @@ class Trainer:
         history = []
         if not self.warmed_up:
             self.format_warmup()
+        if not self.actor.has_reference:  # the KL reference is the policy RL starts from (loaded when resumed)
+            self.actor.set_reference_from_current()
         if cfg.eval.at_start and self.step == 0:
             self.evaluate()
         while self.step < cfg.trainer.steps:

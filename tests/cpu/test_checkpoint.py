@@ -1,12 +1,14 @@
 """Checkpoints of a ``PolicyActor`` (``oar_megatron.checkpoint``) on real megatron-core under gloo.
 
-Resume is exact: 2 updates, save, 2 more updates (losses, parameters, ``torch.rand`` right after the save recorded);
-a fresh actor built with another seed loads the checkpoint and repeats the same 2 updates with identical losses and
-parameters (optimizer moments, LR schedule and RNG restored). On 1 rank (plain optimizer), DP2 (distributed
-optimizer) and TP2. A DP2 checkpoint loads its model weights into TP2 (dist-checkpointing resharding) while its
-optimizer state is refused with a clear error. A crash during save (``OAR_CKPT_FAULT``, in a child process) leaves the
-previous checkpoint loadable and ``latest`` on it; keep-last-k; bad inputs. One spawn per world size (megatron's
-import costs ~6 s)."""
+Resume is exact: 2 updates, the KL reference set from the current policy, 2 updates, save, 2 more updates (losses,
+parameters, ``torch.rand`` right after the save recorded); a fresh actor built with another seed loads the
+checkpoint and repeats the same 2 updates with identical losses and parameters (optimizer moments, LR schedule, RNG
+and the KL reference restored: its log-probs are bitwise the saved run's, not the new actor's initial reference).
+On 1 rank (plain optimizer), DP2 (distributed optimizer) and TP2. A DP2 checkpoint loads its model weights and its
+reference into TP2 (dist-checkpointing resharding: same log-probs) while its optimizer state is refused with a
+clear error; a checkpoint without the reference is refused when kl.coef > 0. A crash during save
+(``OAR_CKPT_FAULT``, in a child process) leaves the previous checkpoint loadable and ``latest`` on it; keep-last-k;
+bad inputs. One spawn per world size (megatron's import costs ~6 s)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def _data(vocab):
     return prompts, responses, torch.tensor([1.0, -1.0, 0.5, -0.5])
 
 
-def _actor(parallel_kw: dict, seed: int):
+def _actor(parallel_kw: dict, seed: int, reference: str | None = None):
     from oar_megatron.config import ParallelConfig, model_preset
     from oar_megatron.config.algorithm import load_algorithm
     from oar_megatron.config.optim import OptimConfig
@@ -47,8 +49,10 @@ def _actor(parallel_kw: dict, seed: int):
     groups = init_parallel(ParallelConfig(**parallel_kw), model, seed=seed)
     # warm-up so the LR differs per update (the scheduler state matters); 2 updates per rollout batch
     optim = OptimConfig(lr=3e-3, lr_warmup_steps=6, weight_decay=0.01)
+    # KL on: the reference policy is part of the checkpoint (none until set_reference_from_current)
     actor = PolicyActor(model=model, parallel=groups.cfg, optim=optim, groups=groups, micro_batch_size=1,
-                        algorithm=load_algorithm("grpo", updates_per_batch=2))
+                        algorithm=load_algorithm("grpo", updates_per_batch=2, kl={"coef": 0.1}),
+                        reference=reference)
     return actor, groups
 
 
@@ -59,7 +63,9 @@ def _batch(actor, groups, *, all_rows: bool = False):
 
 
 def _round(actor, batch):
-    """One rollout batch: π_old, advantages, 2 updates; the losses and the local parameters after it."""
+    """One rollout batch: π_ref (once a reference is set), π_old, advantages, 2 updates; the losses and the local
+    parameters after it."""
+    actor.compute_ref_logprobs(batch)
     actor.compute_old_logprobs(batch)
     actor.compute_token_advantages(batch)
     m = actor.update(batch)
@@ -67,15 +73,28 @@ def _round(actor, batch):
     return m["loss"] + m["lr"], params
 
 
-def _resume_case(root: str, parallel_kw: dict, *, keep_root: str | None = None, full_logp: bool = False) -> dict:
+def _ref_logp(actor, batch):
+    """Reference log-probs of ``batch`` (a fresh copy of it, so the caller's batch keeps its own)."""
+    return actor.compute_ref_logprobs(batch.rows(torch.arange(batch.size)))
+
+
+def _resume_case(root: str, parallel_kw: dict, *, keep_root: str | None = None, noref_root: str | None = None,
+                 full_logp: bool = False) -> dict:
     from oar_megatron.policy import destroy_parallel
 
     actor, groups = _actor(parallel_kw, seed=5)
     batch = _batch(actor, groups)
-    _round(actor, batch)
+    _round(actor, batch)  # no reference yet: no KL term
     out = {}
-    if full_logp:  # the full-batch log-probs of the saved weights, for the resharding check
-        out["full_logp"] = actor.compute_old_logprobs(_batch(actor, groups, all_rows=True))
+    if noref_root is not None:  # a checkpoint that lacks the reference although kl.coef > 0
+        CheckpointManager(noref_root, groups=groups).save(1, actor, common={"step": 1})
+    actor.set_reference_from_current()  # the reference: neither the initialisation nor the saved weights
+    _round(actor, batch)
+    out["ref_logp"] = _ref_logp(actor, batch)
+    if full_logp:  # the full-batch log-probs of the saved weights and reference, for the resharding check
+        full = _batch(actor, groups, all_rows=True)
+        out["full_logp"] = actor.compute_old_logprobs(full)
+        out["full_ref_logp"] = _ref_logp(actor, full)
     mgr = CheckpointManager(root, keep_last=2, groups=groups)
     common = {"step": 1, "data": {"epoch": 0, "offset": torch.tensor(7)}, "name": "run"}
     saved = mgr.save(1, actor, common=common, per_rank={"rank": torch.tensor([groups.rank]), "n": 3})
@@ -91,10 +110,18 @@ def _resume_case(root: str, parallel_kw: dict, *, keep_root: str | None = None, 
         out["kept_latest"] = str(kmgr.latest())
     destroy_parallel()
 
-    actor, groups = _actor(parallel_kw, seed=99)  # different init and RNG
+    actor, groups = _actor(parallel_kw, seed=99, reference="initial")  # different init, RNG and reference
+    if noref_root is not None:
+        try:
+            CheckpointManager(noref_root, groups=groups).load(actor)
+            out["noref"] = ""
+        except CheckpointError as e:
+            out["noref"] = str(e)
     res = CheckpointManager(root, keep_last=2, groups=groups).load(actor)
     r_load = torch.rand(3)
-    got_losses, got_params = _round(actor, _batch(actor, groups))
+    batch = _batch(actor, groups)
+    out["got_ref_logp"] = _ref_logp(actor, batch)
+    got_losses, got_params = _round(actor, batch)
     destroy_parallel()
     out.update(res=res, r_after=r_after, r_load=r_load, want_losses=want_losses, got_losses=got_losses,
                want_params=want_params, got_params=got_params)
@@ -107,6 +134,7 @@ def _check_resume(r: dict, rank: int) -> None:
     assert res["step"] == 1 and res["common"]["name"] == "run" and int(res["common"]["data"]["offset"]) == 7
     assert int(res["per_rank"]["rank"]) == rank and res["per_rank"]["n"] == 3
     assert torch.equal(r["r_after"], r["r_load"])
+    assert torch.equal(r["got_ref_logp"], r["ref_logp"])  # the saved reference, not the new actor's initial one
     assert r["got_losses"] == pytest.approx(r["want_losses"], abs=1e-7, rel=0)
     torch.testing.assert_close(r["got_params"], r["want_params"], atol=1e-7, rtol=0)
 
@@ -116,13 +144,17 @@ def _check_resume(r: dict, rank: int) -> None:
 
 def _one_rank(rank, world_size, root):
     return _resume_case(os.path.join(root, "a"), {"distributed_optimizer": False},
-                        keep_root=os.path.join(root, "keep"))
+                        keep_root=os.path.join(root, "keep"), noref_root=os.path.join(root, "noref"))
 
 
 def test_resume_is_exact_on_one_rank_and_keep_last(tmp_path):
     (r,) = run_ranks(_one_rank, 1, str(tmp_path))
     _check_resume(r, 0)
     assert r["kept"] == [3, 4] and r["kept_latest"].endswith("step_00000004")
+    # kl.coef > 0 and no reference in the checkpoint: one line naming the checkpoint and the missing item
+    noref = str(tmp_path / "noref" / "step_00000001")
+    assert r["noref"] == (f"{noref}: no KL reference policy in this checkpoint (dist/ keys 'reference.*'); "
+                          f"algorithm.kl.coef > 0 needs it")
     assert [s for s, _ in list_checkpoints(tmp_path / "keep")] == [3, 4]
 
 
@@ -146,7 +178,9 @@ def _two_ranks(rank, world_size, root):
     res = mgr.load(actor, load_optimizer=False, load_rng=False)
     out["reshard_step"] = res["step"]
     out["reshard_per_rank"] = res["per_rank"]
-    out["tp2_full_logp"] = actor.compute_old_logprobs(_batch(actor, groups, all_rows=True))
+    full = _batch(actor, groups, all_rows=True)
+    out["tp2_full_logp"] = actor.compute_old_logprobs(full)
+    out["tp2_full_ref_logp"] = _ref_logp(actor, full)  # the reference resharded to TP2 like the weights
     destroy_parallel()
     return out
 
@@ -160,6 +194,8 @@ def test_resume_is_exact_under_dp2_and_tp2_and_weights_reshard(tmp_path):
         assert r["reshard_step"] == 1 and r["reshard_per_rank"] is None
         # TP2 with the DP2 weights gives the DP2 log-probs (fp32, vocab-parallel reduction order)
         torch.testing.assert_close(r["tp2_full_logp"], r["dp2"]["full_logp"], atol=2e-6, rtol=0)
+        torch.testing.assert_close(r["tp2_full_ref_logp"], r["dp2"]["full_ref_logp"], atol=2e-6, rtol=0)
+        assert (r["dp2"]["full_ref_logp"] - r["dp2"]["full_logp"]).abs().max() > 1e-3  # the reference is not π
 
 
 # ------------------------------------------------------------------------------------------ crash in save
@@ -168,7 +204,7 @@ def test_resume_is_exact_under_dp2_and_tp2_and_weights_reshard(tmp_path):
 def _crash_child(root: str, point: str) -> None:
     """Child process (``python -m tests.cpu.test_checkpoint``): save step 1, record its parameters, then die in
     the save of step 2 at ``point``."""
-    actor, groups = _actor({"distributed_optimizer": False}, seed=5)
+    actor, groups = _actor({"distributed_optimizer": False}, seed=5, reference="initial")
     batch = _batch(actor, groups)
     _round(actor, batch)
     mgr = CheckpointManager(root, groups=groups)
@@ -185,7 +221,7 @@ def _after_crash(rank, world_size, roots):
 
     out = {}
     for point, root in roots.items():
-        actor, groups = _actor({"distributed_optimizer": False}, seed=99)
+        actor, groups = _actor({"distributed_optimizer": False}, seed=99, reference="initial")
         mgr = CheckpointManager(root, groups=groups)
         tmp_left = sorted(p.name for p in Path(root).glob(".tmp-*"))  # manager start cleans them
         res = mgr.load(actor)
