@@ -289,9 +289,13 @@ def _sharded_state_dict(actor, *, with_optimizer: bool, is_loading: bool) -> dic
 def _reference_sharded_state_dict(actor, *, is_loading: bool) -> dict:
     """The KL reference policy as megatron sharded tensors: the model chunks' own ``sharded_state_dict`` (so it
     reshards like the weights: any TP/PP/EP/DP on load), restricted to the parameters, every key prefixed with
-    ``reference.``, the data on the host (a copy; never the live parameters). Saving: built while the reference is
-    swapped into the model, so each entry (and any view megatron takes of a parameter) holds the reference values.
-    Loading: the same entries with fresh host tensors for dist-checkpointing to fill."""
+    ``reference.``, the data a copy (never the live parameters) on the parameters' own device: dist-checkpointing
+    exchanges shards over the model's process groups, which are NCCL on GPUs and refuse host tensors. Cost: one transient
+    device copy of this rank's parameters during save/load (between steps the actor keeps the reference on the
+    host).
+    Saving: built while the reference is swapped into the model, so each entry (and any view megatron takes of a
+    parameter) holds the reference values. Loading: the same entries with fresh tensors for dist-checkpointing to
+    fill."""
     from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 
     def build() -> dict:
@@ -303,7 +307,7 @@ def _reference_sharded_state_dict(actor, *, is_loading: bool) -> dict:
                 raise CheckpointError(f"reference: parameters missing from {key}'s sharded state dict: "
                                       f"{sorted(names - sd.keys())[:3]}")
             for v in sd.values():
-                v.data = v.data.detach().to("cpu", copy=True)
+                v.data = v.data.detach().clone()  # same device as the parameter
             add_prefix_for_sharding(sd, REFERENCE_PREFIX)
             out[key] = sd
         return out
