@@ -24,7 +24,7 @@ PFINAL_MODES = ("last", "answer_mean", "answer_joint")
 class AdvantageConfig:
     estimator: str = "grpo"  # grpo | dr_grpo | rloo
     eps: float = 1e-6  # grpo only
-    filter_groups: bool = False  # drop groups whose rewards are all equal (DAPO dynamic sampling)
+    filter_groups: bool = False  # drop groups whose verdicts are all equal (DAPO dynamic sampling)
     whiten: bool = False  # whiten advantages over the data-parallel group
 
 
