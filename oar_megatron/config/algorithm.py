@@ -37,6 +37,7 @@ class LossConfig:
     eps_high: float | None = None
     dual_clip: float | None = None
     agg: str | None = None
+    # the constant length of "seq-mean-token-sum-norm" (Dr.GRPO); None: rollout.max_new_tokens (TrainConfig.validate)
     norm_len: int | None = None
 
     def build(self) -> PolicyLossConfig:
