@@ -537,7 +537,7 @@ class PolicyActor:
     def sft_update(self, batch: RolloutBatch) -> dict[str, list[float]]:
         """One supervised optimizer step on the batch's responses (the format warm-up): minimise the mean token NLL
 
-            L = −Σ_{b,t} m_bt · log π_θ(y_bt | y_<t) / Σ_{b,t} m_bt          (over every data-parallel rank's rows)
+            L = −Σ_{b,t} m_bt · log π_θ(y_bt | y_<t) / Σ_{b,t} m_bt      (over every data-parallel rank's rows)
 
         at temperature 1 (the model's own distribution; the sampling temperature plays no part), through the same
         schedule and loss scaling as ``update`` (``token-mean`` with the global token count from
