@@ -42,7 +42,8 @@ TRAINER_KEYS = (
     "oar/top10_mass",
     "rollout/logp_diff_abs_mean",
     "time/step_s",
-    "throughput/tokens_per_s",
+    "throughput/response_tokens_per_s",
+    "throughput/total_tokens_per_s",
 )
 
 

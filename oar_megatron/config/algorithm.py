@@ -24,7 +24,7 @@ PFINAL_MODES = ("last", "answer_mean", "answer_joint")
 class AdvantageConfig:
     estimator: str = "grpo"  # grpo | dr_grpo | rloo
     eps: float = 1e-6  # grpo only
-    filter_groups: bool = False  # drop groups whose rewards are all equal (DAPO dynamic sampling)
+    filter_groups: bool = False  # drop groups whose verdicts are all equal (DAPO dynamic sampling)
     whiten: bool = False  # whiten advantages over the data-parallel group
 
 
@@ -37,6 +37,7 @@ class LossConfig:
     eps_high: float | None = None
     dual_clip: float | None = None
     agg: str | None = None
+    # the constant length of "seq-mean-token-sum-norm" (Dr.GRPO); None: rollout.max_new_tokens (TrainConfig.validate)
     norm_len: int | None = None
 
     def build(self) -> PolicyLossConfig:

@@ -227,7 +227,9 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, world_size: int = 1) -> ParallelLayout:
-        """Every group's checks, then the cross-group batch arithmetic (module docstring). Returns the layout."""
+        """Every group's checks, then the cross-group batch arithmetic (module docstring). Returns the layout.
+        Resolves defaults that depend on other groups in place: ``algorithm.loss.norm_len`` (Dr.GRPO's constant,
+        ``seq-mean-token-sum-norm``) defaults to ``rollout.max_new_tokens``."""
         self.model.validate()
         layout = self.parallel.validate(world_size, self.model)
         self.algorithm.validate()
@@ -256,6 +258,10 @@ class TrainConfig:
             raise ValueError(f"trainer.micro_batch_size: {rows} rows per data-parallel rank (prompts_per_step/dp * "
                              f"n_samples) are not a multiple of micro_batch_size={t.micro_batch_size}")
         micro = rows // t.micro_batch_size
+        loss = self.algorithm.loss
+        if loss.build().agg == "seq-mean-token-sum-norm" and loss.norm_len is None:
+            # Dr.GRPO's constant normaliser: the longest response the rollout can produce, never a batch's padding
+            loss.norm_len = r.max_new_tokens
         if micro % self.algorithm.updates_per_batch:
             raise ValueError(f"algorithm.updates_per_batch: {micro} micro-batches per rank do not split into "
                              f"{self.algorithm.updates_per_batch} equal mini-batches")

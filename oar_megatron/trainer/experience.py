@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..algorithms import compute_advantages, filter_groups
+from ..algorithms import compute_advantages
 from ..algorithms.segment import scoring_batch_from_responses, split_responses
 from ..config.algorithm import AlgorithmConfig
 
@@ -34,8 +34,10 @@ class Group:
 
     @property
     def informative(self) -> bool:
-        """Rewards not all equal: the group carries a learning signal (DAPO dynamic sampling)."""
-        return max(self.scores) - min(self.scores) > 0
+        """Verdicts not all equal (0 < accuracy < 1): the group carries an accuracy signal (DAPO dynamic sampling,
+        Yu et al. 2025, eq. 11). Judged on ``passed``, not on ``scores``: shaping such as the overlong penalty can
+        make the scores of an all-correct or all-wrong group differ without any sample being more correct."""
+        return any(self.passed) and not all(self.passed)
 
 
 @dataclass
@@ -63,7 +65,8 @@ class Experience:
 def select_groups(candidates: Sequence[Group], want: int, *, dynamic: bool) -> tuple[list[Group], int]:
     """``want`` groups for training. Without dynamic sampling: the first ``want``. With it (DAPO eq. 11): the
     informative groups first, in arrival order; if fewer than ``want`` exist, uninformative ones fill the batch
-    (they get zero advantage, hence no gradient, but keep every rank's shapes equal) — returned count ``filled``."""
+    (they keep every rank's shapes equal; their advantages come from shaping alone, e.g. the overlong penalty, and
+    are zero for unshaped rewards) — returned count ``filled``."""
     if not dynamic:
         return list(candidates[:want]), 0
     good = [g for g in candidates if g.informative]
@@ -89,14 +92,12 @@ def group_advantages_of(groups: Sequence[Group], algorithm: AlgorithmConfig) -> 
 
 
 def filter_stats(groups: Sequence[Group]) -> dict[str, float]:
-    """Counts of DAPO's filter over the given groups (before selection)."""
+    """Counts of DAPO's filter over the given groups (before selection), by the verifier's verdicts."""
     if not groups:
         return {}
-    n = len(groups[0].responses)
-    rewards = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32)
-    f = filter_groups(rewards, n)
-    return {"rollout/groups_all_correct": float(f.num_all_correct), "rollout/groups_all_wrong": float(f.num_all_wrong),
-            "rollout/groups_uninformative": float(f.num_dropped)}
+    return {"rollout/groups_all_correct": float(sum(all(g.passed) for g in groups)),
+            "rollout/groups_all_wrong": float(sum(not any(g.passed) for g in groups)),
+            "rollout/groups_uninformative": float(sum(not g.informative for g in groups))}
 
 
 def scoring_for(experience: Experience, tokenizer: Any, *, answer_markers: Sequence[str], conclude: str,

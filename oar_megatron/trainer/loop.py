@@ -39,7 +39,11 @@ from .sources import build_dataset, build_reward, build_tokenizer, iterator_for
 
 # per-rank counts: logged as totals over data-parallel replicas (everything else is a mean)
 COUNT_KEYS = ("reward/timeouts", "reward/errors", "rollout/filled_groups", "rollout/groups_all_correct",
-              "rollout/groups_all_wrong", "rollout/groups_uninformative")
+              "rollout/groups_all_wrong", "rollout/groups_uninformative", "rollout/samples",
+              "throughput/response_tokens", "throughput/total_tokens")
+# the reward's per-call counts (summed over dynamic-sampling rounds, and reported as rates over all samples under
+# the names given); every other per-call reward statistic is a rate, averaged over rounds weighted by samples
+REWARD_COUNTS = {"reward/timeouts": "reward/timeout_frac", "reward/errors": "reward/error_frac"}
 
 
 class Trainer:
@@ -189,7 +193,7 @@ class Trainer:
 
     def format_warmup(self) -> None:
         """Teach the synthetic task's response format (random answers, so chance accuracy) by maximum likelihood:
-        the configured loss at ratio 1 with token advantage 1 is the supervised gradient −(1/T)Σ∇log π. Stands in
+        ``actor.sft_update``, one supervised step on the mean token NLL of the examples per warm-up step. Stands in
         for the pretrained model real RL starts from; recorded as ``warmup/*`` metrics."""
         from .sources import synthetic_task
 
@@ -202,11 +206,9 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 7919 + self.groups.dp_rank)
         for i in range(steps):
             pairs = task.format_examples(rows, gen)
-            batch = self.actor.pack([p for p, _ in pairs], [r for _, r in pairs], torch.ones(rows),
+            batch = self.actor.pack([p for p, _ in pairs], [r for _, r in pairs], torch.zeros(rows),
                                     pad_id=self.tokenizer.pad_token_id)
-            self.actor.compute_old_logprobs(batch)
-            batch.token_advantages = batch.response_mask.float()
-            out = self.actor.update(batch)
+            out = self.actor.sft_update(batch)
             if self.is_logger and (i + 1) % 10 == 0:
                 self.logger.log(0, {"warmup/loss": out["loss"][-1], "warmup/step": float(i + 1)}, phase="warmup")
         self.warmed_up = True
@@ -252,7 +254,8 @@ class Trainer:
         params = self._sampling()
         candidates: list[Group] = []
         stats: dict[str, float] = {}
-        gen_tokens, rounds = 0, 0
+        reward_sums: dict[str, float] = {}  # counts summed; rates weighted by the round's samples
+        gen_tokens, rounds, n_samples = 0, 0, 0
         t0 = time.perf_counter()
         for rounds in range(1, cfg.rollout.max_gen_batches + 1):
             records = self.iterator.next_batch()
@@ -260,18 +263,27 @@ class Trainer:
                 samples = self.engine.generate([r.prompt_ids for r in records], params)
                 advance(len(samples))
             gen_tokens += sum(len(s.response_ids) for s in samples)
+            n_samples += len(samples)
             pairs = [(rec, samples[i * params.n:(i + 1) * params.n]) for i, rec in enumerate(records)]
             t_r = time.perf_counter()
             scored, rstats = self._score(pairs)
             stats["time/reward_s"] = stats.get("time/reward_s", 0.0) + time.perf_counter() - t_r
             for k, v in rstats.items():
-                stats[k] = stats.get(k, 0.0) + float(v)
+                reward_sums[k] = reward_sums.get(k, 0.0) + float(v) * (1 if k in REWARD_COUNTS else len(samples))
             candidates += scored
             if not dynamic:
                 break
             short = sum(c.informative for c in candidates) < want
             if not _any_rank(short):
                 break
+        # per-round reward statistics over all samples of all rounds: counts stay counts, rates are rates (<= 1)
+        for k, v in reward_sums.items():
+            if k in REWARD_COUNTS:
+                stats[k] = v
+                stats[REWARD_COUNTS[k]] = v / max(n_samples, 1)
+            else:
+                stats[k] = v / max(n_samples, 1)
+        stats["rollout/samples"] = float(n_samples)
         first = candidates[:want]  # the step's own prompts: reward metrics describe the policy, not the filter
         stats.update(filter_stats(first))
         chosen, filled = select_groups(candidates, want, dynamic=dynamic)
@@ -326,6 +338,11 @@ class Trainer:
 
         m = dict(stats)
         m.update(self._batch_metrics(batch))
+        # real tokens of this rank's training rows (no padding): responses, and prompts + responses
+        m["throughput/response_tokens"] = float(sum(len(r) for r in exp.responses))
+        m["throughput/total_tokens"] = m["throughput/response_tokens"] + float(sum(len(p) for p in exp.prompts))
+        # MoE routing-replay drift (per update → the step's mean), averaged over ranks like the other statistics
+        m.update({k: _mean(v) for k, v in upd.items() if k.startswith("routing/")})
         m = _dp_mean(m, g)  # rank-local statistics → replica mean (equal rows per rank); counts → totals
         for key in COUNT_KEYS:
             if key in m:
@@ -342,11 +359,10 @@ class Trainer:
             m["loss/kl"] = _mean(upd["kl_loss"])
         if "entropy_loss" in upd:
             m["loss/entropy"] = _mean(upd["entropy_loss"])
-        m.update({k: v for k, v in upd.items() if k.startswith("routing/") and not isinstance(v, list)})
         m.update(times)
         m["time/step_s"] = time.perf_counter() - t_step
-        tokens = float(batch.input_ids.numel()) * g.dp
-        m["throughput/tokens_per_s"] = tokens / m["time/step_s"]
+        m["throughput/response_tokens_per_s"] = m["throughput/response_tokens"] / m["time/step_s"]
+        m["throughput/total_tokens_per_s"] = m["throughput/total_tokens"] / m["time/step_s"]
         m["weight_version"] = float(self.engine.weight_version)
         self.logger.log(self.step, m)
         return m

@@ -13,3 +13,8 @@ def sleepy(response: str, answer: str, **meta) -> float:
 def by_length(response: str, answer: str, **meta) -> float:
     """Longer responses score higher: a reward with spread in every group, so every step carries a signal."""
     return len(response) / 10.0
+
+
+def fails(response: str, answer: str, **meta) -> float:
+    """A verifier that raises on every response: scored 0 and counted as an error."""
+    raise RuntimeError("verifier crashed")

@@ -81,6 +81,23 @@ def test_bad_configs_fail_with_one_line(overrides, world, match, capsys):
     assert match in err, err
 
 
+def test_dr_grpo_normaliser_defaults_to_max_new_tokens():
+    # Dr.GRPO's constant length: unset -> the rollout's max_new_tokens, written into the config by validate()
+    cfg = compose_config(["algorithm=dr_grpo", "rollout.max_new_tokens=12"])
+    cfg.validate(1)
+    assert cfg.algorithm.loss.norm_len == 12
+    assert cfg.algorithm.loss.build().norm_len == 12
+    cfg = compose_config(["algorithm=dr_grpo", "rollout.max_new_tokens=12", "algorithm.loss.norm_len=50"])
+    cfg.validate(1)
+    assert cfg.algorithm.loss.norm_len == 50  # an explicit constant wins
+    cfg = compose_config(["algorithm=grpo"])
+    cfg.validate(1)
+    assert cfg.algorithm.loss.norm_len is None  # token-mean: no constant needed
+    cfg = compose_config(["algorithm=dr_grpo", "algorithm.loss.norm_len=0", "trainer.dry_run=true"])
+    with pytest.raises(ValueError, match="^algorithm.loss.norm_len: "):
+        cfg.validate(1)
+
+
 def test_unknown_key_and_wrong_type_are_rejected_by_the_schema():
     from hydra.errors import ConfigCompositionException
 

@@ -48,7 +48,7 @@ def test_every_algorithm_runs_the_loop(tmp_path):
         for m in hist:
             for key in ("reward/mean", "reward/pass_rate", "response/length_mean", "loss/total", "grad_norm",
                         "entropy/mean", "rollout/logp_diff_abs_mean", "time/rollout_s", "time/update_s",
-                        "throughput/tokens_per_s", "policy/clip_frac"):
+                        "throughput/total_tokens_per_s", "policy/clip_frac"):
                 assert key in m and m[key] == m[key], (name, key)  # present and not NaN
             assert 0.0 <= m["reward/pass_rate"] <= 1.0
             # the engine's log-probs are the trainer's π_old before the first update of the step
