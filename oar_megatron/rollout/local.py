@@ -1,10 +1,11 @@
 """The in-process rollout engine: samples from the very model chunks the trainer updates (``policy.generate``).
 
 Parameters are shared with the trainer, so ``sync_weights`` copies nothing; it only bumps ``weight_version``.
-Randomness is reproducible and resumable: each ``generate`` call draws from a fresh CPU generator seeded with
-``params.seed`` when given, else with a hash of (engine seed, call counter); ``state_dict()`` holds the counter and
-the weight version, so a resumed run draws what the uninterrupted run would have. Every TP rank builds the same
-engine with the same seed and returns the same samples.
+Randomness is reproducible and resumable: each ``generate`` call draws from a fresh generator on the model's
+device (sampling never copies logits to the host) seeded with ``params.seed`` when given, else with a hash of
+(engine seed, call counter); ``state_dict()`` holds the counter and the weight version, so a resumed run draws what
+the uninterrupted run would have. Every TP rank builds the same engine with the same seed and returns the same
+samples.
 
 Megatron is imported on the first ``generate`` call, not when this module is imported.
 """
@@ -53,7 +54,8 @@ class LocalEngine(RolloutEngine):
         else:  # a well-mixed 63-bit seed per (engine seed, call): no overlap between calls or between engines
             digest = hashlib.blake2b(f"oar-rollout:{self.seed}:{self.calls}".encode(), digest_size=8).digest()
             seed = int.from_bytes(digest, "little") >> 1
-        return torch.Generator().manual_seed(seed)
+        device = next(self.model.parameters()).device
+        return torch.Generator(device=device).manual_seed(seed)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
         from ..policy.generate import generate

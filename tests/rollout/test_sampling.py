@@ -127,3 +127,43 @@ def test_same_generator_seed_same_draws():
                                    generator=torch.Generator().manual_seed(s))[0]
     assert torch.equal(draw(5), draw(5))
     assert not torch.equal(draw(5), draw(6))
+
+
+class _Devices(torch.overrides.TorchFunctionMode):
+    """Records the device of every tensor a torch function or tensor method returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((getattr(func, "__name__", str(func)), t.device.type))
+        return out
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0.7),
+                                    SamplingParams(temperature=1.3, top_k=5, top_p=0.8)], ids=["greedy", "T", "filt"])
+def test_sampling_stays_on_the_logits_device(params):
+    """No host copy of the [B, V] logits: with fake CUDA logits every op of the draw runs on CUDA and the tokens and
+    log-probs come back there (before, the logits went to the CPU at every decode step)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        logits = torch.randn(4, 40, device="cuda", dtype=torch.bfloat16)  # [B, V_pad]
+        with _Devices() as seen:
+            tok, lp = sample_tokens(logits, params, vocab_size=33)
+    assert (tok.device.type, tok.dtype, tuple(tok.shape)) == ("cuda", torch.long, (4,))
+    assert (lp.device.type, lp.dtype, tuple(lp.shape)) == ("cuda", torch.float32, (4,))
+    assert seen.outputs and [op for op, dev in seen.outputs if dev != "cuda"] == []
+
+
+def test_a_generator_on_another_device_than_the_logits_is_refused():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        logits = torch.randn(2, 8, device="cuda")
+        with pytest.raises(ValueError, match=r"^generator: on cpu, the logits are on cuda"):
+            sample_tokens(logits, SamplingParams(), vocab_size=8, generator=torch.Generator())
