@@ -56,7 +56,8 @@ import torch.distributed as dist
 __all__ = [
     "all_gather", "all_gather_object", "all_ranks", "all_reduce", "any_rank", "barrier", "broadcast",
     "broadcast_object", "check_device", "control_group", "device_of", "is_registered", "max_over_ranks",
-    "mean_over_ranks", "rank", "recv", "register", "register_group", "reset", "send", "size", "sum_over_ranks",
+    "mean_over_ranks", "rank", "recv", "register", "register_group", "registered", "reset", "send", "size",
+    "sum_over_ranks",
 ]
 
 _WORLD = "world"  # registry key of the default group
@@ -73,6 +74,7 @@ class _Entry:
 
 _LOCAL = object()  # twin of a size-1 group: control-plane calls return the local value
 _REGISTRY: dict[Any, _Entry] = {}
+_NAMES: dict[str, Any] = {}  # name -> group of the registered device groups ("world": None), in registration order
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -93,11 +95,14 @@ def _backend(group: Any) -> str:
     return str(dist.get_backend(group))
 
 
-def register_group(group: Any, *, device: torch.device | str, control: Any = None) -> None:
+def register_group(group: Any, *, device: torch.device | str, control: Any = None, name: str | None = None) -> None:
     """Tag one group (None: the world) as a device group of ``device`` with the gloo group ``control`` as its
-    control-plane twin (None: ``group`` itself, which must then be a gloo group). Local: no collective is issued;
-    :func:`register` is the collective form that creates the twins."""
+    control-plane twin (None: ``group`` itself, which must then be a gloo group); ``name`` lists it in
+    :func:`registered`. Local: no collective is issued; :func:`register` is the collective form that creates the
+    twins."""
     device = torch.device(device)
+    if name is not None:
+        _NAMES[name] = group
     twin = control if control is not None else (dist.GroupMember.WORLD if group is None else group)
     if twin is not None and _initialized() and _backend(twin) != "gloo":
         raise ValueError(f"control: the control-plane twin must be a gloo group, got backend {_backend(twin)!r}")
@@ -117,6 +122,7 @@ def register(groups: Mapping[str, Any], *, device: torch.device | str,
     the CPU world when torch.distributed is not initialised."""
     device = torch.device(device)
     reset()
+    _NAMES.update({"world": None, **{n: g for n, g in groups.items() if g is not None}})
     if not _initialized():
         _REGISTRY[_WORLD] = _Entry(None, device, _LOCAL, 1)
         return
@@ -195,6 +201,7 @@ def reset() -> None:
     """Forget every registration and destroy the twins :func:`register` created (``destroy_parallel``)."""
     entries = list(_REGISTRY.values())
     _REGISTRY.clear()
+    _NAMES.clear()
     if not _initialized():
         return
     seen = set()
@@ -205,6 +212,12 @@ def reset() -> None:
                 dist.destroy_process_group(e.control)
             except (RuntimeError, ValueError):  # already gone with the default group
                 pass
+
+
+def registered() -> dict[str, tuple[Any, torch.device, Any]]:
+    """name → (group, device, control twin) of every named device group, the world (``"world"``, group None) first:
+    what a preflight exercises (one data-plane and one control-plane collective per group)."""
+    return {n: (g, _REGISTRY[_key(g)].device, control_group(g)) for n, g in _NAMES.items() if _key(g) in _REGISTRY}
 
 
 def is_registered(group: Any = None) -> bool:

@@ -38,6 +38,9 @@ def _ranks(rank, world):
                     C.control_group(fake_all) is C.control_group(None),
                     [str(dist.get_backend(C.control_group(g))) for g in (None, fpair)]]
     out["devices"] = [str(C.device_of(g)) for g in (None, fpair, C.control_group(None))]
+    reg = C.registered()
+    out["registered"] = [list(reg), reg["fpair"][0] is fpair, str(reg["world"][1]), reg["given"][2] is
+                         C.control_group(given)]
 
     # control plane over twins (the world and the fake groups refuse host data themselves)
     out["bcast"] = C.broadcast_object({"r": rank}, src=1)
@@ -96,7 +99,7 @@ def _ranks(rank, world):
         out["bad_op"] = str(e)
 
     C.reset()
-    out["after_reset"] = (C.is_registered(fpair), C.device_of(None))
+    out["after_reset"] = (C.is_registered(fpair), C.device_of(None), C.registered())
     try:
         C.any_rank(True)  # the world is CUDA-only and no longer has a twin
     except RuntimeError as e:
@@ -112,6 +115,7 @@ def test_control_plane_data_plane_and_twins_on_three_ranks():
         assert r["created"] == (1 if rank == 0 else 2)
         assert r["twins"] == [True, True, True, ["gloo", "gloo" if rank > 0 else "fakecuda"]]  # size 1: itself
         assert r["devices"] == ["cuda:0", "cuda:0", "cpu"]
+        assert r["registered"] == [["world", "gpair", "fpair", "given", "all"], True, "cuda:0", True]
         assert r["bcast"] == {"r": 1} and r["bcast_pair"] == f"from {0 if rank == 0 else 2}"
         assert r["gather"] == ([(1, "x")] if rank == 1 else [(0, ""), (2, "xx")])
         assert r["any"] == (True, False, False, True)
@@ -131,7 +135,7 @@ def test_control_plane_data_plane_and_twins_on_three_ranks():
         assert r["fake_ok"] == ["cuda:0", 3, "cuda:0"]
         assert r["draw"] == [("cuda:0", "torch.int64", (3,)), ("cuda:0", "torch.float32", (3,))]
         assert r["bad_op"] == "op: unknown reduction 'mean'; known: 'sum', 'max', 'min'"
-        assert r["after_reset"] == (False, None)
+        assert r["after_reset"] == (False, None, {})
         assert "has backend 'fakecuda' and no registered gloo twin" in r["unregistered"]
 
 
