@@ -167,3 +167,48 @@ def test_a_generator_on_another_device_than_the_logits_is_refused():
         logits = torch.randn(2, 8, device="cuda")
         with pytest.raises(ValueError, match=r"^generator: on cpu, the logits are on cuda"):
             sample_tokens(logits, SamplingParams(), vocab_size=8, generator=torch.Generator())
+
+
+class _HostCalls(torch.overrides.TorchFunctionMode):
+    """Counts the tensor calls that move data to the host (or sync on it)."""
+
+    NAMES = ("tolist", "item", "__bool__", "cpu", "to", "nonzero", "numpy")
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {n: 0 for n in self.NAMES}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.calls:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_loop_copies_to_the_host_once_per_batch():
+    """The decode loop keeps tokens and log-probs on the device: per step only the boolean "every row finished"
+    reaches the host, then one copy per batch (before: the [B, V] logits and the draws went to the host each step)."""
+    from oar_megatron.policy.generate import _decode
+
+    class Ctx:
+        sequence_len_offset = 0
+
+        def enable_decode_mode(self):
+            pass
+
+    v, steps = 11, 9
+    weights = torch.Generator().manual_seed(0)
+
+    def model(ids, pos, mask, inference_context=None, runtime_gather_output=None):  # [B, 1, V] random logits
+        return torch.randn(ids.shape[0], 1, v, generator=weights)
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=steps, stop_token_ids=(3,))
+    with _HostCalls() as seen:
+        out = _decode(model, Ctx(), torch.ones(6, 2, dtype=torch.long), params, v, torch.Generator().manual_seed(1),
+                      None, 0)
+    assert seen.calls["__bool__"] <= steps - 1  # done.all() once per step except the last
+    assert seen.calls["tolist"] == 4 and sum(seen.calls.values()) == seen.calls["__bool__"] + 4
+    for resp, lps, reason in out:
+        assert len(resp) == len(lps) and all(lp <= 0 for lp in lps)
+        assert (reason == "stop") == (3 in resp) and (reason == "stop" or len(resp) == steps)
+        assert 3 not in resp[:-1]  # a row ends at its first stop token
