@@ -68,5 +68,5 @@ def loss_denominators(
         raise ValueError("masks: empty list; pass the mask of every micro-batch of the step")
     tokens = sum(m.bool().sum().to(torch.float64) for m in masks)
     seqs = sum(m.bool().any(dim=-1).sum().to(torch.float64) for m in masks)
-    out = all_reduce(torch.stack([tokens, seqs]), "sum", group)
-    return out[0], out[1]
+    tokens, seqs = all_reduce(torch.stack([tokens, seqs]), "sum", group).unbind(0)
+    return tokens, seqs

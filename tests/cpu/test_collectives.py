@@ -17,7 +17,10 @@ def _ranks(rank, world):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from oar_megatron import collectives as C
+    from oar_megatron.algorithms import loss_denominators
+    from oar_megatron.algorithms.context_parallel import gather_zigzag
     from oar_megatron.policy.generate import _draw
+    from oar_megatron.policy.pipeline import _deliver
     from oar_megatron.rollout import SamplingParams
 
     out = {}
@@ -93,6 +96,13 @@ def _ranks(rank, world):
         tok, lp = _draw(torch.randn(3, 20, device="cuda"), SamplingParams(temperature=0.8, top_k=4), 17, None,
                         fake_all)
         out["draw"] = [(str(t.device), str(t.dtype), tuple(t.shape)) for t in (tok, lp)]
+        # other data-plane call sites: loss denominators over DP, the CP gather, the pipeline delivery
+        mask = torch.ones(2, 6, dtype=torch.bool, device="cuda")
+        g_tok, g_seq = loss_denominators([mask], group=fake_all)
+        full = gather_zigzag(torch.randn(2, 4, device="cuda"), fake_all, dim=1)
+        got = _deliver(torch.randn(5, device="cuda") if rank == 2 else None, (5,), torch.float32,
+                       torch.device("cuda", 0), src=2, pp_group=fake_all, broadcast=True)
+        out["sites"] = [(str(t.device), tuple(t.shape)) for t in (g_tok, g_seq, full, got)]
     try:
         C.all_reduce(torch.ones(1), "mean", twin)
     except ValueError as e:
@@ -134,6 +144,7 @@ def test_control_plane_data_plane_and_twins_on_three_ranks():
                            "through the control plane, model tensors must live on the policy's device)"), name
         assert r["fake_ok"] == ["cuda:0", 3, "cuda:0"]
         assert r["draw"] == [("cuda:0", "torch.int64", (3,)), ("cuda:0", "torch.float32", (3,))]
+        assert r["sites"] == [("cuda:0", ()), ("cuda:0", ()), ("cuda:0", (2, 12)), ("cuda:0", (5,))]
         assert r["bad_op"] == "op: unknown reduction 'mean'; known: 'sum', 'max', 'min'"
         assert r["after_reset"] == (False, None, {})
         assert "has backend 'fakecuda' and no registered gloo twin" in r["unregistered"]
