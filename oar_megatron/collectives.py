@@ -101,11 +101,11 @@ def register_group(group: Any, *, device: torch.device | str, control: Any = Non
     :func:`registered`. Local: no collective is issued; :func:`register` is the collective form that creates the
     twins."""
     device = torch.device(device)
-    if name is not None:
-        _NAMES[name] = group
     twin = control if control is not None else (dist.GroupMember.WORLD if group is None else group)
     if twin is not None and _initialized() and _backend(twin) != "gloo":
         raise ValueError(f"control: the control-plane twin must be a gloo group, got backend {_backend(twin)!r}")
+    if name is not None:
+        _NAMES[name] = group
     n = size(group) if _initialized() else 1
     _REGISTRY[_key(group)] = _Entry(group, device, _LOCAL if n == 1 else twin, n)
     if twin is not None and twin is not group and _key(twin) not in _REGISTRY:

@@ -114,6 +114,15 @@ def _ranks(rank, world):
         C.any_rank(True)  # the world is CUDA-only and no longer has a twin
     except RuntimeError as e:
         out["unregistered"] = str(e)
+    # one group by hand (no collective): a twin must be gloo
+    try:
+        C.register_group(fake_all, device="cuda:0", control=fake_all)
+    except ValueError as e:
+        out["bad_twin"] = str(e)
+    C.register_group(fake_all, device="cuda:0", control=dist.new_group([0, 1, 2], backend="gloo"), name="by_hand")
+    out["by_hand_any"] = C.any_rank(rank == 2, group=fake_all)  # over the given twin
+    out["by_hand"] = [list(C.registered()), str(C.device_of(fake_all)), C.size(fake_all)]
+    C.reset()
     return out
 
 
@@ -148,6 +157,8 @@ def test_control_plane_data_plane_and_twins_on_three_ranks():
         assert r["bad_op"] == "op: unknown reduction 'mean'; known: 'sum', 'max', 'min'"
         assert r["after_reset"] == (False, None, {})
         assert "has backend 'fakecuda' and no registered gloo twin" in r["unregistered"]
+        assert r["bad_twin"] == "control: the control-plane twin must be a gloo group, got backend 'fakecuda'"
+        assert r["by_hand"] == [["by_hand"], "cuda:0", 3] and r["by_hand_any"] is True
 
 
 def test_without_torch_distributed_everything_is_local():
