@@ -25,8 +25,8 @@ are not installed in this CPU environment; only these layout helpers and reducti
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from .. import collectives
 from ._validate import check_int, check_tensor
 from .reduce import ProcessGroup, group_rank, group_size
 
@@ -75,9 +75,7 @@ class _GatherZigzag(torch.autograd.Function):
     def forward(ctx, local, group, dim):
         size = group_size(group)
         ctx.group, ctx.dim, ctx.size, ctx.rank = group, dim, size, group_rank(group)
-        parts = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        return _unsplit(parts, dim)
+        return _unsplit(collectives.all_gather(local, group=group), dim)
 
     @staticmethod
     def backward(ctx, grad):
@@ -104,7 +102,7 @@ class _SumCountOverCP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, total, count, group):
         buf = torch.stack([total.detach(), count.to(total.dtype)])
-        dist.all_reduce(buf, group=group)
+        collectives.all_reduce(buf, group=group)
         out_total, out_count = buf[0].clone(), buf[1].clone()
         ctx.mark_non_differentiable(out_count)
         return out_total, out_count

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .. import collectives
+
 ProcessGroup = dist.ProcessGroup
 
 
@@ -31,14 +33,11 @@ def group_rank(group: ProcessGroup | None) -> int:
 def all_reduce(x: torch.Tensor, op: str = "sum", group: ProcessGroup | None = None) -> torch.Tensor:
     """Out-of-place all-reduce of ``x`` over ``group`` (``op`` in sum/max/min). Not differentiable: use it on
     detached statistics; the autograd-aware collectives live inside the autograd Functions that need them."""
+    if op not in ("sum", "max", "min"):
+        raise ValueError(f"op: unknown reduction {op!r}; known: 'sum', 'max', 'min'")
     if group_size(group) == 1:
         return x
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-    if op not in ops:
-        raise ValueError(f"op: unknown reduction {op!r}; known: {', '.join(map(repr, ops))}")
-    out = x.detach().clone()
-    dist.all_reduce(out, op=ops[op], group=group)
-    return out
+    return collectives.all_reduce(x.detach().clone(), op, group)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -69,5 +68,5 @@ def loss_denominators(
         raise ValueError("masks: empty list; pass the mask of every micro-batch of the step")
     tokens = sum(m.bool().sum().to(torch.float64) for m in masks)
     seqs = sum(m.bool().any(dim=-1).sum().to(torch.float64) for m in masks)
-    out = all_reduce(torch.stack([tokens, seqs]), "sum", group)
-    return out[0], out[1]
+    tokens, seqs = all_reduce(torch.stack([tokens, seqs]), "sum", group).unbind(0)
+    return tokens, seqs

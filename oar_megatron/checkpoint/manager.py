@@ -52,6 +52,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import collectives
+
 __all__ = ["FAULT_EXIT_CODE", "CheckpointError", "CheckpointManager", "list_checkpoints", "read_latest"]
 
 FORMAT = 2  # 2: the reference policy lives in dist/ ("reference." keys), no longer in the rank files
@@ -152,8 +154,7 @@ def _world() -> int:
 
 
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    collectives.barrier()  # control plane: over the world's gloo twin
 
 
 def _layout_of(groups) -> dict[str, Any]:

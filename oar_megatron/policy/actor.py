@@ -58,9 +58,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from .. import collectives
 from ..algorithms import (aggregate_loss, entropy_bonus, kl_loss, loss_denominators, policy_loss, rollout_correction,
                           shape_advantages)
 from ..algorithms.segment import ScoringBatch
@@ -601,17 +601,13 @@ class PolicyActor:
         return {"loss": [loss], "grad_norm": [res.grad_norm], "lr": [res.lr], "updated": [float(res.updated)]}
 
     def _global_sum(self, local: dict[str, float]) -> dict[str, float]:
-        """Σ over data-parallel ranks of last-stage values, on every rank (one all-reduce; key union by
-        all_gather_object since only last stages compute metrics)."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return dict(local)
+        """Σ over data-parallel ranks of last-stage values, on every rank (control plane: the owners' dicts are
+        gathered over the world's gloo twin, since only last stages compute metrics; summed in rank order)."""
         g = self.groups
         owner = self.is_last_stage and g.tp_rank == 0 and g.cp_rank == 0
-        keys_all: list = [None] * dist.get_world_size()
-        dist.all_gather_object(keys_all, sorted(local) if owner else [])
-        keys = sorted({k for ks in keys_all for k in ks})
-        vals = torch.tensor([local.get(k, 0.0) if owner else 0.0 for k in keys], dtype=torch.float64,
-                            device=g.device)
-        dist.all_reduce(vals)
-        return dict(zip(keys, vals.tolist()))
+        if collectives.size() == 1:
+            return dict(local)
+        parts = collectives.all_gather_object({k: float(v) for k, v in local.items()} if owner else {})
+        keys = sorted({k for part in parts for k in part})
+        return {k: float(sum(part.get(k, 0.0) for part in parts)) for k in keys}
 

@@ -9,8 +9,10 @@ and one position offset serves every row; a bucket is cut into batches of at mos
 its own KV cache of ``[prompt_len + max_new_tokens]`` positions. A row that has finished (stop token) keeps being fed
 ``pad_id`` until the whole batch is done; those outputs are discarded. A batch stops as soon as every row finished.
 
-Sampling happens on the CPU in float32 from the vocabulary-gathered last-token logits [B, V_pad]
-(``runtime_gather_output``), with the caller's ``torch.Generator``:
+Sampling happens on the model's device in float32 from the vocabulary-gathered last-token logits [B, V_pad]
+(``runtime_gather_output``), with the caller's ``torch.Generator`` (on that device): the [B, V] logits never leave
+the device; the drawn tokens and log-probs of every step stay there too and are copied to the host once per batch,
+after the last step (the only per-step host traffic is the one boolean "every row finished"):
 
 * columns >= ``vocab_size`` are TP/divisibility padding of the embedding and are never sampled, nor part of the
   softmax below;
@@ -35,8 +37,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 
+from .. import collectives
 from ..algorithms.reduce import ProcessGroup, group_size
 from ..rollout.base import Sample, SamplingParams
 
@@ -47,20 +49,25 @@ PP_ERROR = "the local engine needs pipeline_model_parallel_size=1; use rollout=s
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, *, vocab_size: int,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row from ``logits`` [B, V_pad] (any device/dtype; computed on CPU in fp32).
+    """Draw one token per row from ``logits`` [B, V_pad] (any dtype; computed in fp32 on the logits' device, with
+    ``generator`` on that device too).
 
-    Returns (tokens [B] long, logprobs [B] fp32) on the CPU; logprobs as in the module docstring (unfiltered,
-    tempered, over the first ``vocab_size`` columns).
+    Returns (tokens [B] long, logprobs [B] fp32) on the logits' device; logprobs as in the module docstring
+    (unfiltered, tempered, over the first ``vocab_size`` columns).
     """
-    x = logits[:, :vocab_size].detach().to("cpu", torch.float32)  # [B, V]
+    if generator is not None and generator.device.type != logits.device.type:
+        raise ValueError(f"generator: on {generator.device}, the logits are on {logits.device} (sampling stays on "
+                         "the model's device)")
+    # (narrow/unsqueeze rather than indexing: the same ops, and they also run on fake CUDA tensors in the tests)
+    x = logits.detach().narrow(-1, 0, vocab_size).float()  # [B, V] on the device
     if params.temperature == 0:
         tokens = x.argmax(-1)
-        return tokens, torch.log_softmax(x, -1).gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, torch.log_softmax(x, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     x = x / params.temperature
     logp = torch.log_softmax(x, -1)  # [B, V] the reported distribution
     filtered = x
     if 0 < params.top_k < vocab_size:
-        kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        kth = torch.topk(x, params.top_k, dim=-1).values.narrow(-1, params.top_k - 1, 1)  # [B, 1]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if params.top_p < 1:
         probs, order = torch.softmax(filtered, -1).sort(-1, descending=True)
@@ -69,7 +76,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, *, vocab_size: i
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
     tokens = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator).squeeze(-1)  # [B]
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
@@ -133,8 +140,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
 
     model: a ``GPTModel`` chunk holding both the embedding and the output layer (possibly wrapped: DDP,
     Float16Module); it is put in eval mode for the call and its training flag restored. prompts: token ids in
-    [0, vocab_size). vocab_size: the tokenizer's vocabulary (<= the model's padded vocabulary). generator: the CPU
-    generator every draw uses (seed it identically on every TP rank). tp_group: the model's TP group (None: TP=1).
+    [0, vocab_size). vocab_size: the tokenizer's vocabulary (<= the model's padded vocabulary). generator: the generator
+    every draw uses, on the model's device (seed it identically on every TP rank). tp_group: the model's TP group
+    (None: TP=1).
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -158,8 +166,10 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
         raise ValueError(f"max_batch_size: must be an integer >= 1, got {max_batch_size!r}")
     if not 0 <= pad_id < vocab_size:
         raise ValueError(f"pad_id: {pad_id} is outside [0, vocab_size={vocab_size})")
-    if generator.device.type != "cpu":
-        raise ValueError(f"generator: must be a CPU torch.Generator, got one on {generator.device}")
+    device = next(gpt.parameters()).device
+    if generator.device.type != device.type:
+        raise ValueError(f"generator: must be a torch.Generator on the model's device ({device}), got one on "
+                         f"{generator.device}")
     ids = _check_prompts(prompts, vocab_size)
     longest = max((len(p) for p in ids), default=0) + params.max_new_tokens
     if gpt.position_embedding_type == "learned_absolute" and longest > gpt.max_sequence_length:
@@ -172,7 +182,6 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
     buckets: dict[int, list[int]] = {}  # prompt length -> row indices (row = prompt_index * n + j)
     for row in range(len(samples)):
         buckets.setdefault(len(ids[row // n]), []).append(row)
-    device = next(gpt.parameters()).device
     training = model.training
     model.eval()
     try:
@@ -194,46 +203,45 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
 
 def _decode(model, ctx, prompt: torch.Tensor, params: SamplingParams, vocab_size: int, generator: torch.Generator,
             tp_group, pad_id: int) -> list[tuple[list[int], list[float], str]]:
-    """Prefill ``prompt`` [B, P] into ``ctx``, then decode up to ``max_new_tokens`` tokens per row."""
+    """Prefill ``prompt`` [B, P] into ``ctx``, then decode up to ``max_new_tokens`` tokens per row. Everything
+    stays on the model's device until the batch is done (module docstring)."""
     b, length = prompt.shape
     device = prompt.device
     pos = torch.arange(length, device=device).expand(b, length)  # [B, P]
     logits = model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)  # [B, 1, V_pad]
     ctx.sequence_len_offset += length
     ctx.enable_decode_mode()
-    stops = torch.tensor(params.stop_token_ids, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
-    resp: list[list[int]] = [[] for _ in range(b)]
-    lps: list[list[float]] = [[] for _ in range(b)]
-    reasons = ["length"] * b
-    for step in range(params.max_new_tokens):
-        tokens, logp = _draw(logits[:, -1], params, vocab_size, generator, tp_group)  # [B], [B] on CPU
-        live = (~done).nonzero().flatten().tolist()
-        tok_list, lp_list = tokens.tolist(), logp.tolist()
-        for i in live:
-            resp[i].append(tok_list[i])
-            lps[i].append(lp_list[i])
-        hit = torch.isin(tokens, stops) & ~done
-        for i in hit.nonzero().flatten().tolist():
-            reasons[i] = "stop"
-        done |= hit
-        if bool(done.all()) or step == params.max_new_tokens - 1:
+    stops = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    steps = params.max_new_tokens
+    tokens_all = torch.empty(steps, b, dtype=torch.long, device=device)  # [S, B]
+    logp_all = torch.empty(steps, b, dtype=torch.float32, device=device)
+    live_all = torch.empty(steps, b, dtype=torch.bool, device=device)  # the row had not finished before the step
+    ran = 0
+    for step in range(steps):
+        tokens, logp = _draw(logits[:, -1], params, vocab_size, generator, tp_group)  # [B], [B] on the device
+        tokens_all[step], logp_all[step], live_all[step] = tokens, logp, ~done
+        done |= torch.isin(tokens, stops)
+        ran = step + 1
+        if step == steps - 1 or bool(done.all()):  # one boolean to the host per step
             break
-        feed = torch.where(done, torch.full_like(tokens, pad_id), tokens).to(device)[:, None]  # [B, 1]
+        feed = torch.where(done, torch.full_like(tokens, pad_id), tokens)[:, None]  # [B, 1]
         pos = torch.full((b, 1), ctx.sequence_len_offset, dtype=torch.long, device=device)
         logits = model(feed, pos, None, inference_context=ctx, runtime_gather_output=True)  # [B, 1, V_pad]
         ctx.sequence_len_offset += 1
-    return list(zip(resp, lps, reasons))
+    # one copy per batch: a row's live steps are a prefix (a finished row stays finished)
+    toks, lps = tokens_all[:ran].t().tolist(), logp_all[:ran].t().tolist()
+    counts, stopped = live_all[:ran].sum(0).tolist(), done.tolist()
+    return [(toks[i][:counts[i]], lps[i][:counts[i]], "stop" if stopped[i] else "length") for i in range(b)]
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams, vocab_size: int, generator: torch.Generator,
           tp_group) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample_tokens`` on every rank, then TP rank 0's tokens and log-probs broadcast over ``tp_group``."""
+    """``sample_tokens`` on every rank, then TP rank 0's tokens and log-probs broadcast over ``tp_group`` (one
+    message on the device: token ids are exact in float64, < 2^53)."""
     tokens, logp = sample_tokens(logits, params, vocab_size=vocab_size, generator=generator)
     if group_size(tp_group) == 1:
         return tokens, logp
-    # one message: tokens are exact in float64 (< 2^53); NCCL needs the buffer on the logits' device
-    buf = torch.stack([tokens.double(), logp.double()]).to(logits.device)  # [2, B]
-    dist.broadcast(buf, src=dist.get_global_rank(tp_group, 0), group=tp_group)
-    buf = buf.cpu()
-    return buf[0].long(), buf[1].float()
+    buf = collectives.broadcast(torch.stack([tokens.double(), logp.double()]), src=0, group=tp_group)  # [2, B]
+    tokens, logp = buf.unbind(0)
+    return tokens.long(), logp.float()

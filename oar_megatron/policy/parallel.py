@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import collectives
 from ..config.model import ModelConfig
 from ..config.parallel import ParallelConfig, ParallelLayout
 
@@ -270,7 +271,7 @@ def init_parallel(parallel_cfg: ParallelConfig, model_cfg: ModelConfig, *, backe
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
-    return ParallelGroups(
+    groups = ParallelGroups(
         cfg=parallel_cfg, layout=layout, rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
         backend=dist.get_backend(), device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
         tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
@@ -284,6 +285,27 @@ def init_parallel(parallel_cfg: ParallelConfig, model_cfg: ModelConfig, *, backe
         expert_dp_group=ps.get_expert_data_parallel_group(), mp_group=ps.get_model_parallel_group(),
         embedding_group=ps.get_embedding_group(check_initialized=False),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    _register_collectives(groups, ps)
+    return groups
+
+
+# megatron's groups the project uses, by name (the world is registered by collectives.register itself)
+_GROUP_NAMES = ("tp", "pp", "cp", "dp", "dp_cp", "ep", "etp", "expert_dp", "mp", "embedding")
+
+
+def _register_collectives(groups: ParallelGroups, ps) -> None:
+    """Tag every group as a data-plane group of the policy's device and give it a gloo twin (``collectives``);
+    megatron's own gloo data-parallel groups serve as the twins of ``dp``, ``dp_cp`` and ``expert_dp``."""
+    twins = {}
+    for name, get in (("dp", lambda: ps.get_data_parallel_group_gloo()),
+                      ("dp_cp", lambda: ps.get_data_parallel_group_gloo(with_context_parallel=True)),
+                      ("expert_dp", lambda: ps.get_expert_data_parallel_group_gloo())):
+        try:
+            twins[name] = get()
+        except (AssertionError, AttributeError, RuntimeError):  # megatron built no gloo group: one is created
+            pass
+    collectives.register({name: getattr(groups, f"{name}_group") for name in _GROUP_NAMES},
+                         device=groups.device, twins=twins)
 
 
 def destroy_parallel(*, process_group: bool | None = None) -> None:
@@ -292,6 +314,7 @@ def destroy_parallel(*, process_group: bool | None = None) -> None:
     global _OWNS_PROCESS_GROUP
     from megatron.core import parallel_state as ps
 
+    collectives.reset()
     ps.destroy_model_parallel()
     if (process_group or (process_group is None and _OWNS_PROCESS_GROUP)) and dist.is_initialized():
         dist.destroy_process_group()

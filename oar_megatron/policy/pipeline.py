@@ -52,9 +52,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import collectives
 from ..algorithms._validate import check_choice, check_int, check_positive
 from ..algorithms.reduce import ProcessGroup, group_rank, group_size
 from ..algorithms.saliency import (
@@ -226,17 +226,14 @@ def _deliver(value: torch.Tensor | None, shape, dtype, device, *, src: int, pp_g
         return value
     if broadcast:
         buf = value.contiguous() if rank == src else torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(buf, group=pp_group, group_src=src)
-        return buf
+        return collectives.broadcast(buf, src=src, group=pp_group)
     if dst is None or dst == src:
         return value if rank == src else None
     if rank == src:
-        dist.send(value.contiguous(), group=pp_group, group_dst=dst)
+        collectives.send(value, dst=dst, group=pp_group)
         return None
     if rank == dst:
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(buf, group=pp_group, group_src=src)
-        return buf
+        return collectives.recv(torch.empty(shape, dtype=dtype, device=device), src=src, group=pp_group)
     return None
 
 

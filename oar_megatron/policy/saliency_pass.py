@@ -42,9 +42,9 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import collectives
 from ..algorithms._validate import check_choice, check_int, check_positive
 from ..algorithms.logprob import vocab_parallel_kl, vocab_parallel_logprob_entropy
 from ..algorithms.reduce import ProcessGroup, group_rank, group_size
@@ -254,9 +254,7 @@ def grad_times_input(e: torch.Tensor, grad: torch.Tensor, *, sp: bool, tp_group:
     sal = (grad.float() * e.detach().float()).sum(dim=-1).abs()  # [S(/TP), n]
     tp = group_size(tp_group)
     if sp and tp > 1:
-        parts = [torch.empty_like(sal) for _ in range(tp)]
-        dist.all_gather(parts, sal.contiguous(), group=tp_group)
-        sal = torch.cat(parts, 0)  # [S, n]
+        sal = torch.cat(collectives.all_gather(sal, group=tp_group), 0)  # [S, n]
     return sal.t()
 
 

@@ -1,13 +1,13 @@
 """The in-process rollout engine: samples from the very model chunks the trainer updates (``policy.generate``).
 
 Parameters are shared with the trainer, so ``sync_weights`` copies nothing; it only bumps ``weight_version``.
-Randomness is reproducible and resumable: each ``generate`` call draws from a fresh CPU generator seeded with
-``params.seed`` when given, else with a hash of (engine seed, call counter); ``state_dict()`` holds the counter, the
-weight version and the seed, so a resumed run draws what the uninterrupted run would have. Every TP rank builds the
-same engine with the same seed and returns the same samples; the seed differs per data-parallel rank, so the state
-is per rank (the trainer checkpoints it per rank). A state without ``seed`` (the counters shared by every rank)
-loads into an engine of any seed: after a change of data-parallel layout each new rank continues the shared
-counters with its own stream.
+Randomness is reproducible and resumable: each ``generate`` call draws from a fresh generator on the model's
+device (sampling never copies logits to the host) seeded with ``params.seed`` when given, else with a hash of
+(engine seed, call counter); ``state_dict()`` holds the counter, the weight version and the seed, so a resumed run
+draws what the uninterrupted run would have. Every TP rank builds the same engine with the same seed and returns
+the same samples; the seed differs per data-parallel rank, so the state is per rank (the trainer checkpoints it per
+rank). A state without ``seed`` (the counters shared by every rank) loads into an engine of any seed: after a change
+of data-parallel layout each new rank continues the shared counters with its own stream.
 
 Megatron is imported on the first ``generate`` call, not when this module is imported.
 """
@@ -56,7 +56,8 @@ class LocalEngine(RolloutEngine):
         else:  # a well-mixed 63-bit seed per (engine seed, call): no overlap between calls or between engines
             digest = hashlib.blake2b(f"oar-rollout:{self.seed}:{self.calls}".encode(), digest_size=8).digest()
             seed = int.from_bytes(digest, "little") >> 1
-        return torch.Generator().manual_seed(seed)
+        device = next(self.model.parameters()).device
+        return torch.Generator(device=device).manual_seed(seed)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
         from ..policy.generate import generate

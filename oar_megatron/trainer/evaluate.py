@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-
+from .. import collectives
 from ..config.train import EvalDatasetConfig, TrainConfig
 from ..metrics.passk import summarize
 from ..metrics.progress import print_table
 from ..rollout.base import SamplingParams
+from .experience import response_content
 from .sources import eval_dataset
 
 
@@ -34,8 +34,6 @@ def _share(items: list, rank: int, world: int) -> list:
 def evaluate(cfg: TrainConfig, *, engine, tokenizer, reward, groups, seed: int, print_enabled: bool = False) -> EvalResult:
     """Run every ``cfg.eval.datasets`` entry through ``engine`` and score it with ``reward`` (a RewardRunner on TP
     rank 0, None elsewhere; verdicts are broadcast over the TP group)."""
-    from .loop import _broadcast_object, _content
-
     ev = cfg.eval
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k, n=ev.k,
                             max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -54,17 +52,16 @@ def evaluate(cfg: TrainConfig, *, engine, tokenizer, reward, groups, seed: int, 
             lengths = [len(s.response_ids) for s in samples]
             payload = None
             if reward is not None:
-                texts = [tokenizer.decode(_content(s.response_ids, tokenizer.eos_token_ids)) for s in samples]
+                texts = [tokenizer.decode(response_content(s.response_ids, tokenizer.eos_token_ids)) for s in samples]
                 answers = [r.answer for r in mine for _ in range(ev.k)]
                 metas = [dict(r.meta) for r in mine for _ in range(ev.k)]
                 result = reward(texts, answers, metas, lengths)
                 payload = [x >= cfg.reward.pass_threshold for x in result.raw]
             if groups.tp > 1:
-                payload = _broadcast_object(payload, group=groups.tp_group)
+                payload = collectives.broadcast_object(payload, group=groups.tp_group)
             verdicts = [payload[i * ev.k:(i + 1) * ev.k] for i in range(len(mine))]
-        if dist.is_initialized() and dp > 1:
-            gathered: list = [None] * dist.get_world_size(groups.dp_group)
-            dist.all_gather_object(gathered, (verdicts, lengths), group=groups.dp_group)
+        if dp > 1:
+            gathered = collectives.all_gather_object((verdicts, lengths), group=groups.dp_group)
             verdicts = [v for part in gathered for v in part[0]]
             lengths = [n for part in gathered for n in part[1]]
         summary = summarize(verdicts, ks=ev.ks, prefix=f"{d.name}/")

@@ -62,6 +62,14 @@ class Experience:
         return [lp for g in self.groups for lp in g.logprobs]
 
 
+def response_content(ids: list[int], eos: Sequence[int]) -> list[int]:
+    """The response up to (excluding) its first EOS: what the reward decodes and scores."""
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[:i]
+    return ids
+
+
 def select_groups(candidates: Sequence[Group], want: int, *, dynamic: bool) -> tuple[list[Group], int]:
     """``want`` groups for training. Without dynamic sampling: the first ``want``. With it (DAPO eq. 11): the
     informative groups first, in arrival order; if fewer than ``want`` exist, uninformative ones fill the batch

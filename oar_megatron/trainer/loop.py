@@ -17,15 +17,14 @@ resumed CPU run reproduces the uninterrupted run's metrics.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from .. import collectives
 from ..algorithms import whiten
 from ..algorithms.losses import kl_penalty
 from ..algorithms.oar import credit_metrics
@@ -33,7 +32,8 @@ from ..config.train import TrainConfig
 from ..metrics.logger import MetricsLogger
 from ..metrics.progress import Progress, format_step_line
 from ..rollout.base import SamplingParams
-from .experience import Experience, Group, filter_stats, group_advantages_of, scoring_for, select_groups
+from .experience import (Experience, Group, filter_stats, group_advantages_of, response_content, scoring_for,
+                         select_groups)
 from .sources import build_dataset, build_reward, build_tokenizer, iterator_for
 
 
@@ -59,7 +59,7 @@ class Trainer:
         self.cfg = cfg
         self.groups = g = init_parallel(cfg.parallel, cfg.model, seed=cfg.trainer.seed)
         cfg.validate(g.world_size)
-        self.run_dir = Path(_broadcast_object(str(Path(cfg.logging.run_dir).resolve())))
+        self.run_dir = Path(collectives.broadcast_object(str(Path(cfg.logging.run_dir).resolve())))
         self.is_logger = g.rank == 0
         self.tokenizer = build_tokenizer(cfg.data)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
@@ -228,14 +228,14 @@ class Trainer:
             texts, answers, metas, lengths = [], [], [], []
             for rec, samples in groups_in:
                 for s in samples:
-                    texts.append(self.tokenizer.decode(_content(s.response_ids, self.tokenizer.eos_token_ids)))
+                    texts.append(self.tokenizer.decode(response_content(s.response_ids, self.tokenizer.eos_token_ids)))
                     answers.append(rec.answer)
                     metas.append(dict(rec.meta))
                     lengths.append(len(s.response_ids))
             scores, raw, stats = self.reward(texts, answers, metas, lengths)
             payload = (scores, raw, stats)
         if self.groups.tp > 1:
-            payload = _broadcast_object(payload, group=self.groups.tp_group)
+            payload = collectives.broadcast_object(payload, group=self.groups.tp_group)
         scores, raw, stats = payload
         thr = self.cfg.reward.pass_threshold
         out = []
@@ -274,7 +274,7 @@ class Trainer:
             if not dynamic:
                 break
             short = sum(c.informative for c in candidates) < want
-            if not _any_rank(short):
+            if not collectives.any_rank(short):
                 break
         # per-round reward statistics over all samples of all rounds: counts stay counts, rates are rates (<= 1)
         for k, v in reward_sums.items():
@@ -288,8 +288,8 @@ class Trainer:
         stats.update(filter_stats(first))
         chosen, filled = select_groups(candidates, want, dynamic=dynamic)
         adv = group_advantages_of(chosen, cfg.algorithm)
-        if cfg.algorithm.advantage.whiten:
-            adv = whiten(adv, group=g.dp_group if g.dp > 1 else None)
+        if cfg.algorithm.advantage.whiten:  # host advantages: moments summed over the DP group's gloo twin
+            adv = whiten(adv, group=collectives.control_group(g.dp_group) if g.dp > 1 else None)
         stats.update({
             "reward/mean": _mean([s for c in first for s in c.scores]),
             "reward/pass_rate": _mean([float(p) for c in first for p in c.passed]),
@@ -343,7 +343,7 @@ class Trainer:
         m["throughput/total_tokens"] = m["throughput/response_tokens"] + float(sum(len(p) for p in exp.prompts))
         # MoE routing-replay drift (per update → the step's mean), averaged over ranks like the other statistics
         m.update({k: _mean(v) for k, v in upd.items() if k.startswith("routing/")})
-        m = _dp_mean(m, g)  # rank-local statistics → replica mean (equal rows per rank); counts → totals
+        m = collectives.mean_over_ranks(m)  # rank-local statistics → replica mean (equal rows per rank); counts → totals
         for key in COUNT_KEYS:
             if key in m:
                 m[key] *= g.dp
@@ -409,47 +409,6 @@ def _step_dir(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _content(ids: list[int], eos: tuple[int, ...] | list[int]) -> list[int]:
-    """The response up to (excluding) its first EOS."""
-    for i, t in enumerate(ids):
-        if t in eos:
-            return ids[:i]
-    return ids
-
-
 def _mean(values) -> float:
     values = list(values)
     return float(sum(values) / len(values)) if values else float("nan")
-
-
-def _broadcast_object(obj: Any, group=None) -> Any:
-    """``obj`` of the group's first rank (the default group's rank 0) on every rank of ``group``."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return obj
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
-
-
-def _any_rank(flag: bool) -> bool:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _dp_mean(metrics: dict[str, float], groups) -> dict[str, float]:
-    """Mean over all ranks of rank-local scalars (keys may differ across pipeline stages: union, NaN-free mean
-    over the ranks that have the key)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(metrics)
-    keys_all: list = [None] * dist.get_world_size()
-    dist.all_gather_object(keys_all, sorted(metrics))
-    keys = sorted({k for ks in keys_all for k in ks})
-    vals = torch.tensor([[metrics.get(k, 0.0) if math.isfinite(metrics.get(k, 0.0)) else 0.0,
-                          1.0 if k in metrics and math.isfinite(metrics[k]) else 0.0] for k in keys],
-                        dtype=torch.float64)
-    dist.all_reduce(vals)
-    return {k: (float(v[0] / v[1]) if v[1] > 0 else float("nan")) for k, v in zip(keys, vals)}

@@ -23,8 +23,8 @@ Rank 0 prints a table of the checks (check, result, seconds, detail). After ever
 outcome, so they stop together at the first failure; every failing rank prints one line
 ``oar-train: preflight: <check> failed on rank R: <cause>`` and the exit code is 1.
 
-Collectives: the two group checks issue theirs through :func:`data_all_reduce` and :func:`control_broadcast` on
-the group :func:`control_group` names: the one place to switch to the project's collectives module.
+Collectives: every group registered with :mod:`oar_megatron.collectives` at ``init_parallel`` (the world and
+megatron's groups) gets one data-plane all-reduce on its device and one control-plane broadcast over its gloo twin.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from .. import collectives
 from ..config.train import TrainConfig
 from .plan import Plan
 
@@ -57,30 +58,30 @@ class PreflightFailure(RuntimeError):
 # ------------------------------------------------------------------------------ collectives used by the checks
 
 
-def data_all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    """Data plane: sum of ``x`` (on the policy's device) over ``group``."""
-    from ..algorithms.reduce import all_reduce
+def _groups_to_check(groups) -> list[tuple[str, object, list[int]]]:
+    """(name, device group, global ranks) of every group registered with the collectives module (the world first),
+    falling back to the :data:`GROUP_FIELDS` of ``groups`` when nothing is registered (torch.distributed absent)."""
+    import torch.distributed as dist
 
-    return all_reduce(x, "sum", group)
-
-
-def control_group(groups, field: str):
-    """The group control-plane traffic uses for the device group ``groups.<field>``."""
-    return getattr(groups, field)
-
-
-def control_broadcast(obj, group):
-    """Control plane: ``obj`` of the group's first rank on every rank of ``group``."""
-    from .loop import _broadcast_object
-
-    return _broadcast_object(obj, group=group)
+    reg = collectives.registered()
+    items = [(n, g) for n, (g, _, _) in reg.items()] or [(f.removesuffix("_group"), getattr(groups, f))
+                                                          for f in GROUP_FIELDS]
+    out = []
+    for name, group in items:
+        if group is None and name != "world":
+            continue
+        ranks = list(range(collectives.size())) if group is None else _members(group)
+        if ranks is None:
+            continue
+        if dist.is_initialized() and dist.get_rank() not in ranks:
+            continue
+        out.append((name, group, ranks))
+    return out
 
 
 def _agree(failed: bool) -> bool:
-    """Whether any rank failed (every rank gets the same answer; also a barrier)."""
-    from .loop import _any_rank
-
-    return _any_rank(failed)
+    """Whether any rank failed (every rank gets the same answer; also a barrier). Control plane."""
+    return collectives.any_rank(failed)
 
 
 def _members(group) -> list[int] | None:
@@ -113,38 +114,28 @@ def check_layer_spec(cfg: TrainConfig) -> str:
 
 
 def check_data_plane(groups) -> str:
-    import torch.distributed as dist
-
+    """One all-reduce of a tensor on the policy's device over every device group (collectives' data plane)."""
     done = []
-    for field in GROUP_FIELDS:
-        group = getattr(groups, field)
-        ranks = _members(group)
-        if ranks is None:
-            continue
+    for name, group, ranks in _groups_to_check(groups):
         n = len(ranks)
-        me = ranks.index(dist.get_rank())
-        got = data_all_reduce(torch.full((1,), float(me + 1), device=groups.device), group)
+        me = collectives.rank(group)
+        got = collectives.all_reduce(torch.full((1,), float(me + 1), device=groups.device), "sum", group)
         if got.device != groups.device or float(got.item()) != n * (n + 1) / 2:
-            raise PreflightFailure(f"{field}: all-reduce gave {got.tolist()} on {got.device}, expected "
+            raise PreflightFailure(f"{name}: all-reduce gave {got.tolist()} on {got.device}, expected "
                                    f"{n * (n + 1) / 2} on {groups.device}")
-        done.append(f"{field.removesuffix('_group')} {n}")
+        done.append(f"{name} {n}")
     return f"all-reduce on {groups.device} ({groups.backend}): " + ", ".join(done)
 
 
 def check_control_plane(groups) -> str:
-    import torch.distributed as dist
-
+    """One object broadcast over every device group's gloo twin (collectives' control plane)."""
     done = []
-    for field in GROUP_FIELDS:
-        group = control_group(groups, field)
-        ranks = _members(group)
-        if ranks is None:
-            continue
-        got = control_broadcast({"rank": dist.get_rank(), "field": field}, group)
-        if got != {"rank": ranks[0], "field": field}:
-            raise PreflightFailure(f"{field}: object broadcast gave {got}, expected rank {ranks[0]}'s")
-        done.append(f"{field.removesuffix('_group')} {len(ranks)}")
-    return "object broadcast: " + ", ".join(done)
+    for name, group, ranks in _groups_to_check(groups):
+        got = collectives.broadcast_object({"rank": collectives.rank(), "group": name}, group=group)
+        if got != {"rank": ranks[0], "group": name}:
+            raise PreflightFailure(f"{name}: object broadcast gave {got}, expected rank {ranks[0]}'s")
+        done.append(f"{name} {len(ranks)}")
+    return "object broadcast over gloo twins: " + ", ".join(done)
 
 
 def build_actor(cfg: TrainConfig, groups):
@@ -189,7 +180,7 @@ def check_checkpoint(cfg: TrainConfig, groups, actor, root: Path) -> str:
     """Save, overwrite the weights, load, compare; in ``root/.preflight-<id>`` (removed afterwards)."""
     from ..checkpoint import CheckpointManager
 
-    name = control_broadcast(f".preflight-{uuid.uuid4().hex[:8]}", None)  # rank 0's name everywhere
+    name = collectives.broadcast_object(f".preflight-{uuid.uuid4().hex[:8]}")  # rank 0's name everywhere
     tmp = root / name
     error = None
     created = [d for d in (root, *root.parents) if not d.exists()]  # removed again when left empty
@@ -291,7 +282,7 @@ def run_preflight(cfg: TrainConfig, plan: Plan, *, out=None) -> int:
         return check_forward_backward(cfg, plan, state["groups"], state["actor"])
 
     def checkpoint() -> str:
-        run_dir = Path(control_broadcast(str(Path(cfg.logging.run_dir).resolve()), None))
+        run_dir = Path(collectives.broadcast_object(str(Path(cfg.logging.run_dir).resolve())))
         root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
         return check_checkpoint(cfg, state["groups"], state["actor"], root.resolve())
 

@@ -127,3 +127,88 @@ def test_same_generator_seed_same_draws():
                                    generator=torch.Generator().manual_seed(s))[0]
     assert torch.equal(draw(5), draw(5))
     assert not torch.equal(draw(5), draw(6))
+
+
+class _Devices(torch.overrides.TorchFunctionMode):
+    """Records the device of every tensor a torch function or tensor method returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((getattr(func, "__name__", str(func)), t.device.type))
+        return out
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0.7),
+                                    SamplingParams(temperature=1.3, top_k=5, top_p=0.8)], ids=["greedy", "T", "filt"])
+def test_sampling_stays_on_the_logits_device(params):
+    """No host copy of the [B, V] logits: with fake CUDA logits every op of the draw runs on CUDA and the tokens and
+    log-probs come back there (before, the logits went to the CPU at every decode step)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        logits = torch.randn(4, 40, device="cuda", dtype=torch.bfloat16)  # [B, V_pad]
+        with _Devices() as seen:
+            tok, lp = sample_tokens(logits, params, vocab_size=33)
+    assert (tok.device.type, tok.dtype, tuple(tok.shape)) == ("cuda", torch.long, (4,))
+    assert (lp.device.type, lp.dtype, tuple(lp.shape)) == ("cuda", torch.float32, (4,))
+    assert seen.outputs and [op for op, dev in seen.outputs if dev != "cuda"] == []
+
+
+def test_a_generator_on_another_device_than_the_logits_is_refused():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        logits = torch.randn(2, 8, device="cuda")
+        with pytest.raises(ValueError, match=r"^generator: on cpu, the logits are on cuda"):
+            sample_tokens(logits, SamplingParams(), vocab_size=8, generator=torch.Generator())
+
+
+class _HostCalls(torch.overrides.TorchFunctionMode):
+    """Counts the tensor calls that move data to the host (or sync on it)."""
+
+    NAMES = ("tolist", "item", "__bool__", "cpu", "to", "nonzero", "numpy")
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {n: 0 for n in self.NAMES}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.calls:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_loop_copies_to_the_host_once_per_batch():
+    """The decode loop keeps tokens and log-probs on the device: per step only the boolean "every row finished"
+    reaches the host, then one copy per batch (before: the [B, V] logits and the draws went to the host each step)."""
+    from oar_megatron.policy.generate import _decode
+
+    class Ctx:
+        sequence_len_offset = 0
+
+        def enable_decode_mode(self):
+            pass
+
+    v, steps = 11, 9
+    weights = torch.Generator().manual_seed(0)
+
+    def model(ids, pos, mask, inference_context=None, runtime_gather_output=None):  # [B, 1, V] random logits
+        return torch.randn(ids.shape[0], 1, v, generator=weights)
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=steps, stop_token_ids=(3,))
+    with _HostCalls() as seen:
+        out = _decode(model, Ctx(), torch.ones(6, 2, dtype=torch.long), params, v, torch.Generator().manual_seed(1),
+                      None, 0)
+    assert seen.calls["__bool__"] <= steps - 1  # done.all() once per step except the last
+    assert seen.calls["tolist"] == 4 and sum(seen.calls.values()) == seen.calls["__bool__"] + 4
+    for resp, lps, reason in out:
+        assert len(resp) == len(lps) and all(lp <= 0 for lp in lps)
+        assert (reason == "stop") == (3 in resp) and (reason == "stop" or len(resp) == steps)
+        assert 3 not in resp[:-1]  # a row ends at its first stop token
