@@ -61,7 +61,8 @@ def test_single_process_preflight_passes_and_leaves_nothing(tmp_path):
     assert "preflight: all checks passed" in out
     rows = _rows(out)
     assert list(rows) == CHECKS and all(r == "ok" for r, _ in rows.values()), out
-    assert rows["data plane"][1].startswith("all-reduce on cpu (gloo): tp 1, pp 1, cp 1, dp 1, dp_cp 1, ep 1")
+    assert rows["data plane"][1].startswith("all-reduce on cpu (gloo): world 1, tp 1, pp 1, cp 1, dp 1, dp_cp 1, ep 1")
+    assert rows["control plane"][1].startswith("object broadcast over gloo twins: world 1, tp 1")
     assert rows["forward/backward"][1].startswith("2 layers of tiny-synthetic (64 wide), 32 rows x 13 tokens")
     assert "tensors saved and loaded equal" in rows["checkpoint"][1]
     assert rows["rollout servers"][1] == "skipped: local engine"
