@@ -253,6 +253,12 @@ class TrainConfig:
         if r.engine == "local" and layout.pp > 1:
             raise ValueError("rollout.engine: the local engine needs parallel.pp=1 (generation under pipeline "
                              "parallelism goes through rollout.engine=sglang)")
+        if r.engine == "local" and layout.cp > 1:
+            raise ValueError("rollout.engine: the local engine needs parallel.cp=1 (a decode step cannot be split "
+                             "into 2*cp chunks; CP rollouts go through rollout.engine=sglang)")
+        if layout.cp > 1 and self.algorithm.shaper.name == "oar":
+            raise ValueError("parallel.cp: the OAR saliency pass does not run under context parallelism "
+                             "(algorithm.shaper.name: oar needs cp=1)")
         if self.data.path == "synthetic" and self.reward.fn == "math":
             raise ValueError("reward.fn: the synthetic task is scored by 'synthetic_modsum', not 'math'")
         return layout

@@ -31,10 +31,38 @@ reference is kept on the actor for that one batch and dropped by ``update`` (it 
 ``share_clean_pass=False`` (or routing replay on, whose records must hold only the rollout micro-batches) keeps
 the two passes separate. ``pipeline.SCHEDULE_RUNS`` counts the forward schedules.
 
-Loss. Per mini-batch: ``loss_denominators`` over the mini-batch's response masks on the data-parallel (× CP)
-group, then per micro-batch ``policy_loss`` + ``kl_loss`` (if ``kl.coef > 0`` and reference log-probs are set)
-+ ``entropy_bonus`` (if ``entropy_coef > 0``), all with those global denominators; ``train_step`` applies the
-schedule/DDP scaling (see its docstring), so the update is the gradient of the global mini-batch loss.
+Loss. Per mini-batch: ``loss_denominators`` over the mini-batch's full-row response masks on the data-parallel
+group (without CP: the rows are replicated over CP, see below), then per micro-batch ``policy_loss`` + ``kl_loss``
+(if ``kl.coef > 0`` and reference log-probs are set) + ``entropy_bonus`` (if ``entropy_coef > 0``), all with those
+global denominators; ``train_step`` applies the schedule/DDP scaling (see its docstring), so the update is the
+gradient of the global mini-batch loss.
+
+Context parallel (``parallel.cp > 1``, Transformer Engine attention only). Every micro-batch row [L] is right-padded
+to W (a multiple of 2·cp, × TP under sequence parallel) and cut into 2·cp equal chunks; CP rank r feeds the model
+chunks r and 2·cp−1−r (megatron's load-balanced zigzag, ``algorithms.context_parallel``) with their global position
+ids, TE's ring attention does the rest (megatron splits the rotary table the same way). The labels are shifted on
+the full row before the split (labels[t] = x[t+1], megatron's convention), so each rank computes the next-token
+log-probs of its own hidden rows (``forward.next_token_logprobs``) and ``gather_zigzag`` puts the full row's
+log-probs (and entropy) back on every CP rank. The loss is then computed on full rows, identically on the cp ranks
+of a DP replica; ``gather_zigzag``'s backward gives rank r the gradient of its own chunks only, so the gradient
+summed over the CP ranks is the gradient of ONE copy of the loss. Scale, written out for a mini-batch of M
+micro-batches per rank, DP size dp, loss ℓ_m of micro-batch m (global denominators over dp, counted once per row)::
+
+    returned by the loss function   ℓ_m · M · dp                    (train_step.schedule_loss_scale(M, dp))
+    megatron 0.16 schedule          × cp / M                         (schedules.forward_step_calc_loss, 2-tuple)
+    DDP                             Σ over dp·cp ranks, ÷ (dp·cp)    (gradient_scaling_factor = 1/|dp_cp group|)
+    update                          Σ_dp Σ_m ∇ℓ_m                    (each CP rank contributes its chunks' share)
+
+so ``train_step`` gets ``dp_size = dp``, not dp·cp (that would scale the update by cp a second time; the schedule's
+×cp already cancels DDP's ÷cp). Metrics are taken on CP rank 0. π_old / reference log-probs are [N, L] full rows as
+without CP. Not wired under CP: the OAR saliency pass (refused) and the local rollout engine (``TrainConfig``
+refuses it). ``tests/cpu/test_actor_context_parallel.py`` runs this path on 2 gloo ranks with a CP-correct attention
+swapped in by the test and compares it with cp = 1 (docs/scaling.md).
+
+THD packing (``parallel.packing``, Transformer Engine attention, cp = 1, pp = 1). Each micro-batch's rows are packed
+into one THD row (``policy.packing.pack_rows``: a row's length is its last response token + 1, positions restart per
+row) and fed with megatron ``PackedSeqParams``; the packed log-probs are unpacked to [b, L] rows, so everything
+after the forward is the padded path's. The shared OAR clean pass and the saliency pass still run padded rows.
 
 Reference policy (KL). The simplest honest choice: the reference weights are a CPU copy of this rank's
 parameter shards taken at construction (the initial policy) when ``kl.coef > 0`` (or set with
@@ -55,17 +83,20 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..algorithms import entropy_bonus, kl_loss, loss_denominators, policy_loss, rollout_correction, shape_advantages
+from ..algorithms.context_parallel import gather_zigzag, zigzag_indices
 from ..algorithms.segment import ScoringBatch
 from ..config.algorithm import AlgorithmConfig
 from ..config.model import ModelConfig
 from ..config.optim import OptimConfig
 from ..config.parallel import ParallelConfig
-from .forward import logprobs_from_hidden, unwrap_model
+from .forward import logprobs_from_hidden, next_token_logprobs, unwrap_model
 from .model import build_model
 from .optim import build_optimizer, wrap_ddp
+from .packing import PackedBatch, pack_rows, packed_seq_params, packing_multiples, unpack
 from .parallel import ParallelGroups
 from .pipeline import count_schedule, pipeline_clean_pass
 from .routing_replay import RoutingReplay
@@ -151,8 +182,23 @@ class RolloutBatch:
 
 
 @dataclass
+class CPView:
+    """This CP rank's share of a micro-batch's rows (module docstring, "Context parallel"): the rows right-padded to
+    ``width`` (a multiple of 2·cp, times TP under SP), then the zigzag chunks r and 2·cp−1−r of every per-token
+    tensor. input_ids, position_ids (global positions of the chunks), labels (the NEXT token, shifted before the
+    split), label_mask (next token is a response token): [b, width/cp]."""
+
+    width: int
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+
+
+@dataclass
 class MicroBatch:
-    """What the schedule's forward step gets: ``id`` names it for routing replay."""
+    """What the schedule's forward step gets: ``id`` names it for routing replay. The full-row tensors [b, L]
+    always; ``cp`` (context parallel) or ``packed`` (THD packing) say what the model is fed instead of the rows."""
 
     id: int
     input_ids: torch.Tensor
@@ -162,6 +208,8 @@ class MicroBatch:
     token_advantages: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None
+    cp: CPView | None = None
+    packed: PackedBatch | None = None
 
 
 @contextlib.contextmanager
@@ -211,7 +259,12 @@ class PolicyActor:
         use_replay = model.is_moe if routing_replay is None else routing_replay
         self.replays = [RoutingReplay(m, weights=replay_weights) for m in self.models] if use_replay else []
         self.tp_group = groups.tp_group if groups.tp > 1 else None
-        self.dp_group = groups.dp_cp_group if groups.dp * groups.cp > 1 else None
+        # Rows are replicated over CP (every CP rank gathers its rows' full log-probs, module docstring), so the
+        # loss denominators count tokens over the data-parallel group only: over dp×cp they would be cp× too big.
+        self.dp_group = groups.dp_group if groups.dp > 1 else None
+        self.cp_group = groups.cp_group if groups.cp > 1 else None
+        self.packing = bool(parallel.packing)
+        self._check_layout()
         self._ref_weights: list[dict[str, torch.Tensor]] | None = None
         self.share_clean_pass = bool(share_clean_pass)
         self._clean: tuple | None = None  # (batch, method, mode, reference) from the shared clean pass
@@ -262,10 +315,69 @@ class PolicyActor:
         for i, start in enumerate(range(0, batch.size, mbs)):
             sl = slice(start, start + mbs)
             pick = (lambda t: None if t is None else t[sl].to(dev))  # noqa: E731
-            out.append(MicroBatch(i, pick(batch.input_ids), pick(batch.position_ids), pick(batch.response_mask),
-                                  pick(batch.old_logp), pick(batch.token_advantages), pick(batch.ref_logp),
-                                  pick(batch.token_weights)))
+            mb = MicroBatch(i, pick(batch.input_ids), pick(batch.position_ids), pick(batch.response_mask),
+                            pick(batch.old_logp), pick(batch.token_advantages), pick(batch.ref_logp),
+                            pick(batch.token_weights))
+            if self.groups.cp > 1:
+                mb.cp = self._cp_view(mb.input_ids, mb.response_mask)
+            elif self.packing:
+                mb.packed = self._packed(mb.input_ids, mb.response_mask)
+            out.append(mb)
         return out
+
+    def _check_layout(self) -> None:
+        """Context parallelism and THD packing need attention that honours them (Transformer Engine's); refuse a
+        model whose attention is megatron's local ``DotProductAttention`` (the modules built, not the config
+        string), and the combinations not wired here."""
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        g = self.groups
+        local = any(isinstance(m, DotProductAttention) for c in self.models for m in c.modules())
+        if g.cp > 1 and local:
+            raise ValueError("parallel.cp: context parallelism needs Transformer Engine attention (model."
+                             "transformer_impl: transformer_engine); this model uses megatron's local attention")
+        if g.cp > 1 and self.algorithm.shaper.name == "oar":
+            raise ValueError("parallel.cp: the OAR saliency pass does not run under context parallelism "
+                             "(algorithm.shaper.name: oar needs cp=1)")
+        if self.packing:
+            if local:
+                raise ValueError("parallel.packing: THD packing needs Transformer Engine attention (model."
+                                 "transformer_impl: transformer_engine); this model uses megatron's local attention")
+            if g.cp > 1 or g.pp > 1:
+                raise ValueError(f"parallel.packing: THD packing is wired for cp=1 and pp=1, got cp={g.cp}, pp={g.pp}")
+
+    def _seq_length(self, batch: RolloutBatch) -> int:
+        """The sequence length the schedule's pipeline shapes use: the CP-padded width under CP (megatron divides
+        it by cp), else the rows' width."""
+        return self._cp_width(batch.input_ids.shape[1]) if self.groups.cp > 1 else batch.input_ids.shape[1]
+
+    def _cp_width(self, length: int) -> int:
+        """``length`` rounded up to a multiple of 2·cp (× TP under sequence parallel: each CP rank's share is then
+        split over TP)."""
+        g = self.groups
+        multiple = 2 * g.cp * (g.tp if self.parallel_cfg.sequence_parallel else 1)
+        return -(-length // multiple) * multiple
+
+    def _cp_view(self, input_ids: torch.Tensor, response_mask: torch.Tensor) -> CPView:
+        """This CP rank's zigzag share of full rows [b, L] (``CPView``). Right padding (id 0, never a response
+        token) lies after every real token, so causal attention keeps it out of every response log-prob."""
+        b, length = input_ids.shape
+        width = self._cp_width(length)
+        ids = F.pad(input_ids, (0, width - length))  # [b, W]
+        mask = F.pad(response_mask, (0, width - length))
+        labels = F.pad(ids[:, 1:], (0, 1))  # [b, W] labels[:, t] = ids[:, t + 1]
+        label_mask = F.pad(mask[:, 1:], (0, 1))
+        idx = zigzag_indices(width, self.groups.cp, self.groups.cp_rank, device=ids.device)  # [W/cp]
+        pos = idx.expand(b, -1)
+        return CPView(width, ids[:, idx], pos, labels[:, idx], label_mask[:, idx])
+
+    def _packed(self, input_ids: torch.Tensor, response_mask: torch.Tensor) -> PackedBatch:
+        """The micro-batch's rows as one THD sequence (``policy.packing``). A row's length is its last response
+        token + 1: later tokens (right padding) never reach a response log-prob under causal attention."""
+        col = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+        lengths = (response_mask.long() * col).amax(dim=1).clamp(min=1)
+        row_multiple, total_multiple = packing_multiples(self.model_cfg, self.parallel_cfg)
+        return pack_rows(input_ids, response_mask, lengths, row_multiple=row_multiple, total_multiple=total_multiple)
 
     # -------------------------------------------------------------------------------------- forward passes
 
@@ -274,11 +386,31 @@ class PolicyActor:
         replay = RoutingReplay.of(gpt, missing_ok=True)
         ctx = replay.micro_batch(mb.id) if replay is not None and replay.mode != "off" else contextlib.nullcontext()
         with ctx, _hidden_output(gpt):
+            if mb.cp is not None:  # this rank's zigzag chunks: [W/cp, b, H]
+                return chunk(mb.cp.input_ids, mb.cp.position_ids, None)
+            if mb.packed is not None:  # one THD row: [T, 1, H]
+                return chunk(mb.packed.input_ids, mb.packed.position_ids, None,
+                             packed_seq_params=packed_seq_params(mb.packed))
             return chunk(mb.input_ids, mb.position_ids, None)  # [L, b, H] (hidden or the stage's activations)
 
     def _logprobs(self, chunk, hidden, mb: MicroBatch, entropy: bool):
-        return logprobs_from_hidden(unwrap_model(chunk), hidden, mb.input_ids, mb.response_mask,
-                                    tp_group=self.tp_group, temperature=self.temperature, compute_entropy=entropy)
+        """Response log-probs (and entropy) of the micro-batch's full rows [b, L], 0 off the response, whatever
+        the model was fed: under CP the local next-token log-probs are gathered over the CP group (identical on
+        every CP rank; the backward hands each rank the gradient of its own chunks) and shifted back by one."""
+        gpt = unwrap_model(chunk)
+        opts = dict(tp_group=self.tp_group, temperature=self.temperature, compute_entropy=entropy)
+        if mb.cp is not None:
+            length = mb.input_ids.shape[1]
+            logp, ent = next_token_logprobs(gpt, hidden, mb.cp.labels, mb.cp.label_mask, **opts)  # [b, W/cp]
+            # gathered[:, t] = log π(x_{t+1}); F.pad(.., (1, 0)) puts it at t + 1 = the token's own position
+            full = [None if x is None else F.pad(gather_zigzag(x, self.cp_group, dim=1), (1, 0))[:, :length]
+                    for x in (logp, ent)]
+            return full[0], full[1]
+        if mb.packed is not None:
+            logp, ent = logprobs_from_hidden(gpt, hidden, mb.packed.input_ids, mb.packed.response_mask, **opts)
+            width = mb.input_ids.shape[1]
+            return unpack(logp, mb.packed, width), None if ent is None else unpack(ent, mb.packed, width)
+        return logprobs_from_hidden(gpt, hidden, mb.input_ids, mb.response_mask, **opts)
 
     @torch.no_grad()
     def _forward_only_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
@@ -303,7 +435,7 @@ class PolicyActor:
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(mbs) if len(self.chunks) == 1 else [iter(mbs) for _ in self.chunks],
-            model=list(self.chunks), num_microbatches=len(mbs), seq_length=batch.input_ids.shape[1],
+            model=list(self.chunks), num_microbatches=len(mbs), seq_length=self._seq_length(batch),
             micro_batch_size=self.micro_batch_size, forward_only=True)
         if not self.is_last_stage:
             return None
@@ -512,7 +644,7 @@ class PolicyActor:
                 r.begin_replay_pass([mb.id for mb in mini])
             try:
                 res = train_step(self.chunks, self.optimizer, self.scheduler, mini, forward_fn,
-                                 dp_size=self.groups.dp * self.groups.cp, seq_length=batch.input_ids.shape[1],
+                                 dp_size=self.groups.dp, seq_length=self._seq_length(batch),
                                  micro_batch_size=self.micro_batch_size)
             finally:
                 drift: dict[str, float] = {}
