@@ -95,7 +95,7 @@ from ..config.optim import OptimConfig
 from ..config.parallel import ParallelConfig
 from .forward import logprobs_from_hidden, next_token_logprobs, unwrap_model
 from .model import build_model
-from .optim import build_optimizer, wrap_ddp
+from .optim import build_optimizer, sync_params, wrap_ddp
 from .packing import PackedBatch, pack_rows, packed_seq_params, packing_multiples, unpack
 from .parallel import ParallelGroups
 from .pipeline import count_schedule, pipeline_clean_pass
@@ -253,9 +253,11 @@ class PolicyActor:
             # exact (tests/cpu/test_parallel_consistency.py, pp2-vpp2).
             self.models[0].config.batch_p2p_comm = False
         self.chunks = wrap_ddp(self.models, distributed_optimizer=parallel.distributed_optimizer,
-                               overlap_grad_reduce=parallel.overlap_grad_reduce)
+                               overlap_grad_reduce=parallel.overlap_grad_reduce,
+                               overlap_param_gather=parallel.overlap_param_gather)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, optim,
-                                                         distributed_optimizer=parallel.distributed_optimizer)
+                                                         distributed_optimizer=parallel.distributed_optimizer,
+                                                         overlap_param_gather=parallel.overlap_param_gather)
         use_replay = model.is_moe if routing_replay is None else routing_replay
         self.replays = [RoutingReplay(m, weights=replay_weights) for m in self.models] if use_replay else []
         self.tp_group = groups.tp_group if groups.tp > 1 else None
@@ -657,6 +659,7 @@ class PolicyActor:
             reduced.update(grad_norm=res.grad_norm, lr=res.lr, updated=float(res.updated), **drift)
             for name, v in reduced.items():
                 history.setdefault(name, []).append(v)
+        sync_params(self.chunks)  # overlap_param_gather: full parameters before anything reads them (policy.optim)
         return history
 
     def _global_sum(self, local: dict[str, float]) -> dict[str, float]:
