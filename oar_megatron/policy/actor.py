@@ -59,10 +59,13 @@ without CP. Not wired under CP: the OAR saliency pass (refused) and the local ro
 refuses it). ``tests/cpu/test_actor_context_parallel.py`` runs this path on 2 gloo ranks with a CP-correct attention
 swapped in by the test and compares it with cp = 1 (docs/scaling.md).
 
-THD packing (``parallel.packing``, Transformer Engine attention, cp = 1, pp = 1). Each micro-batch's rows are packed
-into one THD row (``policy.packing.pack_rows``: a row's length is its last response token + 1, positions restart per
-row) and fed with megatron ``PackedSeqParams``; the packed log-probs are unpacked to [b, L] rows, so everything
-after the forward is the padded path's. The shared OAR clean pass and the saliency pass still run padded rows.
+THD packing (``parallel.packing``, Transformer Engine attention, pp = 1). Each micro-batch's rows are packed into one
+THD row (``policy.packing.pack_rows``: a row's length is its last response token + 1, positions restart per row,
+every row padded to a multiple of 2·cp under CP) and fed with megatron ``PackedSeqParams``; the packed log-probs are
+unpacked to [b, L] rows, so everything after the forward is the padded path's. Under CP each rank feeds every row's
+chunks r and 2·cp−1−r (TE's THD partition, ``packing.thd_cp_indices``) and ``packing.gather_packed_cp`` (a
+``gather_zigzag`` plus a fixed permutation) returns the full packed row. The shared OAR clean pass and the saliency
+pass still run padded rows.
 
 Reference policy (KL). The simplest honest choice: the reference weights are a CPU copy of this rank's
 parameter shards taken at construction (the initial policy) when ``kl.coef > 0`` (or set with
@@ -96,7 +99,8 @@ from ..config.parallel import ParallelConfig
 from .forward import logprobs_from_hidden, next_token_logprobs, unwrap_model
 from .model import build_model
 from .optim import build_optimizer, sync_params, wrap_ddp
-from .packing import PackedBatch, pack_rows, packed_seq_params, packing_multiples, unpack
+from .packing import (PackedBatch, gather_packed_cp, pack_rows, packed_seq_params, packing_multiples,
+                      thd_cp_indices, unpack)
 from .parallel import ParallelGroups
 from .pipeline import count_schedule, pipeline_clean_pass
 from .routing_replay import RoutingReplay
@@ -320,10 +324,12 @@ class PolicyActor:
             mb = MicroBatch(i, pick(batch.input_ids), pick(batch.position_ids), pick(batch.response_mask),
                             pick(batch.old_logp), pick(batch.token_advantages), pick(batch.ref_logp),
                             pick(batch.token_weights))
-            if self.groups.cp > 1:
-                mb.cp = self._cp_view(mb.input_ids, mb.response_mask)
-            elif self.packing:
+            if self.packing:
                 mb.packed = self._packed(mb.input_ids, mb.response_mask)
+                if self.groups.cp > 1:
+                    mb.cp = self._cp_view(mb.packed.input_ids, mb.packed.response_mask, packed=mb.packed)
+            elif self.groups.cp > 1:
+                mb.cp = self._cp_view(mb.input_ids, mb.response_mask)
             out.append(mb)
         return out
 
@@ -345,8 +351,8 @@ class PolicyActor:
             if local:
                 raise ValueError("parallel.packing: THD packing needs Transformer Engine attention (model."
                                  "transformer_impl: transformer_engine); this model uses megatron's local attention")
-            if g.cp > 1 or g.pp > 1:
-                raise ValueError(f"parallel.packing: THD packing is wired for cp=1 and pp=1, got cp={g.cp}, pp={g.pp}")
+            if g.pp > 1:
+                raise ValueError(f"parallel.packing: THD packing is wired for pp=1, got pp={g.pp}")
 
     def _seq_length(self, batch: RolloutBatch) -> int:
         """The sequence length the schedule's pipeline shapes use: the CP-padded width under CP (megatron divides
@@ -360,17 +366,25 @@ class PolicyActor:
         multiple = 2 * g.cp * (g.tp if self.parallel_cfg.sequence_parallel else 1)
         return -(-length // multiple) * multiple
 
-    def _cp_view(self, input_ids: torch.Tensor, response_mask: torch.Tensor) -> CPView:
-        """This CP rank's zigzag share of full rows [b, L] (``CPView``). Right padding (id 0, never a response
-        token) lies after every real token, so causal attention keeps it out of every response log-prob."""
+    def _cp_view(self, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                 packed: PackedBatch | None = None) -> CPView:
+        """This CP rank's share (``CPView``) of full rows [b, L]: the zigzag chunks; or of a packed THD row [1, T]
+        (``packed``): every row's chunks r and 2·cp−1−r (``packing.thd_cp_indices``). Right padding (id 0, never
+        a response token) lies after every real token of its row, so causal attention keeps it out of every
+        response log-prob; a label crossing into the next packed row is masked (a row's first token is never a
+        response token)."""
         b, length = input_ids.shape
-        width = self._cp_width(length)
+        width = length if packed is not None else self._cp_width(length)
         ids = F.pad(input_ids, (0, width - length))  # [b, W]
         mask = F.pad(response_mask, (0, width - length))
         labels = F.pad(ids[:, 1:], (0, 1))  # [b, W] labels[:, t] = ids[:, t + 1]
         label_mask = F.pad(mask[:, 1:], (0, 1))
-        idx = zigzag_indices(width, self.groups.cp, self.groups.cp_rank, device=ids.device)  # [W/cp]
-        pos = idx.expand(b, -1)
+        if packed is None:
+            idx = zigzag_indices(width, self.groups.cp, self.groups.cp_rank, device=ids.device)  # [W/cp]
+            pos = idx.expand(b, -1)
+        else:
+            idx = thd_cp_indices(packed.cu_seqlens_padded, self.groups.cp, self.groups.cp_rank).to(ids.device)
+            pos = packed.position_ids[:, idx]  # positions restart in every row
         return CPView(width, ids[:, idx], pos, labels[:, idx], label_mask[:, idx])
 
     def _packed(self, input_ids: torch.Tensor, response_mask: torch.Tensor) -> PackedBatch:
@@ -388,11 +402,11 @@ class PolicyActor:
         replay = RoutingReplay.of(gpt, missing_ok=True)
         ctx = replay.micro_batch(mb.id) if replay is not None and replay.mode != "off" else contextlib.nullcontext()
         with ctx, _hidden_output(gpt):
+            if mb.packed is not None:  # one THD row: [T, 1, H] ([T/cp, 1, H]: this rank's share of every row)
+                feed = mb.cp if mb.cp is not None else mb.packed
+                return chunk(feed.input_ids, feed.position_ids, None, packed_seq_params=packed_seq_params(mb.packed))
             if mb.cp is not None:  # this rank's zigzag chunks: [W/cp, b, H]
                 return chunk(mb.cp.input_ids, mb.cp.position_ids, None)
-            if mb.packed is not None:  # one THD row: [T, 1, H]
-                return chunk(mb.packed.input_ids, mb.packed.position_ids, None,
-                             packed_seq_params=packed_seq_params(mb.packed))
             return chunk(mb.input_ids, mb.position_ids, None)  # [L, b, H] (hidden or the stage's activations)
 
     def _logprobs(self, chunk, hidden, mb: MicroBatch, entropy: bool):
@@ -402,12 +416,19 @@ class PolicyActor:
         gpt = unwrap_model(chunk)
         opts = dict(tp_group=self.tp_group, temperature=self.temperature, compute_entropy=entropy)
         if mb.cp is not None:
-            length = mb.input_ids.shape[1]
+            g = self.groups
             logp, ent = next_token_logprobs(gpt, hidden, mb.cp.labels, mb.cp.label_mask, **opts)  # [b, W/cp]
+            if mb.packed is not None:
+                gather = lambda x: gather_packed_cp(x, mb.packed, self.cp_group, g.cp, g.cp_rank)  # noqa: E731
+            else:
+                gather = lambda x: gather_zigzag(x, self.cp_group, dim=1)  # noqa: E731
             # gathered[:, t] = log π(x_{t+1}); F.pad(.., (1, 0)) puts it at t + 1 = the token's own position
-            full = [None if x is None else F.pad(gather_zigzag(x, self.cp_group, dim=1), (1, 0))[:, :length]
-                    for x in (logp, ent)]
-            return full[0], full[1]
+            length = mb.cp.width if mb.packed is not None else mb.input_ids.shape[1]
+            full = [None if x is None else F.pad(gather(x), (1, 0))[:, :length] for x in (logp, ent)]
+            if mb.packed is None:
+                return full[0], full[1]
+            width = mb.input_ids.shape[1]
+            return tuple(None if x is None else unpack(x, mb.packed, width) for x in full)
         if mb.packed is not None:
             logp, ent = logprobs_from_hidden(gpt, hidden, mb.packed.input_ids, mb.packed.response_mask, **opts)
             width = mb.input_ids.shape[1]

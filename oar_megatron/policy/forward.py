@@ -8,8 +8,9 @@ naive reference that does build them, for tests and benchmarks).
 
 Layouts. Inputs are right-padded [B, L] (padded batches with the causal mask of the local/TE spec), or one packed
 THD row [1, T] from ``policy.packing`` with its ``packed_seq_params`` (Transformer Engine attention only; refused
-for local attention; not executed in this project, see docs/scaling.md). Hidden states are [L, B, H], or [L/TP, B, H]
-under sequence parallel (rank r holds positions [r·L/TP, (r+1)·L/TP)).
+for local attention; TE's kernels not executed in this project, see docs/scaling.md). Hidden states are [L, B, H], or
+[L/TP, B, H] under sequence parallel (rank r holds positions [r·L/TP, (r+1)·L/TP)). Under context parallelism a rank
+holds the hidden states of its own chunks only: ``next_token_logprobs`` takes labels shifted before the split.
 
 Padded vocabulary. megatron allocates ``ModelConfig.padded_vocab_size(tp)`` output rows (a multiple of
 ``make_vocab_size_divisible_by · TP``); rows ≥ the tokenizer's ``vocab_size`` are not tokens. The rollout engine

@@ -71,17 +71,21 @@ class _RefAttention(torch.nn.Module):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         from oar_megatron.algorithms.context_parallel import zigzag_indices
+        from oar_megatron.policy.packing import thd_cp_indices
 
         assert attention_mask is None and attention_bias is None
         thd = packed_seq_params is not None
-        if thd:  # [T, h, d] -> [T, 1, h, d]
+        if thd:  # [T(/cp), h, d] -> [T(/cp), 1, h, d]
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            bounds = packed_seq_params.cu_seqlens_q_padded.long()
         s_local = query.shape[0]
         rep = query.shape[2] // key.shape[2]
         key, value = key.repeat_interleave(rep, dim=2), value.repeat_interleave(rep, dim=2)
-        if self.cp > 1:
-            width = s_local * self.cp
-            idx_all = [zigzag_indices(width, self.cp, r) for r in range(self.cp)]
+        if self.cp > 1:  # the positions each CP rank holds: every row's chunks (THD) or the zigzag chunks
+            if thd:
+                idx_all = [thd_cp_indices(bounds, self.cp, r) for r in range(self.cp)]
+            else:
+                idx_all = [zigzag_indices(s_local * self.cp, self.cp, r) for r in range(self.cp)]
             q_pos = idx_all[self.cp_rank]
             key = _GatherSeq.apply(key, self.cp_group, idx_all)
             value = _GatherSeq.apply(value, self.cp_group, idx_all)
@@ -89,10 +93,10 @@ class _RefAttention(torch.nn.Module):
             q_pos = torch.arange(s_local)
         k_pos = torch.arange(key.shape[0])
         blocked = k_pos[None, :] > q_pos[:, None]  # [sq, sk] future keys
-        if thd:
-            bounds = packed_seq_params.cu_seqlens_q_padded.long()
-            seg = torch.bucketize(torch.arange(s_local), bounds[1:], right=True)
-            blocked = blocked | (seg[:, None] != seg[None, :])
+        if thd:  # and keys of other rows
+            seg_q = torch.bucketize(q_pos, bounds[1:], right=True)
+            seg_k = torch.bucketize(k_pos, bounds[1:], right=True)
+            blocked = blocked | (seg_q[:, None] != seg_k[None, :])
         scores = torch.einsum("sbhd,tbhd->bhst", query, key) * self.scale
         probs = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
         out = torch.einsum("bhst,tbhd->sbhd", probs, value)
@@ -204,7 +208,7 @@ def _single(rank, world_size):
 
 def _cp2(rank, world_size):
     _swap_attention()
-    return {"cp2": _step({"cp": 2}), "refusals": _actor_refusals()}
+    return {"cp2": _step({"cp": 2}), "cp2-packed": _step({"cp": 2, "packing": True}), "refusals": _actor_refusals()}
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +235,12 @@ def test_context_parallel_cp2_equals_cp1(runs):
         _check_equal(res["cp2"], ref)
 
 
+def test_packing_under_context_parallel_equals_padded_rows(runs):
+    ref, _, per_rank = runs
+    for res in per_rank:  # THD rows split per row over cp = 2 (TE's partition), gathered back
+        _check_equal(res["cp2-packed"], ref)
+
+
 def test_packing_equals_padded_rows(runs):
     ref, packed, _ = runs
     _check_equal(packed, ref)
@@ -250,9 +260,9 @@ def test_refusals_name_the_key():
     te = dataclasses.replace(local, transformer_impl="transformer_engine")
     ParallelConfig(cp=2).validate(2, te)
     ParallelConfig(packing=True).validate(1, te)
-    for layout in ({"cp": 2}, {"pp": 2}):
-        with pytest.raises(ValueError, match=r"^parallel\.packing: THD packing is wired for cp=1 and pp=1"):
-            ParallelConfig(packing=True, **layout).validate(2, te)
+    ParallelConfig(packing=True, cp=2).validate(2, te)
+    with pytest.raises(ValueError, match=r"^parallel\.packing: THD packing is wired for pp=1"):
+        ParallelConfig(packing=True, pp=2).validate(2, te)
     with pytest.raises(ValueError, match=r"^rollout\.engine: the local engine needs parallel\.cp=1"):
         TrainConfig(model=te, parallel=ParallelConfig(cp=2)).validate(2)
     sglang = RolloutConfig(engine="sglang", server_urls=["http://x:1"])
