@@ -69,6 +69,8 @@ def test_memory_estimate_by_hand():
     (["data.path=prompts.csv"], 1, "data.path: expected 'synthetic' or a .jsonl/.parquet file"),
     (["rollout.engine=sglang"], 1, "rollout.server_urls"),
     (["rollout.server_urls=[http://x:1]"], 1, "rollout.server_urls: only rollout.engine=sglang reads it"),
+    (["parallel.cp=2"], 2, "parallel.cp: context parallelism needs model.transformer_impl: transformer_engine"),
+    (["parallel.packing=true"], 1, "parallel.packing: THD packing needs model.transformer_impl: transformer_engine"),
     (["rollout.timeout_s=30"], 1, "rollout.timeout_s: only rollout.engine=sglang reads it"),
     (["eval.ks=[1,8]"], 1, "eval.ks: every k must be in [1, eval.k=4], got 8"),
     (["optim.lr=0"], 1, "optim.lr: must be > 0"),
