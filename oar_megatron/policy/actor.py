@@ -38,9 +38,10 @@ global denominators; ``train_step`` applies the schedule/DDP scaling (see its do
 gradient of the global mini-batch loss.
 
 Context parallel (``parallel.cp > 1``, Transformer Engine attention only). Every micro-batch row [L] is right-padded
-to W (a multiple of 2·cp, × TP under sequence parallel) and cut into 2·cp equal chunks; CP rank r feeds the model
-chunks r and 2·cp−1−r (megatron's load-balanced zigzag, ``algorithms.context_parallel``) with their global position
-ids, TE's ring attention does the rest (megatron splits the rotary table the same way). The labels are shifted on
+to W (``ParallelConfig.token_multiple``: a multiple of 2·cp, × TP under sequence parallel, × the FP8 alignment)
+and cut into 2·cp equal chunks; CP rank r feeds the model chunks r and 2·cp−1−r (megatron's load-balanced zigzag,
+``algorithms.context_parallel``) with their global position ids, TE's ring attention does the rest (megatron splits
+the rotary table the same way). The labels are shifted on
 the full row before the split (labels[t] = x[t+1], megatron's convention), so each rank computes the next-token
 log-probs of its own hidden rows (``forward.next_token_logprobs``) and ``gather_zigzag`` puts the full row's
 log-probs (and entropy) back on every CP rank. The loss is then computed on full rows, identically on the cp ranks
@@ -360,10 +361,9 @@ class PolicyActor:
         return self._cp_width(batch.input_ids.shape[1]) if self.groups.cp > 1 else batch.input_ids.shape[1]
 
     def _cp_width(self, length: int) -> int:
-        """``length`` rounded up to a multiple of 2·cp (× TP under sequence parallel: each CP rank's share is then
-        split over TP)."""
-        g = self.groups
-        multiple = 2 * g.cp * (g.tp if self.parallel_cfg.sequence_parallel else 1)
+        """``length`` rounded up to ``ParallelConfig.token_multiple``: 2·cp (× TP under sequence parallel: each CP
+        rank's share is then split over TP; × the FP8 alignment of each rank's share)."""
+        multiple = self.parallel_cfg.token_multiple(self.model_cfg)
         return -(-length // multiple) * multiple
 
     def _cp_view(self, input_ids: torch.Tensor, response_mask: torch.Tensor,
