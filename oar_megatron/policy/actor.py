@@ -57,8 +57,8 @@ micro-batches per rank, DP size dp, loss ℓ_m of micro-batch m (global denomina
 so ``train_step`` gets ``dp_size = dp``, not dp·cp (that would scale the update by cp a second time; the schedule's
 ×cp already cancels DDP's ÷cp). Metrics are taken on CP rank 0. π_old / reference log-probs are [N, L] full rows as
 without CP. Not wired under CP: the OAR saliency pass (refused) and the local rollout engine (``TrainConfig``
-refuses it). ``tests/cpu/test_actor_context_parallel.py`` runs this path on 2 gloo ranks with a CP-correct attention
-swapped in by the test and compares it with cp = 1 (docs/scaling.md).
+refuses it). ``tests/cpu/test_actor_context_parallel.py`` runs this path on 4 gloo ranks (dp 2 × cp 2) with a
+CP-correct attention swapped in by the test and compares it with cp = 1 (docs/scaling.md).
 
 THD packing (``parallel.packing``, Transformer Engine attention, pp = 1). Each micro-batch's rows are packed into one
 THD row (``policy.packing.pack_rows``: a row's length is its last response token + 1, positions restart per row,

@@ -8,8 +8,9 @@ over ``cu_seqlens_padded``). Everything else is the project's and megatron's own
 position ids, megatron's rotary table split per CP rank, the shifted labels, ``gather_zigzag`` of the log-probs and
 entropy, the loss denominators and scale through megatron's schedule and DDP over the dp×cp group.
 
-Checked against the cp = 1 actor with megatron's own local attention on one rank (same weights: CPU initialisation
-from one seed): reference and π_old log-probs [N, L], the losses of two updates, the grad norms (megatron's, before
+Run on 4 gloo ranks as dp = 2 × cp = 2 (padded rows, and THD rows split per row over CP), and THD packing on one
+rank, each checked against the cp = 1 actor with megatron's own local attention on one rank (same weights: CPU
+initialisation from one seed): reference and π_old log-probs [N, L], the losses of two updates, the grad norms (megatron's, before
 clipping: a loss scaled by cp twice shows up here as ×2; Adam would hide it in the parameters), and the log-probs
 after the updates. Also the refusals (local attention with cp > 1 or packing; OAR under CP).
 """
@@ -144,7 +145,7 @@ def _swap_attention(attention: bool = True) -> None:
     rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _cpu_pos_emb_on_this_cp_rank
 
 
-def _actor(layout: dict, *, kl: float = 0.01, shaper: str | None = None):
+def _actor(layout: dict, *, kl: float = 0.01, shaper: str | None = None, micro: int = MICRO):
     from oar_megatron.config import ParallelConfig, model_preset
     from oar_megatron.config.algorithm import load_algorithm
     from oar_megatron.config.optim import OptimConfig
@@ -157,17 +158,24 @@ def _actor(layout: dict, *, kl: float = 0.01, shaper: str | None = None):
     if shaper is not None:
         alg = load_algorithm("oar_g")
     return PolicyActor(model=model, parallel=groups.cfg, optim=OptimConfig(lr=3e-3, weight_decay=0.0),
-                       algorithm=alg, groups=groups, micro_batch_size=MICRO)
+                       algorithm=alg, groups=groups, micro_batch_size=micro)
 
 
 def _step(layout):
-    """One rollout batch through the actor: reference and π_old log-probs, two updates, π after them."""
+    """One rollout batch through the actor: reference and π_old log-probs, two updates, π after them. With DP2 the
+    rows are dealt out (rank d: rows d, d + 2) in micro-batches of one, so update k sees rows 2k, 2k + 1 as the
+    single-rank reference does with micro-batches of two."""
     from oar_megatron.policy import destroy_parallel
 
-    actor = _actor(layout)
+    dp = 2 if layout.get("dp2") else 1
+    layout = {k: v for k, v in layout.items() if k != "dp2"}
+    actor = _actor(layout, micro=MICRO // dp)
     try:
+        assert actor.groups.dp == dp
         adv = torch.tensor([1.0, -0.5, 0.75, -1.25])
         batch = actor.pack(PROMPTS, RESPONSES, adv)
+        if dp > 1:
+            batch = batch.rows(torch.arange(actor.groups.dp_rank, N, dp))
         ref = actor.compute_ref_logprobs(batch)
         old = actor.compute_old_logprobs(batch)
         old = old + 0.05 * batch.response_mask.float()  # π_old ≠ π_θ: ratios ≠ 1 (clipping, k3 KL at work)
@@ -177,7 +185,7 @@ def _step(layout):
         new = actor.compute_old_logprobs(batch)
         return {"ref": ref, "old": old, "new": new, "loss": torch.tensor(m["loss"]),
                 "grad_norm": torch.tensor(m["grad_norm"]), "kl": torch.tensor(m["kl_loss"]),
-                "width": batch.input_ids.shape[1]}
+                "width": batch.input_ids.shape[1], "dp_rank": actor.groups.dp_rank}
     finally:
         destroy_parallel()
 
@@ -206,20 +214,22 @@ def _single(rank, world_size):
     return {"ref": ref, "packed": _step({"packing": True})}
 
 
-def _cp2(rank, world_size):
+def _dp2cp2(rank, world_size):
     _swap_attention()
-    return {"cp2": _step({"cp": 2}), "cp2-packed": _step({"cp": 2, "packing": True}), "refusals": _actor_refusals()}
+    return {"cp2": _step({"cp": 2, "dp2": True}), "cp2-packed": _step({"cp": 2, "dp2": True, "packing": True}),
+            "refusals": _actor_refusals()}
 
 
 @pytest.fixture(scope="module")
 def runs():
     single = run_ranks(_single, 1)[0]
-    return single["ref"], single["packed"], run_ranks(_cp2, 2)
+    return single["ref"], single["packed"], run_ranks(_dp2cp2, 4)
 
 
 def _check_equal(got, ref):
+    rows = torch.arange(got.get("dp_rank", 0), N, 2) if got["ref"].shape[0] < N else torch.arange(N)
     for key in ("ref", "old", "new"):
-        torch.testing.assert_close(got[key], ref[key], atol=2e-5, rtol=0, msg=key)
+        torch.testing.assert_close(got[key], ref[key][rows], atol=2e-5, rtol=0, msg=key)
     torch.testing.assert_close(got["loss"], ref["loss"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got["kl"], ref["kl"], atol=1e-7, rtol=1e-5)
     # megatron's schedule ×cp and DDP ÷(dp·cp) cancel: a second ×cp in the actor doubles this (seen before the fix)
@@ -231,7 +241,8 @@ def test_context_parallel_cp2_equals_cp1(runs):
     assert ref["width"] == 13  # not a multiple of 2·cp: the CP path pads and cuts back
     assert float(ref["grad_norm"].min()) > 1e-3 and float(ref["kl"].abs().max()) > 0
     assert float((ref["new"] - ref["old"]).abs().max()) > 1e-3  # the updates moved the policy
-    for res in per_rank:  # cp = 2, dp = 1: both CP ranks hold the full rows' results
+    assert sorted((r["cp2"]["dp_rank"]) for r in per_rank) == [0, 0, 1, 1]
+    for res in per_rank:  # cp = 2 × dp = 2: both CP ranks of a replica hold its full rows' results
         _check_equal(res["cp2"], ref)
 
 
