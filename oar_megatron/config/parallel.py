@@ -12,6 +12,8 @@ MoE layer, so a bad layout fails at once with one line naming the key instead of
 * sequence parallel needs ``tp > 1`` and Transformer Engine (megatron's local spec builds torch norms, which assert
   ``not sequence_parallel``); a MoE model with ``tp > 1`` needs sequence parallel (megatron's MoE layer
   refuses to train without it); virtual PP needs ``pp > 1``; CP needs Transformer Engine attention.
+* ``packing`` (THD micro-batches, ``policy.packing``) needs Transformer Engine attention and ``pp = 1`` (variable
+  packed lengths over pipeline stages are not wired).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class ParallelConfig:
     distributed_optimizer: bool = True  # shard optimizer state over DP (ZeRO-1)
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False  # needs distributed_optimizer
+    packing: bool = False  # THD-packed micro-batches (cu_seqlens); Transformer Engine attention, pp=1
     order: str = "tp-cp-ep-dp-pp"  # megatron rank order
     timeout_minutes: int = 30
 
@@ -89,6 +92,12 @@ class ParallelConfig:
         if cp > 1 and model.transformer_impl != "transformer_engine":
             raise ValueError("parallel.cp: context parallelism needs model.transformer_impl: transformer_engine "
                              "(megatron's local attention has no CP ring)")
+        if self.packing and model.transformer_impl != "transformer_engine":
+            raise ValueError("parallel.packing: THD packing needs model.transformer_impl: transformer_engine "
+                             "(megatron's local attention ignores cu_seqlens and would attend across rows)")
+        if self.packing and pp > 1:
+            raise ValueError(f"parallel.packing: THD packing is wired for pp=1 (got pp={pp}): packed lengths vary "
+                             "per micro-batch and the pipeline communicates one fixed shape")
         # experts
         if not model.is_moe:
             if ep > 1 or self.etp not in (None, tp):

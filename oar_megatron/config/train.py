@@ -29,6 +29,7 @@ from .optim import OptimConfig
 from .parallel import ParallelConfig, ParallelLayout
 
 ROLLOUT_ENGINES = ("local", "sglang")
+SGLANG_TIMEOUT_S = 600.0  # rollout.timeout_s default for the sglang engine
 RESUME_MODES = ("auto", "never")
 
 
@@ -43,8 +44,10 @@ class RolloutConfig:
     max_new_tokens: int = 16
     max_batch_size: int = 64  # local engine: rows decoded together
     max_gen_batches: int = 3  # dynamic sampling (algorithm.advantage.filter_groups): generation rounds per step
-    server_urls: list[str] = field(default_factory=list)  # sglang
-    timeout_s: float = 600.0
+    # The SGLang client (engine: sglang) is a later work item: the dry-run plan shows these two, the trainer refuses
+    # the engine, and validation refuses them with the local engine, so neither is ever silently ignored.
+    server_urls: list[str] = field(default_factory=list)  # sglang servers or router
+    timeout_s: float | None = None  # sglang: per-request timeout in seconds (None: SGLANG_TIMEOUT_S)
 
     def validate(self) -> RolloutConfig:
         if self.engine not in ROLLOUT_ENGINES:
@@ -59,7 +62,11 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_p: need 0 < top_p <= 1, got {self.top_p}")
         if self.engine == "sglang" and not self.server_urls:
             raise ValueError("rollout.server_urls: the sglang engine needs at least one server or router URL")
-        if self.timeout_s <= 0:
+        for key in ("server_urls", "timeout_s"):
+            if self.engine != "sglang" and getattr(self, key) not in (None, []):
+                raise ValueError(f"rollout.{key}: only rollout.engine=sglang reads it; the {self.engine} engine "
+                                 "generates in-process (remove it or use rollout=sglang)")
+        if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError(f"rollout.timeout_s: must be > 0, got {self.timeout_s}")
         return self
 
@@ -270,6 +277,12 @@ class TrainConfig:
         if r.engine == "local" and layout.pp > 1:
             raise ValueError("rollout.engine: the local engine needs parallel.pp=1 (generation under pipeline "
                              "parallelism goes through rollout.engine=sglang)")
+        if r.engine == "local" and layout.cp > 1:
+            raise ValueError("rollout.engine: the local engine needs parallel.cp=1 (a decode step cannot be split "
+                             "into 2*cp chunks; CP rollouts go through rollout.engine=sglang)")
+        if layout.cp > 1 and self.algorithm.shaper.name == "oar":
+            raise ValueError("parallel.cp: the OAR saliency pass does not run under context parallelism "
+                             "(algorithm.shaper.name: oar needs cp=1)")
         if self.data.path == "synthetic" and self.reward.fn == "math":
             raise ValueError("reward.fn: the synthetic task is scored by 'synthetic_modsum', not 'math'")
         if self.data.layout is not None and self.reward.fn == "synthetic_modsum":

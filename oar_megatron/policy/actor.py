@@ -33,10 +33,42 @@ reference is kept on the actor for that one batch and dropped by ``update`` (it 
 ``share_clean_pass=False`` (or routing replay on, whose records must hold only the rollout micro-batches) keeps
 the two passes separate. ``pipeline.SCHEDULE_RUNS`` counts the forward schedules.
 
-Loss. Per mini-batch: ``loss_denominators`` over the mini-batch's response masks on the data-parallel (× CP)
-group, then per micro-batch ``policy_loss`` + ``kl_loss`` (if ``kl.coef > 0`` and reference log-probs are set)
-+ ``entropy_bonus`` (if ``entropy_coef > 0``), all with those global denominators; ``train_step`` applies the
-schedule/DDP scaling (see its docstring), so the update is the gradient of the global mini-batch loss.
+Loss. Per mini-batch: ``loss_denominators`` over the mini-batch's full-row response masks on the data-parallel
+group (without CP: the rows are replicated over CP, see below), then per micro-batch ``policy_loss`` + ``kl_loss``
+(if ``kl.coef > 0`` and reference log-probs are set) + ``entropy_bonus`` (if ``entropy_coef > 0``), all with those
+global denominators; ``train_step`` applies the schedule/DDP scaling (see its docstring), so the update is the
+gradient of the global mini-batch loss.
+
+Context parallel (``parallel.cp > 1``, Transformer Engine attention only). Every micro-batch row [L] is right-padded
+to W (``ParallelConfig.token_multiple``: a multiple of 2·cp, × TP under sequence parallel, × the FP8 alignment)
+and cut into 2·cp equal chunks; CP rank r feeds the model chunks r and 2·cp−1−r (megatron's load-balanced zigzag,
+``algorithms.context_parallel``) with their global position ids, TE's ring attention does the rest (megatron splits
+the rotary table the same way). The labels are shifted on
+the full row before the split (labels[t] = x[t+1], megatron's convention), so each rank computes the next-token
+log-probs of its own hidden rows (``forward.next_token_logprobs``) and ``gather_zigzag`` puts the full row's
+log-probs (and entropy) back on every CP rank. The loss is then computed on full rows, identically on the cp ranks
+of a DP replica; ``gather_zigzag``'s backward gives rank r the gradient of its own chunks only, so the gradient
+summed over the CP ranks is the gradient of ONE copy of the loss. Scale, written out for a mini-batch of M
+micro-batches per rank, DP size dp, loss ℓ_m of micro-batch m (global denominators over dp, counted once per row)::
+
+    returned by the loss function   ℓ_m · M · dp                    (train_step.schedule_loss_scale(M, dp))
+    megatron 0.16 schedule          × cp / M                         (schedules.forward_step_calc_loss, 2-tuple)
+    DDP                             Σ over dp·cp ranks, ÷ (dp·cp)    (gradient_scaling_factor = 1/|dp_cp group|)
+    update                          Σ_dp Σ_m ∇ℓ_m                    (each CP rank contributes its chunks' share)
+
+so ``train_step`` gets ``dp_size = dp``, not dp·cp (that would scale the update by cp a second time; the schedule's
+×cp already cancels DDP's ÷cp). Metrics are taken on CP rank 0. π_old / reference log-probs are [N, L] full rows as
+without CP. Not wired under CP: the OAR saliency pass (refused) and the local rollout engine (``TrainConfig``
+refuses it). ``tests/cpu/test_actor_context_parallel.py`` runs this path on 4 gloo ranks (dp 2 × cp 2) with a
+CP-correct attention swapped in by the test and compares it with cp = 1 (docs/scaling.md).
+
+THD packing (``parallel.packing``, Transformer Engine attention, pp = 1). Each micro-batch's rows are packed into one
+THD row (``policy.packing.pack_rows``: a row's length is its last response token + 1, positions restart per row,
+every row padded to a multiple of 2·cp under CP) and fed with megatron ``PackedSeqParams``; the packed log-probs are
+unpacked to [b, L] rows, so everything after the forward is the padded path's. Under CP each rank feeds every row's
+chunks r and 2·cp−1−r (TE's THD partition, ``packing.thd_cp_indices``) and ``packing.gather_packed_cp`` (a
+``gather_zigzag`` plus a fixed permutation) returns the full packed row. The shared OAR clean pass and the saliency
+pass still run padded rows.
 
 Reference policy (KL). The reference is the policy the run starts from: a CPU copy of this rank's parameter
 shards, kept when ``kl.coef > 0``. ``reference="initial"`` takes it at construction (standalone use); the trainer
@@ -58,19 +90,23 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .. import collectives
 from ..algorithms import (aggregate_loss, entropy_bonus, kl_loss, loss_denominators, policy_loss, rollout_correction,
                           shape_advantages)
+from ..algorithms.context_parallel import gather_zigzag, zigzag_indices
 from ..algorithms.segment import ScoringBatch
 from ..config.algorithm import AlgorithmConfig
 from ..config.model import ModelConfig
 from ..config.optim import OptimConfig
 from ..config.parallel import ParallelConfig
-from .forward import logprobs_from_hidden, unwrap_model
+from .forward import logprobs_from_hidden, next_token_logprobs, unwrap_model
 from .model import build_model
-from .optim import build_optimizer, wrap_ddp
+from .optim import build_optimizer, sync_params, wrap_ddp
+from .packing import (PackedBatch, gather_packed_cp, pack_rows, packed_seq_params, packing_multiples,
+                      thd_cp_indices, unpack)
 from .parallel import ParallelGroups
 from .pipeline import count_schedule, pipeline_clean_pass
 from .routing_replay import RoutingReplay
@@ -156,8 +192,23 @@ class RolloutBatch:
 
 
 @dataclass
+class CPView:
+    """This CP rank's share of a micro-batch's rows (module docstring, "Context parallel"): the rows right-padded to
+    ``width`` (a multiple of 2·cp, times TP under SP), then the zigzag chunks r and 2·cp−1−r of every per-token
+    tensor. input_ids, position_ids (global positions of the chunks), labels (the NEXT token, shifted before the
+    split), label_mask (next token is a response token): [b, width/cp]."""
+
+    width: int
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+
+
+@dataclass
 class MicroBatch:
-    """What the schedule's forward step gets: ``id`` names it for routing replay."""
+    """What the schedule's forward step gets: ``id`` names it for routing replay. The full-row tensors [b, L]
+    always; ``cp`` (context parallel) or ``packed`` (THD packing) say what the model is fed instead of the rows."""
 
     id: int
     input_ids: torch.Tensor
@@ -167,6 +218,8 @@ class MicroBatch:
     token_advantages: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None
+    cp: CPView | None = None
+    packed: PackedBatch | None = None
 
 
 @contextlib.contextmanager
@@ -214,13 +267,20 @@ class PolicyActor:
             # exact (tests/cpu/test_parallel_consistency.py, pp2-vpp2).
             self.models[0].config.batch_p2p_comm = False
         self.chunks = wrap_ddp(self.models, distributed_optimizer=parallel.distributed_optimizer,
-                               overlap_grad_reduce=parallel.overlap_grad_reduce)
+                               overlap_grad_reduce=parallel.overlap_grad_reduce,
+                               overlap_param_gather=parallel.overlap_param_gather)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, optim,
-                                                         distributed_optimizer=parallel.distributed_optimizer)
+                                                         distributed_optimizer=parallel.distributed_optimizer,
+                                                         overlap_param_gather=parallel.overlap_param_gather)
         use_replay = model.is_moe if routing_replay is None else routing_replay
         self.replays = [RoutingReplay(m, weights=replay_weights) for m in self.models] if use_replay else []
         self.tp_group = groups.tp_group if groups.tp > 1 else None
-        self.dp_group = groups.dp_cp_group if groups.dp * groups.cp > 1 else None
+        # Rows are replicated over CP (every CP rank gathers its rows' full log-probs, module docstring), so the
+        # loss denominators count tokens over the data-parallel group only: over dp×cp they would be cp× too big.
+        self.dp_group = groups.dp_group if groups.dp > 1 else None
+        self.cp_group = groups.cp_group if groups.cp > 1 else None
+        self.packing = bool(parallel.packing)
+        self._check_layout()
         self._ref_weights: list[dict[str, torch.Tensor]] | None = None
         self.share_clean_pass = bool(share_clean_pass)
         self._clean: tuple | None = None  # (batch, method, mode, reference) from the shared clean pass
@@ -271,10 +331,78 @@ class PolicyActor:
         for i, start in enumerate(range(0, batch.size, mbs)):
             sl = slice(start, start + mbs)
             pick = (lambda t: None if t is None else t[sl].to(dev))  # noqa: E731
-            out.append(MicroBatch(i, pick(batch.input_ids), pick(batch.position_ids), pick(batch.response_mask),
-                                  pick(batch.old_logp), pick(batch.token_advantages), pick(batch.ref_logp),
-                                  pick(batch.token_weights)))
+            mb = MicroBatch(i, pick(batch.input_ids), pick(batch.position_ids), pick(batch.response_mask),
+                            pick(batch.old_logp), pick(batch.token_advantages), pick(batch.ref_logp),
+                            pick(batch.token_weights))
+            if self.packing:
+                mb.packed = self._packed(mb.input_ids, mb.response_mask)
+                if self.groups.cp > 1:
+                    mb.cp = self._cp_view(mb.packed.input_ids, mb.packed.response_mask, packed=mb.packed)
+            elif self.groups.cp > 1:
+                mb.cp = self._cp_view(mb.input_ids, mb.response_mask)
+            out.append(mb)
         return out
+
+    def _check_layout(self) -> None:
+        """Context parallelism and THD packing need attention that honours them (Transformer Engine's); refuse a
+        model whose attention is megatron's local ``DotProductAttention`` (the modules built, not the config
+        string), and the combinations not wired here."""
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        g = self.groups
+        local = any(isinstance(m, DotProductAttention) for c in self.models for m in c.modules())
+        if g.cp > 1 and local:
+            raise ValueError("parallel.cp: context parallelism needs Transformer Engine attention (model."
+                             "transformer_impl: transformer_engine); this model uses megatron's local attention")
+        if g.cp > 1 and self.algorithm.shaper.name == "oar":
+            raise ValueError("parallel.cp: the OAR saliency pass does not run under context parallelism "
+                             "(algorithm.shaper.name: oar needs cp=1)")
+        if self.packing:
+            if local:
+                raise ValueError("parallel.packing: THD packing needs Transformer Engine attention (model."
+                                 "transformer_impl: transformer_engine); this model uses megatron's local attention")
+            if g.pp > 1:
+                raise ValueError(f"parallel.packing: THD packing is wired for pp=1, got pp={g.pp}")
+
+    def _seq_length(self, batch: RolloutBatch) -> int:
+        """The sequence length the schedule's pipeline shapes use: the CP-padded width under CP (megatron divides
+        it by cp), else the rows' width."""
+        return self._cp_width(batch.input_ids.shape[1]) if self.groups.cp > 1 else batch.input_ids.shape[1]
+
+    def _cp_width(self, length: int) -> int:
+        """``length`` rounded up to ``ParallelConfig.token_multiple``: 2·cp (× TP under sequence parallel: each CP
+        rank's share is then split over TP; × the FP8 alignment of each rank's share)."""
+        multiple = self.parallel_cfg.token_multiple(self.model_cfg)
+        return -(-length // multiple) * multiple
+
+    def _cp_view(self, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                 packed: PackedBatch | None = None) -> CPView:
+        """This CP rank's share (``CPView``) of full rows [b, L]: the zigzag chunks; or of a packed THD row [1, T]
+        (``packed``): every row's chunks r and 2·cp−1−r (``packing.thd_cp_indices``). Right padding (id 0, never
+        a response token) lies after every real token of its row, so causal attention keeps it out of every
+        response log-prob; a label crossing into the next packed row is masked (a row's first token is never a
+        response token)."""
+        b, length = input_ids.shape
+        width = length if packed is not None else self._cp_width(length)
+        ids = F.pad(input_ids, (0, width - length))  # [b, W]
+        mask = F.pad(response_mask, (0, width - length))
+        labels = F.pad(ids[:, 1:], (0, 1))  # [b, W] labels[:, t] = ids[:, t + 1]
+        label_mask = F.pad(mask[:, 1:], (0, 1))
+        if packed is None:
+            idx = zigzag_indices(width, self.groups.cp, self.groups.cp_rank, device=ids.device)  # [W/cp]
+            pos = idx.expand(b, -1)
+        else:
+            idx = thd_cp_indices(packed.cu_seqlens_padded, self.groups.cp, self.groups.cp_rank).to(ids.device)
+            pos = packed.position_ids[:, idx]  # positions restart in every row
+        return CPView(width, ids[:, idx], pos, labels[:, idx], label_mask[:, idx])
+
+    def _packed(self, input_ids: torch.Tensor, response_mask: torch.Tensor) -> PackedBatch:
+        """The micro-batch's rows as one THD sequence (``policy.packing``). A row's length is its last response
+        token + 1: later tokens (right padding) never reach a response log-prob under causal attention."""
+        col = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+        lengths = (response_mask.long() * col).amax(dim=1).clamp(min=1)
+        row_multiple, total_multiple = packing_multiples(self.model_cfg, self.parallel_cfg)
+        return pack_rows(input_ids, response_mask, lengths, row_multiple=row_multiple, total_multiple=total_multiple)
 
     # -------------------------------------------------------------------------------------- forward passes
 
@@ -283,11 +411,39 @@ class PolicyActor:
         replay = RoutingReplay.of(gpt, missing_ok=True)
         ctx = replay.micro_batch(mb.id) if replay is not None and replay.mode != "off" else contextlib.nullcontext()
         with ctx, _hidden_output(gpt):
+            if mb.packed is not None:  # one THD row: [T, 1, H] ([T/cp, 1, H]: this rank's share of every row)
+                feed = mb.cp if mb.cp is not None else mb.packed
+                return chunk(feed.input_ids, feed.position_ids, None, packed_seq_params=packed_seq_params(mb.packed))
+            if mb.cp is not None:  # this rank's zigzag chunks: [W/cp, b, H]
+                return chunk(mb.cp.input_ids, mb.cp.position_ids, None)
             return chunk(mb.input_ids, mb.position_ids, None)  # [L, b, H] (hidden or the stage's activations)
 
-    def _logprobs(self, chunk, hidden, mb: MicroBatch, entropy: bool):
-        return logprobs_from_hidden(unwrap_model(chunk), hidden, mb.input_ids, mb.response_mask,
-                                    tp_group=self.tp_group, temperature=self.temperature, compute_entropy=entropy)
+    def _logprobs(self, chunk, hidden, mb: MicroBatch, entropy: bool, temperature: float | None = None):
+        """Response log-probs (and entropy) of the micro-batch's full rows [b, L], 0 off the response, whatever
+        the model was fed: under CP the local next-token log-probs are gathered over the CP group (identical on
+        every CP rank; the backward hands each rank the gradient of its own chunks) and shifted back by one."""
+        gpt = unwrap_model(chunk)
+        opts = dict(tp_group=self.tp_group, temperature=self.temperature if temperature is None else temperature,
+                    compute_entropy=entropy)
+        if mb.cp is not None:
+            g = self.groups
+            logp, ent = next_token_logprobs(gpt, hidden, mb.cp.labels, mb.cp.label_mask, **opts)  # [b, W/cp]
+            if mb.packed is not None:
+                gather = lambda x: gather_packed_cp(x, mb.packed, self.cp_group, g.cp, g.cp_rank)  # noqa: E731
+            else:
+                gather = lambda x: gather_zigzag(x, self.cp_group, dim=1)  # noqa: E731
+            # gathered[:, t] = log π(x_{t+1}); F.pad(.., (1, 0)) puts it at t + 1 = the token's own position
+            length = mb.cp.width if mb.packed is not None else mb.input_ids.shape[1]
+            full = [None if x is None else F.pad(gather(x), (1, 0))[:, :length] for x in (logp, ent)]
+            if mb.packed is None:
+                return full[0], full[1]
+            width = mb.input_ids.shape[1]
+            return tuple(None if x is None else unpack(x, mb.packed, width) for x in full)
+        if mb.packed is not None:
+            logp, ent = logprobs_from_hidden(gpt, hidden, mb.packed.input_ids, mb.packed.response_mask, **opts)
+            width = mb.input_ids.shape[1]
+            return unpack(logp, mb.packed, width), None if ent is None else unpack(ent, mb.packed, width)
+        return logprobs_from_hidden(gpt, hidden, mb.input_ids, mb.response_mask, **opts)
 
     @torch.no_grad()
     def _forward_only_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
@@ -312,7 +468,7 @@ class PolicyActor:
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(mbs) if len(self.chunks) == 1 else [iter(mbs) for _ in self.chunks],
-            model=list(self.chunks), num_microbatches=len(mbs), seq_length=batch.input_ids.shape[1],
+            model=list(self.chunks), num_microbatches=len(mbs), seq_length=self._seq_length(batch),
             micro_batch_size=self.micro_batch_size, forward_only=True)
         if not self.is_last_stage:
             return None
@@ -553,7 +709,7 @@ class PolicyActor:
                 r.begin_replay_pass([mb.id for mb in mini])
             try:
                 res = train_step(self.chunks, self.optimizer, self.scheduler, mini, forward_fn,
-                                 dp_size=self.groups.dp * self.groups.cp, seq_length=batch.input_ids.shape[1],
+                                 dp_size=self.groups.dp, seq_length=self._seq_length(batch),
                                  micro_batch_size=self.micro_batch_size)
             finally:
                 drift: dict[str, float] = {}
@@ -566,6 +722,7 @@ class PolicyActor:
             reduced.update(grad_norm=res.grad_norm, lr=res.lr, updated=float(res.updated), **drift)
             for name, v in reduced.items():
                 history.setdefault(name, []).append(v)
+        sync_params(self.chunks)  # overlap_param_gather: full parameters before anything reads them (policy.optim)
         return history
 
     def sft_update(self, batch: RolloutBatch) -> dict[str, list[float]]:
@@ -586,8 +743,7 @@ class PolicyActor:
             out = self._run_model(chunk, mb)
 
             def loss_fn(hidden):
-                logp, _ = logprobs_from_hidden(unwrap_model(chunk), hidden, mb.input_ids, mb.response_mask,
-                                               tp_group=self.tp_group, temperature=1.0)
+                logp, _ = self._logprobs(chunk, hidden, mb, False, temperature=1.0)  # CP/THD-aware like update
                 return aggregate_loss(-logp, mb.response_mask, "token-mean", global_tokens=g_tok), {}
 
             return out, loss_fn
@@ -595,8 +751,9 @@ class PolicyActor:
         for m in self.chunks:
             m.train()
         res = train_step(self.chunks, self.optimizer, self.scheduler, mbs, forward_fn,
-                         dp_size=self.groups.dp * self.groups.cp, seq_length=batch.input_ids.shape[1],
-                         micro_batch_size=self.micro_batch_size)
+                         dp_size=self.groups.dp, seq_length=self._seq_length(batch),
+                         micro_batch_size=self.micro_batch_size)  # dp only: megatron's schedule scales by cp (update)
+        sync_params(self.chunks)  # overlap_param_gather: full parameters before the next read
         loss = self._global_sum({"loss": res.loss})["loss"]
         return {"loss": [loss], "grad_norm": [res.grad_norm], "lr": [res.lr], "updated": [float(res.updated)]}
 

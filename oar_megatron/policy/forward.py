@@ -8,8 +8,9 @@ naive reference that does build them, for tests and benchmarks).
 
 Layouts. Inputs are right-padded [B, L] (padded batches with the causal mask of the local/TE spec), or one packed
 THD row [1, T] from ``policy.packing`` with its ``packed_seq_params`` (Transformer Engine attention only; refused
-for local attention; not executed in this project, see docs/scaling.md). Hidden states are [L, B, H], or [L/TP, B, H]
-under sequence parallel (rank r holds positions [r·L/TP, (r+1)·L/TP)).
+for local attention; TE's kernels not executed in this project, see docs/scaling.md). Hidden states are [L, B, H], or
+[L/TP, B, H] under sequence parallel (rank r holds positions [r·L/TP, (r+1)·L/TP)). Under context parallelism a rank
+holds the hidden states of its own chunks only: ``next_token_logprobs`` takes labels shifted before the split.
 
 Padded vocabulary. megatron allocates ``ModelConfig.padded_vocab_size(tp)`` output rows (a multiple of
 ``make_vocab_size_divisible_by · TP``); rows ≥ the tokenizer's ``vocab_size`` are not tokens. The rollout engine
@@ -48,6 +49,7 @@ __all__ = [
     "full_logits_logprobs",
     "logprobs_from_hidden",
     "mask_padded_vocab",
+    "next_token_logprobs",
     "pad_to_tp_multiple",
     "real_vocab_size",
     "response_logprobs",
@@ -281,6 +283,44 @@ def logprobs_from_hidden(
     shape = response_mask.shape
     out = logp.new_zeros(shape).index_put((bt[:, 0], bt[:, 1]), logp)  # [B, L], 0 off the response
     ent_out = None if ent is None else ent.new_zeros(shape).index_put((bt[:, 0], bt[:, 1]), ent)
+    return out, ent_out
+
+
+def next_token_logprobs(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    label_mask: torch.Tensor,
+    *,
+    tp_group: ProcessGroup | None = None,
+    temperature: float = 1.0,
+    compute_entropy: bool = False,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of ``labels`` read at the SAME position: out[b, s] = log π(labels[b, s] | hidden row s) where
+    ``label_mask[b, s]``, 0 elsewhere ([B, S] fp32; entropy likewise or None).
+
+    The context-parallel form of ``logprobs_from_hidden``: under CP a rank holds the hidden states of its two zigzag
+    chunks only, and the token a hidden row predicts may live on another rank, so the caller shifts the labels
+    (labels[:, t] = input_ids[:, t + 1], label_mask[:, t] = response_mask[:, t + 1]) on the full row *before* the
+    zigzag split, as megatron's ``get_batch_on_this_cp_rank`` does. hidden [S, B, H] ([S/TP, B, H] under SP) with S
+    this rank's sequence length; labels, label_mask [B, S].
+    """
+    check_tensor("labels", labels, ndim=2)
+    mask = as_mask("label_mask", label_mask, labels.shape, "labels")
+    b, s = mask.nonzero(as_tuple=True)
+    vocab_size = real_vocab_size(model, vocab_size)
+    logits = vocab_parallel_logits(model, hidden, torch.stack([s, b], 1), tp_group=tp_group,
+                                   vocab_size=vocab_size)  # [M, V/TP]
+    target = labels[b, s]  # [M]
+    if vocab_size is not None and target.numel() and int(target.max()) >= vocab_size:
+        raise ValueError(f"labels: token id {int(target.max())} is a padded vocabulary row (real vocab_size "
+                         f"{vocab_size})")
+    logp, ent = vocab_parallel_logprob_entropy(logits, target, tp_group=tp_group, temperature=temperature,
+                                               chunk_size=chunk_size, compute_entropy=compute_entropy)
+    out = logp.new_zeros(labels.shape).index_put((b, s), logp)
+    ent_out = None if ent is None else ent.new_zeros(labels.shape).index_put((b, s), ent)
     return out, ent_out
 
 

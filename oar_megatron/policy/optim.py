@@ -4,6 +4,13 @@
 all-reduce / reduce-scatter over the data-parallel group); ``build_optimizer`` returns megatron's Adam (optionally
 the distributed optimizer, ZeRO-1) and ``OptimizerParamScheduler`` for linear warm-up then constant / linear /
 cosine decay. On CPU the optimizer is torch's AdamW (megatron falls back when apex/TE are absent).
+
+``overlap_param_gather`` (``parallel.overlap_param_gather``, distributed optimizer only) sets the field of the same
+name in megatron's ``DistributedDataParallelConfig`` and ``OptimizerConfig`` (megatron-core 0.16; 0.17-0.19 keep both
+names): the optimizer step then no longer all-gathers the updated parameter shards; DDP's forward pre-hooks gather
+each bucket at the next forward, overlapped with compute. Parameters read outside a forward (reference-weight swap,
+checkpoint, rollout weights) are stale until then, so the actor calls ``sync_params`` after its last update of a
+rollout batch; the updates within a batch keep the overlap.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from ..config.optim import OptimConfig
 
 
 def wrap_ddp(
-    chunks: list[torch.nn.Module], *, distributed_optimizer: bool = False, overlap_grad_reduce: bool = False
+    chunks: list[torch.nn.Module], *, distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
 ) -> list[DistributedDataParallel]:
     """Wrap every model chunk (one per virtual pipeline stage) in megatron DDP.
 
@@ -28,7 +36,10 @@ def wrap_ddp(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
     )
+    if overlap_param_gather and not distributed_optimizer:
+        raise ValueError("parallel.overlap_param_gather: needs distributed_optimizer: true")
     wrapped = []
     for i, chunk in enumerate(chunks):
         # The schedules reduce gradients over DP (and embedding/layernorm grads over PP) only through this hook;
@@ -48,9 +59,19 @@ def wrap_ddp(
     return wrapped
 
 
-def build_optimizer(chunks: list[DistributedDataParallel], cfg: OptimConfig, *, distributed_optimizer: bool = False):
+def sync_params(chunks: list[DistributedDataParallel]) -> None:
+    """Finish the parameter all-gather that ``overlap_param_gather`` defers to the next forward (module docstring):
+    synchronous, after which every rank holds the full updated parameters. A no-op without the overlap."""
+    for chunk in chunks:
+        if chunk.ddp_config.use_distributed_optimizer and chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
+def build_optimizer(chunks: list[DistributedDataParallel], cfg: OptimConfig, *, distributed_optimizer: bool = False,
+                    overlap_param_gather: bool = False):
     """(megatron optimizer, OptimizerParamScheduler) for DDP-wrapped chunks; ``scheduler.step(1)`` per update.
-    ``distributed_optimizer`` must match what the chunks were wrapped with (``ParallelConfig.distributed_optimizer``)."""
+    ``distributed_optimizer`` / ``overlap_param_gather`` must match what the chunks were wrapped with
+    (``ParallelConfig``)."""
     cfg.validate()
     opt_cfg = OptimizerConfig(
         optimizer="adam",
@@ -64,6 +85,7 @@ def build_optimizer(chunks: list[DistributedDataParallel], cfg: OptimConfig, *, 
         bf16=cfg.bf16,
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         use_distributed_optimizer=distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
     for chunk in chunks:

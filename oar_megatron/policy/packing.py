@@ -19,8 +19,10 @@ is never a response token. ``unpack`` puts a packed per-token tensor back into [
 Where it runs. THD attention exists only in Transformer Engine (``TEDotProductAttention``, fused/flash backends on
 a GPU): megatron's local attention (``transformer_impl: local``, the CPU path) takes a dense mask and ignores
 ``cu_seqlens``. ``check_packing_supported`` turns asking for packing there, or without Transformer Engine, into a
-configuration error. The arithmetic here is tested on CPU; the packed forward itself has not been executed in this
-project (no TE on CPU, no GPU lent): see docs/scaling.md.
+configuration error. ``policy.actor`` packs its micro-batches with ``parallel.packing``; with context parallelism each
+CP rank feeds its ``thd_cp_indices`` share and ``gather_packed_cp`` puts per-token results back together. On CPU this
+runs with a test-only THD/CP-correct attention in place of TE's (``tests/cpu/test_actor_context_parallel.py``); TE's
+own THD kernels have not been executed in this project (no TE on CPU, no GPU lent): see docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import torch
 from ..config.model import ModelConfig
 from ..config.parallel import ParallelConfig
 
-__all__ = ["PackedBatch", "check_packing_supported", "pack_rows", "packed_seq_params", "packing_multiples", "unpack"]
+__all__ = ["PackedBatch", "check_packing_supported", "gather_packed_cp", "pack_rows", "packed_seq_params",
+           "packing_multiples", "thd_cp_indices", "unpack"]
 
 
 def check_packing_supported(model: ModelConfig) -> None:
@@ -150,3 +153,47 @@ def packed_seq_params(packed: PackedBatch):
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=packed.cu_seqlens, cu_seqlens_kv=packed.cu_seqlens,
                            cu_seqlens_q_padded=packed.cu_seqlens_padded, cu_seqlens_kv_padded=packed.cu_seqlens_padded,
                            max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
+
+
+# ------------------------------------------------------------------------------------------- context parallel
+
+
+def thd_cp_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Packed positions held by CP rank ``cp_rank`` of a THD row, in local order: for every row i (padded length
+    p_i, a multiple of 2·cp), its chunks r and 2·cp−1−r of length p_i/(2·cp), row after row. This is Transformer
+    Engine's THD partition (``thd_get_partitioned_indices``, used by megatron's ``get_batch_on_this_cp_rank``): the
+    per-row form of ``algorithms.context_parallel.zigzag_indices``. Returns [T/cp] long."""
+    offsets = cu_seqlens_padded.long().cpu()
+    parts = []
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        length = end - start
+        if length % (2 * cp_size):
+            raise ValueError(f"cu_seqlens_padded: row length {length} is not a multiple of 2·cp = {2 * cp_size}")
+        c = length // (2 * cp_size)
+        ar = torch.arange(c)
+        parts += [start + cp_rank * c + ar, start + (2 * cp_size - 1 - cp_rank) * c + ar]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def gather_packed_cp(local: torch.Tensor, packed: PackedBatch, cp_group, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """The full packed row [1, T] of a per-token tensor from every CP rank's THD share [1, T/cp]
+    (``thd_cp_indices`` layout), identical on every CP rank; differentiable like ``gather_zigzag``, which does
+    the communication. The local share is reordered to [chunks r of all rows | chunks 2·cp−1−r of all rows], whose
+    zigzag gather is the packed row in chunk-major order (every row's chunk 0, then every row's chunk 1, ...); one
+    fixed permutation puts it back in row order."""
+    from ..algorithms.context_parallel import gather_zigzag
+
+    if cp_size == 1:
+        return local
+    lengths = (packed.cu_seqlens_padded[1:] - packed.cu_seqlens_padded[:-1]).long().cpu() // (2 * cp_size)  # c_i
+    local_start = torch.cat([torch.zeros(1, dtype=torch.long), (2 * lengths).cumsum(0)[:-1]])
+    first = torch.cat([s + torch.arange(c) for s, c in zip(local_start.tolist(), lengths.tolist())])
+    second = torch.cat([s + c + torch.arange(c) for s, c in zip(local_start.tolist(), lengths.tolist())])
+    halves = local.index_select(1, torch.cat([first, second]).to(local.device))
+    chunk_major = gather_zigzag(halves, cp_group, dim=1)  # [1, T]
+    # position of (row i, chunk j, offset o): chunk-major j·(T/2cp) + Σ_{k<i} c_k + o; packed off_i + j·c_i + o
+    per_chunk = int(lengths.sum())
+    row_start = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    perm = torch.cat([torch.cat([j * per_chunk + r0 + torch.arange(c) for j in range(2 * cp_size)])
+                      for r0, c in zip(row_start.tolist(), lengths.tolist())])
+    return chunk_major.index_select(1, perm.to(local.device))

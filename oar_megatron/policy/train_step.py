@@ -67,7 +67,8 @@ def train_step(
         optimizer, scheduler: from ``policy.optim.build_optimizer``.
         micro_batches: this rank's micro-batches, in order (the same count on every rank).
         forward_fn: see ``ForwardFn``.
-        dp_size: data-parallel world size (for the loss scale).
+        dp_size: data-parallel world size WITHOUT context parallel (for the loss scale): the schedule's ×cp
+            cancels DDP's ÷cp when every CP rank returns the same (replicated) loss, see ``policy.actor``.
         seq_length, micro_batch_size: the [B, S] shape the pipeline communicates (PP > 1 only).
     """
     n = len(micro_batches)

@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..config.parallel import ParallelLayout
-from ..config.train import TrainConfig
+from ..config.train import SGLANG_TIMEOUT_S, RolloutConfig, TrainConfig
 
 GiB = 1024**3
 
@@ -118,6 +118,14 @@ def estimate_memory(cfg: TrainConfig, layout: ParallelLayout) -> MemoryPlan:
                       logits / GiB, ref_host / GiB)
 
 
+def _servers(r: RolloutConfig) -> str:
+    """The sglang engine's servers and request timeout, as the plan shows them."""
+    if r.engine != "sglang":
+        return ""
+    timeout = r.timeout_s if r.timeout_s is not None else SGLANG_TIMEOUT_S
+    return f"; {len(r.server_urls)} server(s) {', '.join(r.server_urls)}, request timeout {timeout:g} s"
+
+
 def format_plan(cfg: TrainConfig, plan: Plan) -> str:
     """The dry-run text: one section per concern, numbers a reader can check by hand."""
     lo, b, mem = plan.layout, plan.batch, plan.memory
@@ -135,7 +143,7 @@ def format_plan(cfg: TrainConfig, plan: Plan) -> str:
         + (f", kl {a.kl.kind} x {a.kl.coef}" if a.kl.coef > 0 else "")
         + (", dynamic sampling" if a.advantage.filter_groups else ""),
         f"rollout    {cfg.rollout.engine}: {b.prompts_per_step} prompts x {b.n_samples} samples = {b.rows} rows/step, "
-        f"max_new_tokens {cfg.rollout.max_new_tokens}, T={cfg.rollout.temperature}",
+        f"max_new_tokens {cfg.rollout.max_new_tokens}, T={cfg.rollout.temperature}" + _servers(cfg.rollout),
         f"batch      {b.rows_per_dp_rank} rows per dp rank = {b.micro_batches} micro-batches of {b.micro_batch_size}; "
         f"{b.mini_batches} update(s) per step of {b.micro_batches_per_update} micro-batches; seq_len <= {b.seq_len}",
         f"memory/GPU ~{mem.total_gib:.2f} GiB: weights {mem.weights_gib:.2f} + grads {mem.grads_gib:.2f} + optimizer "

@@ -1,6 +1,8 @@
 """policy.packing: THD packing arithmetic (cu_seqlens by hand, round trips, padding multiples) and the
-configuration errors where THD attention does not exist (local attention, Transformer Engine absent). The packed
-forward itself needs Transformer Engine on a GPU and is not run here (docs/scaling.md)."""
+configuration errors where THD attention does not exist (local attention, Transformer Engine absent), the THD
+context-parallel partition by hand and its gather on 2 gloo ranks. The packed forward with TE's kernels needs a GPU
+and is not run here; the actor's packed path runs with a test attention in test_actor_context_parallel.py
+(docs/scaling.md)."""
 
 import pytest
 import torch
@@ -8,11 +10,14 @@ import torch
 from oar_megatron.config import ParallelConfig, model_preset
 from oar_megatron.policy.packing import (
     check_packing_supported,
+    gather_packed_cp,
     pack_rows,
     packed_seq_params,
     packing_multiples,
+    thd_cp_indices,
     unpack,
 )
+from tests.dist_harness import run_ranks
 
 # Three rows of real lengths 3, 5, 2 (prompt | response): right-padded to L = 6 with pad 0.
 IDS = torch.tensor([[11, 12, 13, 0, 0, 0], [21, 22, 23, 24, 25, 0], [31, 32, 0, 0, 0, 0]])
@@ -120,3 +125,28 @@ def test_packing_is_a_configuration_error_without_te_attention(monkeypatch):
         check_packing_supported(model_preset("tiny", transformer_impl="transformer_engine"))
     monkeypatch.setattr(model_mod, "te_installed", lambda: True)
     check_packing_supported(model_preset("tiny", transformer_impl="transformer_engine"))  # no error
+
+
+def test_thd_cp_partition_by_hand():
+    # rows padded to 4 and 8 (cp = 2: chunks of 1 and 2 per row); rank 0 holds chunk 0 and 3 of each row
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    assert thd_cp_indices(cu, 2, 0).tolist() == [0, 3, 4, 5, 10, 11]
+    assert thd_cp_indices(cu, 2, 1).tolist() == [1, 2, 6, 7, 8, 9]
+    assert thd_cp_indices(cu, 1, 0).tolist() == list(range(12))
+    with pytest.raises(ValueError, match="cu_seqlens_padded: row length 6"):
+        thd_cp_indices(torch.tensor([0, 6]), 2, 0)
+
+
+def _gather(rank, world_size):
+    p = pack_rows(IDS, MASK, LENGTHS, row_multiple=4, total_multiple=4)  # padded rows 4, 8, 4
+    full = torch.arange(p.total, dtype=torch.float32)[None, :] * 1.5 + 1  # [1, T]
+    local = full[:, thd_cp_indices(p.cu_seqlens_padded, world_size, rank)].requires_grad_()
+    out = gather_packed_cp(local, p, torch.distributed.group.WORLD, world_size, rank)
+    (out * torch.arange(p.total)).sum().backward()  # replicated consumer: grad of own positions = their weights
+    return out.detach(), full, local.grad, thd_cp_indices(p.cu_seqlens_padded, world_size, rank)
+
+
+def test_gather_packed_cp_on_two_ranks():
+    for out, full, grad, idx in run_ranks(_gather, 2):
+        assert torch.equal(out, full)
+        assert torch.equal(grad, idx.float()[None, :])

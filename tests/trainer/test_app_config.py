@@ -34,6 +34,8 @@ def test_experiment_configs_dry_run(name, world, capsys):
     assert run_train(cfg) == 0
     out = capsys.readouterr().out
     assert f"world {world} = " in out and "memory/GPU" in out
+    # the sglang engine's servers and timeout are what the plan shows (the trainer refuses the engine for now)
+    assert "1 server(s) http://127.0.0.1:30000, request timeout 1800 s" in out
     plan = make_plan(cfg, world)
     assert plan.batch.rows == 512 * 16 and plan.batch.mini_batches == 4
     assert cfg.optim.lr == 1e-6 and cfg.rollout.temperature == 1.0
@@ -68,6 +70,10 @@ def test_memory_estimate_by_hand():
     (["data=gsm8k", "data.path=gsm8k.jsonl", "data.tokenizer=tok"], 1,
      "reward.fn: gsm8k answers are scored by math-verify (reward=math or reward=dapo)"),
     (["rollout.engine=sglang"], 1, "rollout.server_urls"),
+    (["rollout.server_urls=[http://x:1]"], 1, "rollout.server_urls: only rollout.engine=sglang reads it"),
+    (["parallel.cp=2"], 2, "parallel.cp: context parallelism needs model.transformer_impl: transformer_engine"),
+    (["parallel.packing=true"], 1, "parallel.packing: THD packing needs model.transformer_impl: transformer_engine"),
+    (["rollout.timeout_s=30"], 1, "rollout.timeout_s: only rollout.engine=sglang reads it"),
     (["eval.ks=[1,8]"], 1, "eval.ks: every k must be in [1, eval.k=4], got 8"),
     (["optim.lr=0"], 1, "optim.lr: must be > 0"),
     (["algorithm.loss.name=ppo"], 1, "algorithm.loss.name: unknown value 'ppo'"),
