@@ -227,6 +227,13 @@ class ModelConfig:
                              f"got {self.transformer_impl!r}")
         if self.params_dtype != "bfloat16":
             raise ValueError(f"model.fp8: FP8 training needs params_dtype: bfloat16, got {self.params_dtype!r}")
+        align = self.fp8_pad_multiple()  # FP8 GEMMs need every dimension, tokens included, a multiple of it
+        sizes = {"hidden_size": self.hidden_size, "ffn_hidden_size": self.ffn_size}
+        if self.is_moe:
+            sizes["moe_ffn_hidden_size"] = self.moe_ffn_size
+        for key, size in sizes.items():
+            if size % align:
+                raise ValueError(f"model.{key}: FP8 ({self.fp8_recipe}) GEMMs need a multiple of {align}, got {size}")
 
 
 def _positive(key: str, value: Any) -> None:

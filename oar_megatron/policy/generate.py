@@ -6,7 +6,9 @@ per (prompt, sample) pair, prompt-major. Cost is linear in the response length: 
 
 Batching. Rows (each prompt repeated ``n`` times) are bucketed by prompt length, so a batch needs no left padding
 and one position offset serves every row; a bucket is cut into batches of at most ``max_batch_size`` rows, each with
-its own KV cache of ``[prompt_len + max_new_tokens]`` positions. A row that has finished (stop token) keeps being fed
+its own KV cache of ``[prompt_len + max_new_tokens]`` positions. Under FP8 a batch is padded with dummy rows (fed
+``pad_id``, never sampled) to a multiple of the model's FP8 token multiple (``policy.padding``), since each decode
+step feeds one token per row to the GEMMs. A row that has finished (stop token) keeps being fed
 ``pad_id`` until the whole batch is done; those outputs are discarded. A batch stops as soon as every row finished.
 
 Sampling happens on the CPU in float32 from the vocabulary-gathered last-token logits [B, V_pad]
@@ -39,6 +41,7 @@ import torch.distributed as dist
 
 from ..algorithms.reduce import ProcessGroup, group_size
 from ..rollout.base import Sample, SamplingParams
+from .padding import fp8_multiple, pad_rows
 
 __all__ = ["PP_ERROR", "generate", "sample_tokens"]
 
@@ -173,6 +176,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
     for row in range(len(samples)):
         buckets.setdefault(len(ids[row // n]), []).append(row)
     device = next(gpt.parameters()).device
+    rows_multiple = fp8_multiple(gpt)  # decode feeds one position per row, sequence parallel off
     training = model.training
     model.eval()
     try:
@@ -182,8 +186,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
                 for start in range(0, len(rows), max_batch_size):
                     batch = rows[start:start + max_batch_size]
                     prompt = torch.tensor([ids[r // n] for r in batch], dtype=torch.long, device=device)  # [B, P]
-                    ctx = StaticInferenceContext(len(batch), length + params.max_new_tokens)
-                    out = _decode(model, ctx, prompt, params, vocab_size, generator, tp_group, pad_id)
+                    prompt = pad_rows(prompt, rows_multiple, pad_id)  # [B', P] FP8: B' rows per GEMM (padding.py)
+                    ctx = StaticInferenceContext(prompt.shape[0], length + params.max_new_tokens)
+                    out = _decode(model, ctx, prompt, params, vocab_size, generator, tp_group, pad_id, len(batch))
                     for r, (resp, lps, reason) in zip(batch, out):
                         samples[r] = Sample(prompt_index=r // n, prompt_ids=list(ids[r // n]), response_ids=resp,
                                             logprobs=lps, finish_reason=reason)
@@ -193,8 +198,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
 
 
 def _decode(model, ctx, prompt: torch.Tensor, params: SamplingParams, vocab_size: int, generator: torch.Generator,
-            tp_group, pad_id: int) -> list[tuple[list[int], list[float], str]]:
-    """Prefill ``prompt`` [B, P] into ``ctx``, then decode up to ``max_new_tokens`` tokens per row."""
+            tp_group, pad_id: int, real: int) -> list[tuple[list[int], list[float], str]]:
+    """Prefill ``prompt`` [B, P] into ``ctx``, then decode up to ``max_new_tokens`` tokens per row. Rows ``real``..B−1
+    are FP8 padding (``policy.padding``): decoded on ``pad_id`` alongside, never sampled nor returned."""
     b, length = prompt.shape
     device = prompt.device
     pos = torch.arange(length, device=device).expand(b, length)  # [B, P]
@@ -202,12 +208,12 @@ def _decode(model, ctx, prompt: torch.Tensor, params: SamplingParams, vocab_size
     ctx.sequence_len_offset += length
     ctx.enable_decode_mode()
     stops = torch.tensor(params.stop_token_ids, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
-    resp: list[list[int]] = [[] for _ in range(b)]
-    lps: list[list[float]] = [[] for _ in range(b)]
-    reasons = ["length"] * b
+    done = torch.zeros(real, dtype=torch.bool)
+    resp: list[list[int]] = [[] for _ in range(real)]
+    lps: list[list[float]] = [[] for _ in range(real)]
+    reasons = ["length"] * real
     for step in range(params.max_new_tokens):
-        tokens, logp = _draw(logits[:, -1], params, vocab_size, generator, tp_group)  # [B], [B] on CPU
+        tokens, logp = _draw(logits[:real, -1], params, vocab_size, generator, tp_group)  # [B], [B] on CPU
         live = (~done).nonzero().flatten().tolist()
         tok_list, lp_list = tokens.tolist(), logp.tolist()
         for i in live:
@@ -219,7 +225,8 @@ def _decode(model, ctx, prompt: torch.Tensor, params: SamplingParams, vocab_size
         done |= hit
         if bool(done.all()) or step == params.max_new_tokens - 1:
             break
-        feed = torch.where(done, torch.full_like(tokens, pad_id), tokens).to(device)[:, None]  # [B, 1]
+        feed = torch.where(done, torch.full_like(tokens, pad_id), tokens)
+        feed = torch.cat([feed, feed.new_full((b - real,), pad_id)]).to(device)[:, None]  # [B', 1] with FP8 padding
         pos = torch.full((b, 1), ctx.sequence_len_offset, dtype=torch.long, device=device)
         logits = model(feed, pos, None, inference_context=ctx, runtime_gather_output=True)  # [B, 1, V_pad]
         ctx.sequence_len_offset += 1

@@ -193,6 +193,7 @@ def _gpt(model: ModelConfig, config, spec, padded_vocab: int, pre_process: bool 
         rope_scaling_factor=model.rope_scaling_factor, vp_stage=vp_stage)
     # The real vocabulary (rows >= it are TP padding): policy.forward masks those logits (forward module docstring).
     gpt.oar_vocab_size = model.vocab_size
+    gpt.oar_fp8_multiple = model.fp8_pad_multiple()  # tokens per rank per GEMM (policy.padding)
     for param in gpt.parameters():  # as megatron-LM's get_model: DDP / grad-norm code reads these attributes
         set_defaults_if_not_set_tensor_model_parallel_attributes(param)
     for param in gpt.parameters():  # one dtype for every parameter (module docstring); buffers (MoE token counts,

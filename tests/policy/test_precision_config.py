@@ -116,3 +116,64 @@ def test_chunk_precision_reads_the_built_model_and_refuses_a_mismatch():
         chunk_precision([chunk(torch.bfloat16, torch.bfloat16, torch.float32)], OptimConfig())
     _one_line(exc)
 
+
+# ------------------------------------------------------------------------------------------------ FP8 padding
+
+
+def _gpt_with(config):
+    """A GPTModel shell holding only a ``TransformerConfig``: what policy.padding reads (no weights, no TE)."""
+    from megatron.core.models.gpt import GPTModel
+
+    shell = GPTModel.__new__(GPTModel)
+    shell.config = config
+    return shell
+
+
+@pytest.mark.parametrize("recipe,layout,multiple", [
+    ("delayed", dict(tp=1), 16),
+    ("tensorwise", dict(tp=4, sequence_parallel=True), 16 * 4),
+    ("blockwise", dict(tp=2, sequence_parallel=True, cp=2), 16 * 2 * 4),
+    ("mxfp8", dict(tp=4, sequence_parallel=True, cp=2), 32 * 4 * 4),
+])
+def test_fp8_padding_arithmetic_follows_the_model_and_layout(recipe, layout, multiple):
+    from oar_megatron.policy import MissingDependencyError, check_model_environment
+    from oar_megatron.policy.padding import (fp8_multiple, pad_rows, padded_length, round_up, sequence_multiple,
+                                             set_fp8_multiple)
+
+    model = model_preset("qwen3-8b", transformer_impl="transformer_engine", fp8="e4m3", fp8_recipe=recipe)
+    parallel = ParallelConfig(**layout)
+    with pytest.raises(MissingDependencyError, match="model.fp8: FP8 .* needs Transformer Engine"):
+        check_model_environment(model)  # this CPU has no TE: the build is refused before anything happens
+    world = parallel.tp * parallel.cp
+    assert parallel.validate(world, model).token_multiple == multiple
+    gpt = _gpt_with(transformer_config(model, parallel))  # the config FP8 would run with; TE is never touched
+    assert fp8_multiple(gpt) == model.fp8_pad_multiple() == (32 if recipe == "mxfp8" else 16)
+    assert sequence_multiple(gpt) == multiple  # the same rule as ParallelConfig.token_multiple
+    for length in (1, 7, multiple - 1, multiple, multiple + 1, 3 * multiple + 5):
+        padded = padded_length(gpt, length)
+        assert padded >= length and padded - length < multiple and padded % multiple == 0
+        for b in (1, 3):  # each rank's token count after the SP/CP split is a multiple of the FP8 alignment
+            per_rank = b * padded // (parallel.tp if parallel.sequence_parallel else 1) // (
+                2 * parallel.cp if parallel.cp > 1 else 1)
+            assert per_rank % fp8_multiple(gpt) == 0
+    set_fp8_multiple(gpt, 24)  # the tests' override replaces the FP8 factor only
+    assert sequence_multiple(gpt) == multiple // model.fp8_pad_multiple() * 24
+    set_fp8_multiple(gpt, None)
+    assert sequence_multiple(gpt) == multiple
+    with pytest.raises(ValueError, match="multiple: must be a positive integer or None, got 0"):
+        set_fp8_multiple(gpt, 0)
+    assert [round_up(n, 16) for n in (0, 1, 16, 17)] == [0, 16, 16, 32]
+    rows = pad_rows(torch.tensor([[5, 6], [7, 8], [9, 9]]), 4, 0)  # decode batches: dummy rows of pad_id
+    assert rows.tolist() == [[5, 6], [7, 8], [9, 9], [0, 0]] and pad_rows(rows, 4, 0) is rows
+    without = _gpt_with(transformer_config(model_preset("qwen3-8b"), ParallelConfig()))
+    assert (fp8_multiple(without), padded_length(without, 7)) == (1, 7)  # no FP8, no SP/CP: no padding
+
+
+def test_fp8_model_dimensions_must_align():
+    with pytest.raises(ValueError, match="model.ffn_hidden_size: FP8 .* need a multiple of 16, got 100") as exc:
+        model_preset("tiny", transformer_impl="transformer_engine", params_dtype="bfloat16", fp8="e4m3",
+                     ffn_hidden_size=100)
+    _one_line(exc)
+    for name, preset in MODEL_PRESETS.items():  # every preset can turn FP8 on (mxfp8 needs 32)
+        if preset.hidden_size >= 896:
+            model_preset(name, transformer_impl="transformer_engine", params_dtype="bfloat16", fp8="e4m3")
