@@ -40,7 +40,9 @@ def _loss(model, ids):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
 
 
-def _megatron_run(rank, world_size, dtype, distributed_optimizer, optim_overrides):
+def _megatron_run(rank, world_size, dtype, distributed_optimizer, optim_overrides, refs=()):
+    """megatron's DDP + optimizer + train_step on this rank's half of each batch, then the plain-torch references
+    ``refs`` ((dtype, master, clip, loss_scale) each, see ``_reference``) in the same process and parallel state."""
     from megatron.core import parallel_state
 
     from oar_megatron.config import ParallelConfig
@@ -77,6 +79,7 @@ def _megatron_run(rank, world_size, dtype, distributed_optimizer, optim_override
     if hasattr(inner, "fp32_from_float16_groups"):  # Float16OptimizerWithFloat16Params: the fp32 main weights
         out["main"] = [m.detach().clone() for group in inner.fp32_from_float16_groups for m in group]
         out["main_of"] = [_name_of(gpt, p) for group in inner.float16_groups for p in group]
+    out["refs"] = [_reference(init, *spec) for spec in refs]
     parallel_state.destroy_model_parallel()
     return out
 
@@ -85,18 +88,16 @@ def _name_of(module, param):
     return next(n for n, p in module.named_parameters() if p is param)
 
 
-def _reference(rank, world_size, init, dtype, master, clip=0.0, loss_scale=1.0):
-    """Plain torch on one process: the same model and weights; fp32 master weights when ``master`` (else the model's
-    own parameters are the optimizer's: the fp32 run). ``loss_scale`` (a power of 2) multiplies the loss before the
-    16-bit backward and divides the fp32 grads after it, as fp16 training must (small fp16 grads underflow)."""
-    from megatron.core import parallel_state
-
+def _reference(init, dtype, master, clip=0.0, loss_scale=1.0):
+    """Plain torch, the whole batch, no DDP or megatron optimizer: the same model and weights; fp32 master weights
+    when ``master`` (else the model's own parameters are the optimizer's: the fp32 run). ``loss_scale`` (a power of 2)
+    multiplies the loss before the 16-bit backward and divides the fp32 grads after it, as fp16 training must (small
+    fp16 grads underflow)."""
     from oar_megatron.config import ParallelConfig
-    from oar_megatron.policy import build_model, init_parallel
+    from oar_megatron.policy import build_model
 
     model_cfg = _model(dtype)
-    init_parallel(ParallelConfig(), model_cfg, seed=SEED)
-    gpt = build_model(model_cfg, ParallelConfig())
+    gpt = build_model(model_cfg, ParallelConfig())  # a second model in the run's parallel state, loaded with init
     gpt.load_state_dict({k: v.to(gpt.state_dict()[k].dtype) for k, v in init.items()}, strict=False)
     params = list(gpt.parameters())
     mains = [p.detach().float().clone().requires_grad_() for p in params] if master else params
@@ -121,10 +122,8 @@ def _reference(rank, world_size, init, dtype, master, clip=0.0, loss_scale=1.0):
                 for m, p in zip(mains, params):
                     p.copy_(m)  # round the fp32 master weights to the model dtype
     names = [n for n, _ in gpt.named_parameters()]
-    out = {"losses": losses, "norms": norms, "params": {n: p.detach().clone() for n, p in gpt.named_parameters()},
-           "main": dict(zip(names, (m.detach().clone() for m in mains)))}
-    parallel_state.destroy_model_parallel()
-    return out
+    return {"losses": losses, "norms": norms, "params": {n: p.detach().clone() for n, p in gpt.named_parameters()},
+            "main": dict(zip(names, (m.detach().clone() for m in mains)))}
 
 
 def _update_error(params, ref_params, init):
@@ -136,11 +135,11 @@ def _update_error(params, ref_params, init):
 
 def test_bf16_model_default_optimizer_matches_fp32_master_reference():
     """Without clipping every operation of the two paths is the same, so the match is exact up to fp32 rounding."""
-    (run,) = run_ranks(_megatron_run, 1, "bfloat16", False, {})
+    (run,) = run_ranks(_megatron_run, 1, "bfloat16", False, {}, [("bfloat16", True), ("float32", False)])
+    ref, fp32 = run["refs"]
     assert run["dtypes"] == ["torch.bfloat16"]  # every parameter in the model dtype (norms included)
     assert run["kinds"] == ["Float16OptimizerWithFloat16Params"]
     assert all(run["updated"]) and run["scales"] == [1.0] * STEPS  # bf16: no loss scaling
-    (ref,) = run_ranks(_reference, 1, run["init"], "bfloat16", True)
     assert run["losses"] == pytest.approx(ref["losses"], rel=1e-6)
     assert run["norms"] == pytest.approx(ref["norms"], rel=1e-5)
     for name, main in zip(run["main_of"], run["main"]):
@@ -150,7 +149,6 @@ def test_bf16_model_default_optimizer_matches_fp32_master_reference():
     residue = max((m - m.bfloat16().float()).abs().max().item() for m in run["main"])
     assert residue > 1e-6
     # And bf16 training tracks fp32 training of the same initial weights within bf16 tolerance.
-    (fp32,) = run_ranks(_reference, 1, run["init"], "float32", False)
     # Per element Adam amplifies rounding (an update is ~lr·sign(grad) where the grad is tiny), so compare the whole
     # update: measured 5.7% relative difference, dominated by the norm weights (~1.0, where a bf16 ulp is 2^-7 > lr).
     assert run["losses"] == pytest.approx(fp32["losses"], rel=1e-3)
@@ -162,8 +160,8 @@ def test_bf16_distributed_optimizer_dp2_clipped_and_fp16_loss_scale():
     model with its dynamic loss scale. DP2 sums two bf16 half-batch gradients in fp32 where the reference has one
     bf16 full-batch gradient, so the match is to bf16 rounding: exact at step 1 up to it, then Adam's normalised
     update lets ulp-level differences grow a little."""
-    dp2 = run_ranks(_megatron_run, 2, "bfloat16", True, {"clip_grad": 1.0})
-    (ref,) = run_ranks(_reference, 1, dp2[0]["init"], "bfloat16", True, 1.0)
+    dp2 = run_ranks(_megatron_run, 2, "bfloat16", True, {"clip_grad": 1.0}, [("bfloat16", True, 1.0)])
+    ref = dp2[0]["refs"][0]
     assert ref["norms"][0] > 1.0  # clipping is active
     for run in dp2:
         assert run["kinds"] == ["DistributedOptimizer"] and all(run["updated"])
@@ -174,8 +172,9 @@ def test_bf16_distributed_optimizer_dp2_clipped_and_fp16_loss_scale():
     both = [a + b for a, b in zip(dp2[0]["losses"], dp2[1]["losses"])]  # the halves' shares add to the batch mean
     assert both == pytest.approx(ref["losses"], rel=2e-3)
 
-    (fp16,) = run_ranks(_megatron_run, 1, "float16", False, {"initial_loss_scale": 1024.0})
-    (ref16,) = run_ranks(_reference, 1, fp16["init"], "float16", True, 0.0, 1024.0)
+    (fp16,) = run_ranks(_megatron_run, 1, "float16", False, {"initial_loss_scale": 1024.0},
+                        [("float16", True, 0.0, 1024.0)])
+    ref16 = fp16["refs"][0]
     assert fp16["dtypes"] == ["torch.float16"] and fp16["kinds"] == ["Float16OptimizerWithFloat16Params"]
     assert all(fp16["updated"]) and fp16["scales"] == [1024.0] * STEPS  # dynamic scaler, no overflow: kept
     assert fp16["losses"] == pytest.approx(ref16["losses"], rel=1e-6)
