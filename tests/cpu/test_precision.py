@@ -13,6 +13,8 @@ default ``OptimConfig`` got megatron's FP32Optimizer, which raises at the first 
 bf16 parameter).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -181,3 +183,38 @@ def test_bf16_distributed_optimizer_dp2_clipped_and_fp16_loss_scale():
     for name, main in zip(fp16["main_of"], fp16["main"]):
         # The loss scale is a power of 2: it multiplies and divides exactly, so the match is exact again.
         torch.testing.assert_close(main, ref16["main"][name], atol=1e-7, rtol=1e-6)
+
+
+def _loop(rank, world_size, tmp):
+    from oar_megatron.trainer import compose_config
+    from oar_megatron.trainer.loop import Trainer
+    from tests.trainer.test_loop import SMALL
+
+    out = {}
+    for dtype, algorithm in (("bfloat16", "oar_g"), ("float16", "grpo")):
+        cfg = compose_config(SMALL + ["trainer.steps=2", f"model.params_dtype={dtype}", f"algorithm={algorithm}",
+                                      f"logging.run_dir={tmp}/{dtype}"])
+        trainer = Trainer(cfg)
+        try:
+            hist = trainer.fit()
+            actor = trainer.actor
+            kinds = [type(o).__name__ for o in getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])]
+            dtypes = sorted({str(p.dtype) for m in actor.models for p in m.parameters()})
+        finally:
+            trainer.close()
+        out[dtype] = dict(kinds=kinds, dtypes=dtypes, hist=[{k: v for k, v in m.items() if isinstance(v, float)}
+                                                            for m in hist])
+    return out
+
+
+def test_the_loop_trains_16bit_models(tmp_path):
+    """oar-train end to end (rollouts, OAR-G saliency, updates, metrics) with a bf16 and an fp16 policy."""
+    (res,) = run_ranks(_loop, 1, str(tmp_path), timeout=900)
+    for dtype, r in res.items():
+        assert r["dtypes"] == [f"torch.{dtype}"] and r["kinds"] == ["Float16OptimizerWithFloat16Params"], dtype
+        assert len(r["hist"]) == 2
+        for m in r["hist"]:
+            for key in ("loss/total", "grad_norm", "entropy/mean", "reward/mean"):
+                assert key in m and math.isfinite(m[key]), (dtype, key)
+            # the engine's and the trainer's log-probs: one 16-bit model, cached decode vs full forward
+            assert m["rollout/logp_diff_abs_mean"] < 0.05, (dtype, m["rollout/logp_diff_abs_mean"])
