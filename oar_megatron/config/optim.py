@@ -4,16 +4,12 @@ Precision is not an optimizer setting: ``model.params_dtype`` is its one source 
 derives from it what megatron's DDP and optimizer need (:class:`Precision`), and refuses, with one line naming the
 key, an ``optim`` setting that contradicts it:
 
-==============  =====================================  ==========================================  ====================
-params_dtype    megatron optimizer                      main weights / main grads (DDP buffers)     loss scaling
-==============  =====================================  ==========================================  ====================
-float32         FP32Optimizer (DistributedOptimizer     the parameters themselves / fp32            none (loss_scale
-                with ``distributed_optimizer``)                                                     refused)
-bfloat16        Float16OptimizerWithFloat16Params or    fp32 copies / fp32, reduced in fp32         none; optional
-                DistributedOptimizer (``bf16=True``)                                                static loss_scale
-float16         same (``fp16=True``)                    fp32 copies / fp32, reduced in fp32         dynamic (initial
-                                                                                                    2^16) or static
-==============  =====================================  ==========================================  ====================
+* ``float32``: megatron's FP32Optimizer (the DistributedOptimizer with ``parallel.distributed_optimizer``); the
+  parameters are the main weights; fp32 grads; no loss scaling (``optim.loss_scale`` is refused).
+* ``bfloat16``: Float16OptimizerWithFloat16Params or the DistributedOptimizer (``bf16=True``); fp32 main weights
+  and fp32 main grads (DDP buffers, reduced in fp32); no loss scaling unless a static ``optim.loss_scale`` is set.
+* ``float16``: the same with ``fp16=True``; a dynamic loss scale (``optim.initial_loss_scale``, default 2^16) or a
+  static ``optim.loss_scale``.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from dataclasses import dataclass
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # model.params_dtype
-DEFAULT_INITIAL_LOSS_SCALE = 2.0**16  # fp16 dynamic scale start (torch GradScaler's); megatron's 2^32 skips ~16 steps
+DEFAULT_INITIAL_LOSS_SCALE = 2.0**16  # fp16 dynamic scale start (torch GradScaler's); megatron's 2^32 overflows at first
 
 
 @dataclass(kw_only=True)
