@@ -225,14 +225,12 @@ def worker_logprob(opts: dict, variant: str) -> dict:
 
 def _trainer(gpt, cfg, dev, ids, pos, mask, adv):
     """(DDP chunks, optimizer, scheduler, micro-batches, forward_fn) for GRPO updates on the response log-probs."""
-    import torch
-
     from oar_megatron.algorithms import policy_loss
     from oar_megatron.config.optim import OptimConfig
     from oar_megatron.policy.forward import response_logprobs
     from oar_megatron.policy.optim import build_optimizer, wrap_ddp
 
-    ocfg = OptimConfig(lr=1e-6, bf16=next(gpt.parameters()).dtype == torch.bfloat16)
+    ocfg = OptimConfig(lr=1e-6)  # precision follows the model's params_dtype (policy.optim.chunk_precision)
     chunks = wrap_ddp([gpt])
     optimizer, scheduler = build_optimizer(chunks, ocfg)
     g_tok = float(mask.sum())

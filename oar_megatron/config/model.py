@@ -21,7 +21,7 @@ NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 ROPE_SCALINGS = ("none", "llama3")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
-PARAMS_DTYPES = ("float32", "bfloat16")
+PARAMS_DTYPES = ("float32", "bfloat16", "float16")  # config.optim.MODEL_DTYPES
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 ROUTER_SCORES = ("softmax", "sigmoid")
@@ -81,7 +81,9 @@ class ModelConfig:
     moe_token_dispatcher_type: str = "alltoall"  # allgather | alltoall | flex
     # implementation and precision
     transformer_impl: str = "local"  # local | transformer_engine
-    params_dtype: str = "bfloat16"  # float32 | bfloat16; CPU builds always run float32
+    # float32 | bfloat16 | float16, on CPU too: the one source of truth for precision (config.optim.resolve_precision
+    # derives megatron's DDP/optimizer/loss-scale settings from it)
+    params_dtype: str = "bfloat16"
     fp8: str | None = None  # None | e4m3 | hybrid
     fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8
     fp8_param_gather: bool = False  # keep FP8 weights and all-gather them in FP8 (megatron fp8_param)
@@ -225,6 +227,13 @@ class ModelConfig:
                              f"got {self.transformer_impl!r}")
         if self.params_dtype != "bfloat16":
             raise ValueError(f"model.fp8: FP8 training needs params_dtype: bfloat16, got {self.params_dtype!r}")
+        align = self.fp8_pad_multiple()  # FP8 GEMMs need every dimension, tokens included, a multiple of it
+        sizes = {"hidden_size": self.hidden_size, "ffn_hidden_size": self.ffn_size}
+        if self.is_moe:
+            sizes["moe_ffn_hidden_size"] = self.moe_ffn_size
+        for key, size in sizes.items():
+            if size % align:
+                raise ValueError(f"model.{key}: FP8 ({self.fp8_recipe}) GEMMs need a multiple of {align}, got {size}")
 
 
 def _positive(key: str, value: Any) -> None:

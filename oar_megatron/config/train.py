@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .algorithm import AlgorithmConfig
 from .model import ModelConfig
-from .optim import OptimConfig
+from .optim import OptimConfig, resolve_precision
 from .parallel import ParallelConfig, ParallelLayout
 
 ROLLOUT_ENGINES = ("local", "sglang")
@@ -241,6 +241,7 @@ class TrainConfig:
         layout = self.parallel.validate(world_size, self.model)
         self.algorithm.validate()
         self.optim.validate()
+        resolve_precision(self.model.params_dtype, self.optim)  # optim settings that contradict the model dtype
         self.rollout.validate()
         self.data.validate()
         self.reward.validate()

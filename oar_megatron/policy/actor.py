@@ -107,6 +107,7 @@ from .model import build_model
 from .optim import build_optimizer, sync_params, wrap_ddp
 from .packing import (PackedBatch, gather_packed_cp, pack_rows, packed_seq_params, packing_multiples,
                       thd_cp_indices, unpack)
+from .padding import padded_length, sequence_multiple
 from .parallel import ParallelGroups
 from .pipeline import count_schedule, pipeline_clean_pass
 from .routing_replay import RoutingReplay
@@ -297,15 +298,16 @@ class PolicyActor:
              pad_id: int = 0, length: int | None = None, rollout_logp: Sequence[Sequence[float]] | None = None,
              scoring: ScoringBatch | None = None, row_ids=None) -> RolloutBatch:
         """Right-padded rows ``prompt | response | pad`` of one length (``length`` or the longest row, rounded up to
-        a multiple of TP under sequence parallel), the response mask, and per-token rollout log-probs."""
+        the model's sequence multiple: TP under sequence parallel × the FP8 token multiple × 2·CP, see
+        ``policy.padding``; padded positions are never response tokens), the response mask, and per-token rollout
+        log-probs."""
         if len(prompts) != len(responses):
             raise ValueError("prompts/responses: need one prompt per response")
         longest = max((len(p) + len(r) for p, r in zip(prompts, responses)), default=1)
         width = max(longest, length or 0)
         if length is not None and length < longest:
             raise ValueError(f"length: {length} is shorter than the longest row ({longest})")
-        if self.parallel_cfg.sequence_parallel:
-            width = -(-width // self.groups.tp) * self.groups.tp
+        width = padded_length(self.models[0], width)  # TP under SP × FP8 token multiple × 2·CP (policy.padding)
         n = len(prompts)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         mask = torch.zeros(n, width, dtype=torch.bool)
@@ -326,6 +328,10 @@ class PolicyActor:
         mbs = self.micro_batch_size
         if batch.size % mbs:
             raise ValueError(f"batch: {batch.size} rows is not a multiple of micro_batch_size={mbs}")
+        width, multiple = batch.input_ids.shape[1], sequence_multiple(self.models[0])
+        if width % multiple:
+            raise ValueError(f"batch: width {width} is not a multiple of {multiple} (TP under sequence parallel × FP8 "
+                             "token multiple × 2·CP); build the batch with PolicyActor.pack")
         dev = self.groups.device
         out = []
         for i, start in enumerate(range(0, batch.size, mbs)):

@@ -148,10 +148,11 @@ def _check_packing(gpt: GPTModel, packed_seq_params) -> None:
 
 
 def pad_to_tp_multiple(model: torch.nn.Module, length: int) -> int:
-    """The sequence length ≥ ``length`` the model accepts: a multiple of TP under sequence parallel."""
-    gpt = unwrap_model(model)
-    tp = gpt.config.tensor_model_parallel_size if sequence_parallel(gpt) else 1
-    return -(-length // tp) * tp
+    """The sequence length ≥ ``length`` the model is fed: a multiple of TP under sequence parallel, times the FP8
+    token multiple and 2·CP (``policy.padding.padded_length``)."""
+    from .padding import padded_length
+
+    return padded_length(model, length)
 
 
 # ------------------------------------------------------------------------------------------ padded vocabulary
@@ -339,14 +340,16 @@ def _check_inputs(input_ids, position_ids, response_mask) -> torch.Tensor:
 
 
 def _padded_inputs(gpt, input_ids, position_ids, attention_mask, packed_seq_params):
-    """Right-pad ids/positions to a multiple of TP under SP (only without an explicit mask or packing)."""
+    """Right-pad ids/positions to the model's sequence multiple (TP under SP, FP8, CP: ``policy.padding``; only
+    without an explicit mask or packing)."""
     length = input_ids.shape[1]
     target = pad_to_tp_multiple(gpt, length)
     if target == length:
         return input_ids, position_ids
     if attention_mask is not None or packed_seq_params is not None:
         raise ValueError(f"input_ids: sequence length {length} must be a multiple of TP under sequence parallel "
-                         "when an attention mask or packed parameters are given")
+                         "(times the FP8 token multiple and 2·CP: policy.padding) when an attention mask or packed "
+                         "parameters are given")
     extra = target - length
     ids = F.pad(input_ids, (0, extra))
     pos = torch.cat([position_ids, position_ids[:, -1:] + torch.arange(1, extra + 1, device=position_ids.device)], 1)

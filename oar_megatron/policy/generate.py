@@ -6,7 +6,9 @@ per (prompt, sample) pair, prompt-major. Cost is linear in the response length: 
 
 Batching. Rows (each prompt repeated ``n`` times) are bucketed by prompt length, so a batch needs no left padding
 and one position offset serves every row; a bucket is cut into batches of at most ``max_batch_size`` rows, each with
-its own KV cache of ``[prompt_len + max_new_tokens]`` positions. A row that has finished (stop token) keeps being fed
+its own KV cache of ``[prompt_len + max_new_tokens]`` positions. Under FP8 a batch is padded with dummy rows (fed
+``pad_id``, never sampled) to a multiple of the model's FP8 token multiple (``policy.padding``), since each decode
+step feeds one token per row to the GEMMs. A row that has finished (stop token) keeps being fed
 ``pad_id`` until the whole batch is done; those outputs are discarded. A batch stops as soon as every row finished.
 
 Sampling happens on the model's device in float32 from the vocabulary-gathered last-token logits [B, V_pad]
@@ -41,6 +43,7 @@ import torch
 from .. import collectives
 from ..algorithms.reduce import ProcessGroup, group_size
 from ..rollout.base import Sample, SamplingParams
+from .padding import fp8_multiple, pad_rows
 
 __all__ = ["PP_ERROR", "generate", "sample_tokens"]
 
@@ -182,6 +185,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
     buckets: dict[int, list[int]] = {}  # prompt length -> row indices (row = prompt_index * n + j)
     for row in range(len(samples)):
         buckets.setdefault(len(ids[row // n]), []).append(row)
+    rows_multiple = fp8_multiple(gpt)  # decode feeds one position per row, sequence parallel off
     training = model.training
     model.eval()
     try:
@@ -191,8 +195,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
                 for start in range(0, len(rows), max_batch_size):
                     batch = rows[start:start + max_batch_size]
                     prompt = torch.tensor([ids[r // n] for r in batch], dtype=torch.long, device=device)  # [B, P]
-                    ctx = StaticInferenceContext(len(batch), length + params.max_new_tokens)
-                    out = _decode(model, ctx, prompt, params, vocab_size, generator, tp_group, pad_id)
+                    prompt = pad_rows(prompt, rows_multiple, pad_id)  # [B', P] FP8: B' rows per GEMM (padding.py)
+                    ctx = StaticInferenceContext(prompt.shape[0], length + params.max_new_tokens)
+                    out = _decode(model, ctx, prompt, params, vocab_size, generator, tp_group, pad_id, len(batch))
                     for r, (resp, lps, reason) in zip(batch, out):
                         samples[r] = Sample(prompt_index=r // n, prompt_ids=list(ids[r // n]), response_ids=resp,
                                             logprobs=lps, finish_reason=reason)
@@ -202,9 +207,10 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: S
 
 
 def _decode(model, ctx, prompt: torch.Tensor, params: SamplingParams, vocab_size: int, generator: torch.Generator,
-            tp_group, pad_id: int) -> list[tuple[list[int], list[float], str]]:
+            tp_group, pad_id: int, real: int) -> list[tuple[list[int], list[float], str]]:
     """Prefill ``prompt`` [B, P] into ``ctx``, then decode up to ``max_new_tokens`` tokens per row. Everything
-    stays on the model's device until the batch is done (module docstring)."""
+    stays on the model's device until the batch is done (module docstring). Rows ``real``..B−1 are FP8 padding
+    (``policy.padding``): decoded on ``pad_id`` alongside, never sampled nor returned."""
     b, length = prompt.shape
     device = prompt.device
     pos = torch.arange(length, device=device).expand(b, length)  # [B, P]
@@ -212,27 +218,28 @@ def _decode(model, ctx, prompt: torch.Tensor, params: SamplingParams, vocab_size
     ctx.sequence_len_offset += length
     ctx.enable_decode_mode()
     stops = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    done = torch.zeros(real, dtype=torch.bool, device=device)
     steps = params.max_new_tokens
-    tokens_all = torch.empty(steps, b, dtype=torch.long, device=device)  # [S, B]
-    logp_all = torch.empty(steps, b, dtype=torch.float32, device=device)
-    live_all = torch.empty(steps, b, dtype=torch.bool, device=device)  # the row had not finished before the step
+    tokens_all = torch.empty(steps, real, dtype=torch.long, device=device)  # [S, B]
+    logp_all = torch.empty(steps, real, dtype=torch.float32, device=device)
+    live_all = torch.empty(steps, real, dtype=torch.bool, device=device)  # the row had not finished before the step
+    pad_tail = torch.full((b - real,), pad_id, dtype=torch.long, device=device)  # FP8 padding rows' feed
     ran = 0
     for step in range(steps):
-        tokens, logp = _draw(logits[:, -1], params, vocab_size, generator, tp_group)  # [B], [B] on the device
+        tokens, logp = _draw(logits[:real, -1], params, vocab_size, generator, tp_group)  # [B], [B] on the device
         tokens_all[step], logp_all[step], live_all[step] = tokens, logp, ~done
         done |= torch.isin(tokens, stops)
         ran = step + 1
         if step == steps - 1 or bool(done.all()):  # one boolean to the host per step
             break
-        feed = torch.where(done, torch.full_like(tokens, pad_id), tokens)[:, None]  # [B, 1]
+        feed = torch.cat([torch.where(done, torch.full_like(tokens, pad_id), tokens), pad_tail])[:, None]  # [B', 1]
         pos = torch.full((b, 1), ctx.sequence_len_offset, dtype=torch.long, device=device)
         logits = model(feed, pos, None, inference_context=ctx, runtime_gather_output=True)  # [B, 1, V_pad]
         ctx.sequence_len_offset += 1
     # one copy per batch: a row's live steps are a prefix (a finished row stays finished)
     toks, lps = tokens_all[:ran].t().tolist(), logp_all[:ran].t().tolist()
     counts, stopped = live_all[:ran].sum(0).tolist(), done.tolist()
-    return [(toks[i][:counts[i]], lps[i][:counts[i]], "stop" if stopped[i] else "length") for i in range(b)]
+    return [(toks[i][:counts[i]], lps[i][:counts[i]], "stop" if stopped[i] else "length") for i in range(real)]
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams, vocab_size: int, generator: torch.Generator,

@@ -7,12 +7,16 @@ return hidden states ``[S/TP_sp, B, H]``. Each ``GPTModel`` carries ``oar_vocab_
 real vocabulary): ``policy.forward`` masks the padded logit columns with it, as the rollout engine samples only real
 tokens.
 
-Precision and placement: float32 on CPU whatever ``params_dtype`` says (megatron's CPU path is an fp32 test path);
-on GPU ``params_dtype`` (bf16 for the presets) and the model is moved to the current CUDA device. With
-``use_cpu_initialization`` (default on CPU) megatron initialises each full weight on the CPU from the shared seed and
+Precision and placement: ``params_dtype`` on every device (bf16 for the large presets, fp32 for the tiny ones; CPU
+runs bf16/fp16 too, with torch's CPU kernels). ``TransformerConfig`` gets ``params_dtype`` / ``pipeline_dtype`` /
+``bf16`` / ``fp16`` from it, and every floating parameter is cast to it after the build, as megatron-LM's
+``Float16Module`` does (megatron's local spec builds torch norms in fp32 otherwise; floating buffers such as MoE
+token counts stay fp32), so the optimizer sees one dtype (``policy.optim.chunk_precision``). On GPU the model is
+moved to the current CUDA device. With ``use_cpu_initialization`` (default on CPU) megatron initialises each full weight on the CPU from the shared seed and
 slices it, so a TP=N shard equals the matching slice of the TP=1 weight (what the parallel-consistency harness
 relies on); without it each shard is drawn from its TP rank's RNG stream on the device.
-Wrapping (megatron DDP, ``Float16Module``) belongs to the optimizer setup, not here.
+Wrapping (megatron DDP) belongs to the optimizer setup, not here; no ``Float16Module`` (the cast above replaces it,
+and our passes call the ``GPTModel`` itself).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = ["MissingDependencyError", "build_model", "check_model_environment", "
 # Minimum compute capability per FP8 recipe (Transformer Engine's checks: fp8 8.9 Ada / 9.0 Hopper, block scaling
 # 9.0, MXFP8 10.0 Blackwell).
 FP8_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.params_dtype
 _INSTALL_TE = "install transformer-engine[pytorch] on a CUDA machine (pip install -e '.[gpu]')"
 
 
@@ -89,7 +94,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelGroups | ParallelCo
 
     cfg = _parallel_cfg(parallel)
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and model.params_dtype == "bfloat16" else torch.float32
+    dtype = TORCH_DTYPES[model.params_dtype]
     kwargs: dict[str, Any] = dict(
         num_layers=model.num_layers, hidden_size=model.hidden_size, num_attention_heads=model.num_attention_heads,
         num_query_groups=model.query_groups, kv_channels=model.head_dim, ffn_hidden_size=model.ffn_size,
@@ -101,7 +106,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelGroups | ParallelCo
         virtual_pipeline_model_parallel_size=cfg.virtual_pp, context_parallel_size=cfg.cp,
         expert_model_parallel_size=cfg.ep, expert_tensor_parallel_size=cfg.expert_tp,
         sequence_parallel=cfg.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16, transformer_impl=model.transformer_impl,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, transformer_impl=model.transformer_impl,
         use_cpu_initialization=(not cuda) if use_cpu_initialization is None else use_cpu_initialization,
         bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
@@ -188,8 +193,12 @@ def _gpt(model: ModelConfig, config, spec, padded_vocab: int, pre_process: bool 
         rope_scaling_factor=model.rope_scaling_factor, vp_stage=vp_stage)
     # The real vocabulary (rows >= it are TP padding): policy.forward masks those logits (forward module docstring).
     gpt.oar_vocab_size = model.vocab_size
+    gpt.oar_fp8_multiple = model.fp8_pad_multiple()  # tokens per rank per GEMM (policy.padding)
     for param in gpt.parameters():  # as megatron-LM's get_model: DDP / grad-norm code reads these attributes
         set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+    for param in gpt.parameters():  # one dtype for every parameter (module docstring); buffers (MoE token counts,
+        if param.is_floating_point() and param.dtype != config.params_dtype:  # expert bias) stay fp32
+            param.data = param.data.to(config.params_dtype)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt

@@ -37,7 +37,8 @@ returned only where it is born (log-probs, OAR-P: last stage; OAR-G: the first s
 last stage, point-to-point, since that is where the loss consumes them) and the other stages get None.
 
 Shapes. Megatron's p2p sends fixed [seq_length, micro_batch_size, H] ([seq_length/TP, ...] under sequence
-parallel) tensors, so every micro-batch is right-padded here to ``seq_length`` (a multiple of TP under SP), and
+parallel) tensors, so every micro-batch is right-padded here to ``seq_length`` (a multiple of TP under SP, of the
+FP8 token multiple and of 2·CP: ``policy.padding``), and
 the saliency passes pad their last micro-batch with repeated rows whose results are dropped (they never enter J).
 Put the chunks in eval mode: the passes assume a deterministic forward, and megatron's MoE router attaches its
 aux / z losses only in training mode (they would otherwise add their own gradient to e.grad in OAR-G). The model
@@ -69,6 +70,7 @@ from ..algorithms.saliency import (
 )
 from ..algorithms.segment import ScoringBatch
 from .forward import _check_inputs, _hidden_states_only, logprobs_from_hidden, unwrap_model
+from .padding import padded_length, sequence_multiple
 from .saliency_pass import (
     _check_batch,
     _check_reference,
@@ -113,8 +115,7 @@ def _sp_tp(gpt) -> tuple[bool, int]:
 
 
 def _pad_len(gpt, length: int) -> int:
-    sp, tp = _sp_tp(gpt)
-    return -(-length // tp) * tp if sp else length
+    return padded_length(gpt, length)  # TP under SP × the FP8 token multiple × 2·CP
 
 
 def _pad_ids(ids: torch.Tensor, pos: torch.Tensor, length: int, pad_id: int = 0):
@@ -271,7 +272,8 @@ def pipeline_logprobs(
     check_int("micro_batch_size", micro_batch_size, minimum=1)
     first = unwrap_model(chunks[0])
     if _pad_len(first, seq_length) != seq_length:
-        raise ValueError(f"seq_length: {seq_length} must be a multiple of TP under sequence parallel")
+        raise ValueError(f"seq_length: {seq_length} must be a multiple of {sequence_multiple(first)} (TP under "
+                         "sequence parallel × the FP8 token multiple × 2·CP, policy.padding)")
     mbs, shapes = [], []
     for k, (ids, pos, mask) in enumerate(micro_batches):
         mask = _check_inputs(ids, pos, mask)

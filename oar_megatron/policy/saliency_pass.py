@@ -25,7 +25,8 @@ reasoning, so the π_old log-probs of the answer span need the rollout rows; and
 separate forward (it needs a graph, the clean pass does not).
 
 Inputs are right-padded (a ``ScoringBatch``); megatron applies its causal mask, so padding after a row's last real
-token does not change that row. Under SP the sequence is right-padded to a multiple of TP. Put the model in eval
+token does not change that row. The sequence is right-padded to the model's sequence multiple (TP under SP, the FP8
+token multiple, 2·CP: ``policy.padding``); padded positions are never scored. Put the model in eval
 mode (or use zero dropout): the method assumes a deterministic forward.
 
 Pipeline parallel (refused here; ``pipeline.pipeline_oar_g``, ``pipeline_oar_p`` run it): the embedding leaf and the
@@ -95,8 +96,8 @@ def _check_reference(reference: torch.Tensor | None, batch_size: int) -> None:
 
 
 def _scoring_inputs(gpt, ids: torch.Tensor, pad_id: int, length: int | None = None):
-    """ids [n, L] right-padded with ``pad_id`` to ``length`` (≥ L; default L) rounded up to a multiple of TP under
-    SP, and position ids 0..L'−1. Returns (ids [n, L'], position_ids [n, L'])."""
+    """ids [n, L] right-padded with ``pad_id`` to ``length`` (≥ L; default L) rounded up to the model's sequence
+    multiple (``policy.padding``), and position ids 0..L'−1. Returns (ids [n, L'], position_ids [n, L'])."""
     n, cur = ids.shape
     target = pad_to_tp_multiple(gpt, max(cur, length or 0))
     if target > cur:

@@ -4,9 +4,9 @@ trainer.dry_run=true`` prints it and exits, before any process group or weight e
 Memory per GPU (an estimate: what a serious reader checks before asking for nodes, not a measurement):
 
 * weights: non-expert parameters split over ``tp·pp``, expert parameters over ``ep·etp·pp``;
-* mixed precision (``optim.bf16``): 2 B bf16 weights + 4 B fp32 gradient buffer + 12 B fp32 master weights and
-  Adam moments; fp32: 4 + 4 + 8 B. The distributed optimizer divides the master/moment bytes by the
-  (expert-)data-parallel size (ZeRO-1, megatron ``DistributedOptimizer``);
+* mixed precision (``model.params_dtype`` bfloat16 or float16): 2 B 16-bit weights + 4 B fp32 gradient buffer +
+  12 B fp32 master weights and Adam moments; fp32: 4 + 4 + 8 B. The distributed optimizer divides the master/moment
+  bytes by the (expert-)data-parallel size (ZeRO-1, megatron ``DistributedOptimizer``);
 * activations of one micro-batch without recompute: ``s·b·h·(34 + 5·a·s/h)`` bytes per layer divided by ``tp``
   (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 2 with tensor
   parallelism, Table 2; the attention-score term vanishes with flash attention, which TE uses — we keep it, an
@@ -102,7 +102,7 @@ def estimate_memory(cfg: TrainConfig, layout: ParallelLayout) -> MemoryPlan:
     dense = m.num_params(layout.tp) - expert
     params = dense // (layout.tp * layout.pp) + expert // (layout.ep * layout.etp * layout.pp)
     dense_rank, expert_rank = dense // (layout.tp * layout.pp), expert // (layout.ep * layout.etp * layout.pp)
-    weight_b, grad_b, opt_b = (2, 4, 12) if cfg.optim.bf16 else (4, 4, 8)
+    weight_b, grad_b, opt_b = (2, 4, 12) if cfg.model.params_dtype != "float32" else (4, 4, 8)
     if cfg.parallel.distributed_optimizer:
         opt_bytes = opt_b * (dense_rank / layout.dp + expert_rank / layout.expert_dp)
     else:

@@ -98,7 +98,7 @@ def _single_rank(rank, world_size):
                          for n, p in moe.named_parameters() if "local_experts" in n))
     del moe
 
-    # Full-size configs build a TransformerConfig on CPU (no weights): fp32 there, the shapes passed through.
+    # Full-size configs build a TransformerConfig on CPU (no weights): their dtype and shapes passed through.
     q8 = transformer_config(model_preset("qwen3-8b"), ParallelConfig(tp=4, pp=2))
     q30 = transformer_config(model_preset("qwen3-30b-a3b"), ParallelConfig(tp=2, ep=8, etp=1, sequence_parallel=True))
     out["qwen3-8b"] = (q8.params_dtype, q8.bf16, q8.kv_channels, q8.num_query_groups, q8.qk_layernorm,
@@ -125,7 +125,8 @@ def test_single_rank_init_from_env_and_builds():
     assert moe["n_params"] == moe["want_params"]
     assert moe["local_experts"] == 4 and moe["shared"] and moe["loss_finite"]
     assert moe["expert_grads"] == 2 * 2 * 4  # fc1 and fc2 of 4 experts in 2 layers
-    assert out["qwen3-8b"] == (torch.float32, False, 128, 8, True, True, "RMSNorm", torch.float32, True)
+    # model.params_dtype on every device (the CPU included): the presets' bf16
+    assert out["qwen3-8b"] == (torch.bfloat16, True, 128, 8, True, True, "RMSNorm", torch.bfloat16, True)
     assert out["qwen3-30b-a3b"] == (128, 8, 768, 1, "fp32", "alltoall")
 
 

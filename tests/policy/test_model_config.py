@@ -93,7 +93,7 @@ TE_BF16 = dict(transformer_impl="transformer_engine", params_dtype="bfloat16")
         ("tiny", {"rope_scaling": "yarn"}, "model.rope_scaling: unknown 'yarn'; known: none, llama3"),
         ("tiny", {"rope_scaling": "llama3", "position_embedding_type": "learned_absolute"}, "model.rope_scaling:"),
         ("tiny", {"transformer_impl": "te"}, "model.transformer_impl: unknown 'te'"),
-        ("tiny", {"params_dtype": "float16"}, "model.params_dtype: unknown 'float16'"),
+        ("tiny", {"params_dtype": "float64"}, "model.params_dtype: unknown 'float64'"),
         ("tiny", {"rotary_percent": 0.0}, "model.rotary_base / model.rotary_percent"),
         ("tiny", {"hidden_dropout": 1.0}, "model.hidden_dropout"),
         ("tiny", {"moe_ffn_hidden_size": 64}, "model.moe_ffn_hidden_size: set, but model.num_moe_experts is unset"),

@@ -51,7 +51,7 @@ def test_memory_estimate_by_hand():
     assert plan.memory.weights_gib * gib == pytest.approx(4 * n)
     assert plan.memory.optimizer_gib * gib == pytest.approx(8 * n)
     # ZeRO-1 over 2 data-parallel ranks halves the optimizer bytes (bf16: 12 bytes of master weights + moments)
-    cfg = compose_config(["parallel=dp", "optim.bf16=true"])
+    cfg = compose_config(["parallel=dp", "model.params_dtype=bfloat16"])
     plan = make_plan(cfg, 2)
     assert plan.memory.optimizer_gib * gib == pytest.approx(12 * n / 2, rel=1e-6)
     assert plan.memory.weights_gib * gib == pytest.approx(2 * n)
