@@ -204,8 +204,9 @@ def test_decode_loop_copies_to_the_host_once_per_batch():
 
     params = SamplingParams(temperature=1.0, max_new_tokens=steps, stop_token_ids=(3,))
     with _HostCalls() as seen:
-        out = _decode(model, Ctx(), torch.ones(6, 2, dtype=torch.long), params, v, torch.Generator().manual_seed(1),
-                      None, 0)
+        out = _decode(model, Ctx(), torch.ones(8, 2, dtype=torch.long), params, v, torch.Generator().manual_seed(1),
+                      None, 0, 6)  # rows 6, 7: FP8 padding rows, decoded alongside, never returned
+    assert len(out) == 6
     assert seen.calls["__bool__"] <= steps - 1  # done.all() once per step except the last
     assert seen.calls["tolist"] == 4 and sum(seen.calls.values()) == seen.calls["__bool__"] + 4
     for resp, lps, reason in out:
