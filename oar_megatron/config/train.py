@@ -289,6 +289,12 @@ class TrainConfig:
         if self.data.layout is not None and self.reward.fn == "synthetic_modsum":
             raise ValueError(f"reward.fn: {self.data.layout} answers are scored by math-verify (reward=math or "
                              f"reward=dapo), not the synthetic task's 'synthetic_modsum'")
+        runs_eval = self.eval.at_start or self.eval.at_end or self.eval.every > 0
+        synthetic_eval = [d.name for d in self.eval.datasets if d.path == "synthetic"]
+        if runs_eval and self.data.path != "synthetic" and synthetic_eval:
+            raise ValueError(f"eval.datasets: {synthetic_eval[0]!r} is the built-in synthetic task, which the "
+                             f"{self.data.layout or 'file'} run's tokenizer and reward cannot score; evaluate a file "
+                             f"(eval.datasets=[{{name: test, path: ..., layout: ...}}]) or skip it (eval=none)")
         return layout
 
 

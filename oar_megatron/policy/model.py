@@ -122,6 +122,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelGroups | ParallelCo
             moe_grouped_gemm=model.moe_grouped_gemm, moe_token_dispatcher_type=model.moe_token_dispatcher_type)
     if model.fp8 is not None:
         kwargs.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe, fp8_param=model.fp8_param_gather)
+        if model.is_moe and model.moe_token_dispatcher_type not in ("allgather", "alltoall_seq"):
+            # every expert's token count a multiple of the FP8 alignment: the router pads its routing map (megatron
+            # refuses this with the allgather dispatcher, whose TEGroupedMLP pads per expert instead)
+            kwargs.update(moe_router_padding_for_quantization=True)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

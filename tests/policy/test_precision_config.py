@@ -177,3 +177,18 @@ def test_fp8_model_dimensions_must_align():
     for name, preset in MODEL_PRESETS.items():  # every preset can turn FP8 on (mxfp8 needs 32)
         if preset.hidden_size >= 896:
             model_preset(name, transformer_impl="transformer_engine", params_dtype="bfloat16", fp8="e4m3")
+
+
+@pytest.mark.parametrize("dispatcher,padded", [("alltoall", True), ("allgather", False)])
+def test_fp8_moe_router_pads_expert_token_counts(dispatcher, padded, monkeypatch):
+    # FP8 grouped GEMMs need each expert's token count aligned: the router pads with the alltoall dispatcher
+    # (megatron's moe_router_padding_for_quantization); allgather refuses that switch, and without FP8 it stays off.
+    # TransformerConfig asks TE's version for FP8 MoE: answer as TE >= 1.7 would (TE itself is never touched)
+    import megatron.core.transformer.transformer_config as tc
+
+    monkeypatch.setattr(tc, "is_te_min_version", lambda *a, **k: True)
+    moe = model_preset("qwen3-30b-a3b", transformer_impl="transformer_engine", fp8="e4m3", fp8_recipe="tensorwise",
+                       moe_token_dispatcher_type=dispatcher)
+    assert transformer_config(moe, ParallelConfig(ep=2)).moe_router_padding_for_quantization is padded
+    plain = model_preset("qwen3-30b-a3b", transformer_impl="transformer_engine", moe_token_dispatcher_type=dispatcher)
+    assert not transformer_config(plain, ParallelConfig(ep=2)).moe_router_padding_for_quantization

@@ -69,6 +69,8 @@ def test_memory_estimate_by_hand():
     (["data.path=prompts.csv"], 1, "data.path: expected 'synthetic' or a .jsonl/.parquet file"),
     (["data=gsm8k", "data.path=gsm8k.jsonl", "data.tokenizer=tok"], 1,
      "reward.fn: gsm8k answers are scored by math-verify (reward=math or reward=dapo)"),
+    (["data=gsm8k", "data.path=gsm8k.jsonl", "data.tokenizer=tok", "reward=math"], 1,
+     "eval.datasets: 'modsum' is the built-in synthetic task"),
     (["rollout.engine=sglang"], 1, "rollout.server_urls"),
     (["rollout.server_urls=[http://x:1]"], 1, "rollout.server_urls: only rollout.engine=sglang reads it"),
     (["parallel.cp=2"], 2, "parallel.cp: context parallelism needs model.transformer_impl: transformer_engine"),
