@@ -20,13 +20,19 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _child(fn, rank, world_size, init_file, args, queue):
+def _gloo_world(init_file: str, rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+
+
+def _child(fn, rank, world_size, init_file, args, queue, init=_gloo_world):
     import torch
     import torch.distributed as dist
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        init(init_file, rank, world_size)
         try:
             buf = io.BytesIO()
             torch.save(fn(rank, world_size, *args), buf)
@@ -37,12 +43,15 @@ def _child(fn, rank, world_size, init_file, args, queue):
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
+def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, init=_gloo_world):
+    """``init(init_file, rank, world_size)`` creates each rank's default process group (module-level, picklable);
+    the default is a plain gloo world."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_child, args=(fn, r, world_size, init_file, args, queue)) for r in range(world_size)]
+        procs = [ctx.Process(target=_child, args=(fn, r, world_size, init_file, args, queue, init))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         results: dict[int, object] = {}

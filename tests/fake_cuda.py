@@ -11,13 +11,7 @@ CUDA-only group go to a gloo group with the same ranks (on GPUs megatron's tenso
 not what these tests check). A fake group moves no data: use it to check placement, gloo groups to check values.
 """
 
-import io
-import os
-import tempfile
-import traceback
-
-import torch
-import torch.multiprocessing as mp
+from tests.dist_harness import run_ranks
 
 FAKE_DESCS = ("DATA_PARALLEL_GROUP",)  # megatron groups made CUDA-only besides the world (test_collectives_strict)
 
@@ -80,45 +74,6 @@ def install_cuda_only_world(init_file: str, rank: int, world: int, fake_descs=FA
         setattr(dist, name, reroute(name, getattr(dist, name)))
 
 
-def _child(fn, rank, world, init_file, args, queue):
-    import torch.distributed as dist
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        install_cuda_only_world(init_file, rank, world)
-        try:
-            buf = io.BytesIO()
-            torch.save(fn(rank, world, *args), buf)
-            queue.put((rank, "ok", buf.getvalue()))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - forwarded to the parent test
-        queue.put((rank, "error", traceback.format_exc()))
-
-
 def run_strict(fn, world: int, *args, timeout: float = 600.0):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_child, args=(fn, r, world, os.path.join(tmp, "rdv"), args, queue))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        results, errors = {}, []
-        try:
-            for _ in range(world):
-                rank, status, payload = queue.get(timeout=timeout)
-                if status == "ok":
-                    results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
-                else:
-                    errors.append(f"rank {rank} failed:\n{payload}")
-                    break
-        finally:
-            for p in procs:
-                p.join(timeout=10 if not errors else 1)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        if errors:
-            raise RuntimeError("\n".join(errors))
-        return [results[r] for r in range(world)]
+    """``dist_harness.run_ranks`` with each rank's world made by :func:`install_cuda_only_world`."""
+    return run_ranks(fn, world, *args, timeout=timeout, init=install_cuda_only_world)

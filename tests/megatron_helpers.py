@@ -51,3 +51,17 @@ def load_renamed(model: torch.nn.Module, ref: dict[str, torch.Tensor], rename: C
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(ref[rename(name)])
+
+
+def random_rollout(vocab: int, n: int = 4, prompt: int = 4, resp: int = 8):
+    """A fixed small rollout batch for actor tests: ``n`` prompts [prompt] and responses [resp] of random ids, the
+    advantages (1, −1, 0.5, −0.5), and OAR scoring rows (the first 6 response tokens, 2 answer tokens)."""
+    from oar_megatron.algorithms.segment import build_scoring_batch
+
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(1, vocab, (n, prompt), generator=g).tolist()
+    responses = torch.randint(1, vocab, (n, resp), generator=g).tolist()
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])[:n]
+    answers = torch.randint(1, vocab, (n, 2), generator=g).tolist()
+    scoring = build_scoring_batch(prompts, [r[:6] for r in responses], [7, 8], answers, pad_id=0)
+    return prompts, responses, adv, scoring

@@ -7,23 +7,12 @@ import pytest
 import torch
 
 from tests.dist_harness import run_ranks
+from tests.megatron_helpers import random_rollout
 
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
 
 LOSSES = ["grpo", "gspo", "gspo_token", "aspo", "cispo", "oar_g"]
 N, PROMPT, RESP, ROUNDS = 4, 4, 8, 3
-
-
-def _data(vocab):
-    from oar_megatron.algorithms.segment import build_scoring_batch
-
-    g = torch.Generator().manual_seed(3)
-    prompts = torch.randint(1, vocab, (N, PROMPT), generator=g).tolist()
-    responses = torch.randint(1, vocab, (N, RESP), generator=g).tolist()
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    answers = torch.randint(1, vocab, (N, 2), generator=g).tolist()
-    scoring = build_scoring_batch(prompts, [r[:6] for r in responses], [7, 8], answers, pad_id=0)
-    return prompts, responses, adv, scoring
 
 
 def _surrogate(batch, logp):
@@ -41,7 +30,7 @@ def _cases(rank, world_size):
     out = {}
     for preset in ("tiny", "tiny-moe"):
         model = model_preset(preset)
-        prompts, responses, adv, scoring = _data(model.vocab_size)
+        prompts, responses, adv, scoring = random_rollout(model.vocab_size, N, PROMPT, RESP)
         for name in LOSSES:
             groups = init_parallel(ParallelConfig(distributed_optimizer=False), model, seed=5)
             # 2 updates per rollout batch of 2 micro-batches; lr large enough to move a tiny model in 3 rounds
@@ -84,7 +73,7 @@ def _recompute(rank, world_size):
     out = {}
     for preset in ("tiny", "tiny-moe"):
         model = model_preset(preset)
-        prompts, responses, adv, _ = _data(model.vocab_size)
+        prompts, responses, adv, _ = random_rollout(model.vocab_size, N, PROMPT, RESP)
         for mode in (None, "selective", "full"):
             groups = init_parallel(ParallelConfig(distributed_optimizer=False), model, seed=5)
             actor = PolicyActor(model=model, parallel=groups.cfg, optim=OptimConfig(lr=1e-3), groups=groups,

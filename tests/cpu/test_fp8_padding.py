@@ -14,21 +14,10 @@ import pytest
 import torch
 
 from tests.dist_harness import run_ranks
+from tests.megatron_helpers import random_rollout
 
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
 N, PROMPT, RESP, MULTIPLE = 4, 4, 8, 24
-
-
-def _data(vocab):
-    from oar_megatron.algorithms.segment import build_scoring_batch
-
-    g = torch.Generator().manual_seed(3)
-    prompts = torch.randint(1, vocab, (N, PROMPT), generator=g).tolist()
-    responses = torch.randint(1, vocab, (N, RESP), generator=g).tolist()
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    answers = torch.randint(1, vocab, (N, 2), generator=g).tolist()
-    scoring = build_scoring_batch(prompts, [r[:6] for r in responses], [7, 8], answers, pad_id=0)
-    return prompts, responses, adv, scoring
 
 
 def _run(rank, world_size, multiple, token_adv=None):
@@ -43,7 +32,7 @@ def _run(rank, world_size, multiple, token_adv=None):
     from oar_megatron.rollout.base import SamplingParams
 
     model = model_preset("tiny", num_layers=2)
-    prompts, responses, adv, scoring = _data(model.vocab_size)
+    prompts, responses, adv, scoring = random_rollout(model.vocab_size, N, PROMPT, RESP)
     groups = init_parallel(ParallelConfig(pp=world_size, distributed_optimizer=False), model, seed=5)
     alg = load_algorithm("oar_g", updates_per_batch=2, kl={"coef": 0.05})
     actor = PolicyActor(model=model, parallel=groups.cfg, optim=OptimConfig(lr=3e-3, weight_decay=0.0),
