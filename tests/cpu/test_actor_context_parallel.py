@@ -12,7 +12,7 @@ Run on 4 gloo ranks as dp = 2 × cp = 2 (padded rows, and THD rows split per row
 rank, each checked against the cp = 1 actor with megatron's own local attention on one rank (same weights: CPU
 initialisation from one seed): reference and π_old log-probs [N, L], the losses of two updates, the grad norms (megatron's, before
 clipping: a loss scaled by cp twice shows up here as ×2; Adam would hide it in the parameters), and the log-probs
-after the updates. Also the refusals (local attention with cp > 1 or packing; OAR under CP).
+after the updates. Also the refusals (local attention with cp > 1 or packing; OAR under CP with PP > 1).
 """
 
 import dataclasses
@@ -191,11 +191,12 @@ def _step(layout):
 
 
 def _actor_refusals():
-    """The actor's own checks (behind the config's): packing on megatron's local attention, OAR under CP."""
+    """The actor's own checks (behind the config's): packing on megatron's local attention, OAR under CP with PP
+    (OAR under CP at pp = 1: tests/cpu/test_oar_context_parallel.py)."""
     from oar_megatron.policy import destroy_parallel
 
     out = {}
-    for key, layout, shaper in (("packing", {"packing": True}, None), ("oar", {"cp": 2}, "oar")):
+    for key, layout, shaper in (("packing", {"packing": True}, None), ("oar", {"cp": 2, "pp": 2}, "oar")):
         _swap_attention(attention=key != "packing")  # packing: megatron's local DotProductAttention
         try:
             _actor(layout, shaper=shaper)
@@ -279,12 +280,14 @@ def test_refusals_name_the_key():
     with pytest.raises(ValueError, match=r"^rollout\.engine: the local engine needs parallel\.cp=1"):
         TrainConfig(model=te, parallel=ParallelConfig(cp=2)).validate(2)
     sglang = RolloutConfig(engine="sglang", server_urls=["http://x:1"])
-    with pytest.raises(ValueError, match=r"^parallel\.cp: the OAR saliency pass"):
-        TrainConfig(model=te, parallel=ParallelConfig(cp=2), rollout=sglang,
-                    algorithm=load_algorithm("oar_g")).validate(2)
+    TrainConfig(model=te, parallel=ParallelConfig(cp=2), rollout=sglang, algorithm=load_algorithm("oar_g")).validate(2)
+    with pytest.raises(ValueError, match=r"^parallel\.cp: the OAR saliency pass under context parallelism is wired "
+                                         r"for pp=1, got pp=2"):
+        TrainConfig(model=te, parallel=ParallelConfig(cp=2, pp=2), rollout=sglang,
+                    algorithm=load_algorithm("oar_g")).validate(4)
 
 
 def test_actor_refuses_what_it_cannot_run(runs):
     out = runs[2][0]["refusals"]
     assert out["packing"].startswith("parallel.packing: THD packing needs Transformer Engine attention"), out
-    assert out["oar"].startswith("parallel.cp: the OAR saliency pass"), out
+    assert out["oar"].startswith("parallel.cp: the OAR saliency pass under context parallelism is wired for pp=1"), out
