@@ -30,7 +30,7 @@ from .. import collectives
 from ._validate import check_int, check_tensor
 from .reduce import ProcessGroup, group_rank, group_size
 
-__all__ = ["gather_zigzag", "seq_mean_over_cp", "seq_sum_over_cp", "zigzag_indices", "zigzag_split"]
+__all__ = ["gather_zigzag", "seq_mean_over_cp", "seq_sum_over_cp", "sum_over_cp", "zigzag_indices", "zigzag_split"]
 
 
 def _dim(x: torch.Tensor, dim: int) -> int:
@@ -96,6 +96,26 @@ def gather_zigzag(local: torch.Tensor, cp_group: ProcessGroup | None, dim: int =
     if local.shape[dim] % 2:
         raise ValueError(f"local: sequence dimension {dim} has odd length {local.shape[dim]} (two chunks per rank)")
     return _GatherZigzag.apply(local, cp_group, dim)
+
+
+class _SumOverCP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local, group):
+        return collectives.all_reduce(local.detach().clone(), group=group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_cp(local: torch.Tensor, cp_group: ProcessGroup | None) -> torch.Tensor:
+    """Σ over ``cp_group`` of every rank's ``local`` (same shape everywhere), identical on every CP rank; e.g. the
+    OAR P_final logits of answer positions, each held by one CP rank (zeros elsewhere). Differentiable with an
+    identity backward: each rank gets the gradient of its own term (module docstring: the consumer is replicated)."""
+    check_tensor("local", local)
+    if group_size(cp_group) == 1:
+        return local
+    return _SumOverCP.apply(local, cp_group)
 
 
 class _SumCountOverCP(torch.autograd.Function):

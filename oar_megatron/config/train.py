@@ -281,9 +281,9 @@ class TrainConfig:
         if r.engine == "local" and layout.cp > 1:
             raise ValueError("rollout.engine: the local engine needs parallel.cp=1 (a decode step cannot be split "
                              "into 2*cp chunks; CP rollouts go through rollout.engine=sglang)")
-        if layout.cp > 1 and self.algorithm.shaper.name == "oar":
-            raise ValueError("parallel.cp: the OAR saliency pass does not run under context parallelism "
-                             "(algorithm.shaper.name: oar needs cp=1)")
+        if layout.cp > 1 and layout.pp > 1 and self.algorithm.shaper.name == "oar":
+            raise ValueError(f"parallel.cp: the OAR saliency pass under context parallelism is wired for pp=1, got "
+                             f"pp={layout.pp} (algorithm.shaper.name: oar)")
         if self.data.path == "synthetic" and self.reward.fn == "math":
             raise ValueError("reward.fn: the synthetic task is scored by 'synthetic_modsum', not 'math'")
         if self.data.layout is not None and self.reward.fn == "synthetic_modsum":

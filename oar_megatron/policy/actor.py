@@ -58,9 +58,15 @@ micro-batches per rank, DP size dp, loss ℓ_m of micro-batch m (global denomina
 
 so ``train_step`` gets ``dp_size = dp``, not dp·cp (that would scale the update by cp a second time; the schedule's
 ×cp already cancels DDP's ÷cp). Metrics are taken on CP rank 0. π_old / reference log-probs are [N, L] full rows as
-without CP. Not wired under CP: the OAR saliency pass (refused) and the local rollout engine (``TrainConfig``
-refuses it). ``tests/cpu/test_actor_context_parallel.py`` runs this path on 4 gloo ranks (dp 2 × cp 2) with a
-CP-correct attention swapped in by the test and compares it with cp = 1 (docs/scaling.md).
+without CP. OAR shaping under CP (pp = 1; refused with pp > 1): the shared clean pass
+(``pipeline.pipeline_clean_pass``) feeds its rollout rows through the same ``forward.cp_view`` / ``cp_logprobs``
+as this actor and its scoring rows as zigzag chunks; ``saliency_pass.oar_g_sharded`` / ``oar_p_sharded`` get
+``cp_group`` and feed every scoring row and OAR-P copy as this rank's zigzag chunks with their positions, P_final
+summed over the CP ranks holding its positions, OAR-G's ∂J/∂e on each rank's own chunks, the per-token scores
+gathered to full rows (identical on every CP rank; see ``saliency_pass``). Not wired under CP: the local rollout
+engine (``TrainConfig`` refuses it). ``tests/cpu/test_actor_context_parallel.py`` runs this path on 4 gloo ranks
+(dp 2 × cp 2) with a CP-correct attention swapped in by the test and compares it with cp = 1 (docs/scaling.md);
+``tests/cpu/test_oar_context_parallel.py`` does the same for OAR-G / OAR-P at cp = 2.
 
 THD packing (``parallel.packing``, Transformer Engine attention, pp = 1). Each micro-batch's rows are packed into one
 THD row (``policy.packing.pack_rows``: a row's length is its last response token + 1, positions restart per row,
@@ -90,19 +96,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .. import collectives
 from ..algorithms import (aggregate_loss, entropy_bonus, kl_loss, loss_denominators, policy_loss, rollout_correction,
                           shape_advantages)
-from ..algorithms.context_parallel import gather_zigzag, zigzag_indices
+from ..algorithms.context_parallel import gather_zigzag
 from ..algorithms.segment import ScoringBatch
 from ..config.algorithm import AlgorithmConfig
 from ..config.model import ModelConfig
 from ..config.optim import OptimConfig
 from ..config.parallel import ParallelConfig
-from .forward import logprobs_from_hidden, next_token_logprobs, unwrap_model
+from .forward import CPView, cp_logprobs, cp_view, logprobs_from_hidden, unwrap_model
 from .model import build_model
 from .optim import build_optimizer, sync_params, wrap_ddp
 from .packing import (PackedBatch, gather_packed_cp, pack_rows, packed_seq_params, packing_multiples,
@@ -190,20 +195,6 @@ class RolloutBatch:
                 v = shard_scoring(v, rows)
             out[f.name] = v
         return RolloutBatch(**out)
-
-
-@dataclass
-class CPView:
-    """This CP rank's share of a micro-batch's rows (module docstring, "Context parallel"): the rows right-padded to
-    ``width`` (a multiple of 2·cp, times TP under SP), then the zigzag chunks r and 2·cp−1−r of every per-token
-    tensor. input_ids, position_ids (global positions of the chunks), labels (the NEXT token, shifted before the
-    split), label_mask (next token is a response token): [b, width/cp]."""
-
-    width: int
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor
-    label_mask: torch.Tensor
 
 
 @dataclass
@@ -360,9 +351,9 @@ class PolicyActor:
         if g.cp > 1 and local:
             raise ValueError("parallel.cp: context parallelism needs Transformer Engine attention (model."
                              "transformer_impl: transformer_engine); this model uses megatron's local attention")
-        if g.cp > 1 and self.algorithm.shaper.name == "oar":
-            raise ValueError("parallel.cp: the OAR saliency pass does not run under context parallelism "
-                             "(algorithm.shaper.name: oar needs cp=1)")
+        if g.cp > 1 and g.pp > 1 and self.algorithm.shaper.name == "oar":
+            raise ValueError(f"parallel.cp: the OAR saliency pass under context parallelism is wired for pp=1, got "
+                             f"pp={g.pp} (algorithm.shaper.name: oar)")
         if self.packing:
             if local:
                 raise ValueError("parallel.packing: THD packing needs Transformer Engine attention (model."
@@ -388,19 +379,12 @@ class PolicyActor:
         a response token) lies after every real token of its row, so causal attention keeps it out of every
         response log-prob; a label crossing into the next packed row is masked (a row's first token is never a
         response token)."""
-        b, length = input_ids.shape
-        width = length if packed is not None else self._cp_width(length)
-        ids = F.pad(input_ids, (0, width - length))  # [b, W]
-        mask = F.pad(response_mask, (0, width - length))
-        labels = F.pad(ids[:, 1:], (0, 1))  # [b, W] labels[:, t] = ids[:, t + 1]
-        label_mask = F.pad(mask[:, 1:], (0, 1))
+        g = self.groups
         if packed is None:
-            idx = zigzag_indices(width, self.groups.cp, self.groups.cp_rank, device=ids.device)  # [W/cp]
-            pos = idx.expand(b, -1)
-        else:
-            idx = thd_cp_indices(packed.cu_seqlens_padded, self.groups.cp, self.groups.cp_rank).to(ids.device)
-            pos = packed.position_ids[:, idx]  # positions restart in every row
-        return CPView(width, ids[:, idx], pos, labels[:, idx], label_mask[:, idx])
+            return cp_view(input_ids, response_mask, self._cp_width(input_ids.shape[1]), g.cp, g.cp_rank)
+        index = thd_cp_indices(packed.cu_seqlens_padded, g.cp, g.cp_rank).to(input_ids.device)
+        return cp_view(input_ids, response_mask, input_ids.shape[1], g.cp, g.cp_rank, index=index,
+                       position_ids=packed.position_ids)  # positions restart in every row
 
     def _packed(self, input_ids: torch.Tensor, response_mask: torch.Tensor) -> PackedBatch:
         """The micro-batch's rows as one THD sequence (``policy.packing``). A row's length is its last response
@@ -433,14 +417,12 @@ class PolicyActor:
                     compute_entropy=entropy)
         if mb.cp is not None:
             g = self.groups
-            logp, ent = next_token_logprobs(gpt, hidden, mb.cp.labels, mb.cp.label_mask, **opts)  # [b, W/cp]
             if mb.packed is not None:
                 gather = lambda x: gather_packed_cp(x, mb.packed, self.cp_group, g.cp, g.cp_rank)  # noqa: E731
             else:
                 gather = lambda x: gather_zigzag(x, self.cp_group, dim=1)  # noqa: E731
-            # gathered[:, t] = log π(x_{t+1}); F.pad(.., (1, 0)) puts it at t + 1 = the token's own position
             length = mb.cp.width if mb.packed is not None else mb.input_ids.shape[1]
-            full = [None if x is None else F.pad(gather(x), (1, 0))[:, :length] for x in (logp, ent)]
+            full = cp_logprobs(gpt, hidden, mb.cp, gather, length, **opts)
             if mb.packed is None:
                 return full[0], full[1]
             width = mb.input_ids.shape[1]
@@ -616,11 +598,11 @@ class PolicyActor:
                                       seed=seeds, micro_batch_size=self.micro_batch_size, reference=ref)
             return pipeline_oar_p(self.models, scoring, groups=self.groups, mode=mode, chunk_size=s.chunk_size,
                                   reference=ref)
-        if method == "oar_g":
+        if method == "oar_g":  # under CP: zigzag chunks per rank, scores gathered to full rows (saliency_pass)
             return oar_g_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, noise_std=s.noise_std,
-                                 seed=seeds, reference=ref)
+                                 seed=seeds, reference=ref, cp_group=self.cp_group)
         return oar_p_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, chunk_size=s.chunk_size,
-                             reference=ref)
+                             reference=ref, cp_group=self.cp_group)
 
     def _saliency_method(self, method: str | None = None) -> tuple[str, str]:
         """(method, P_final mode): ``method`` or the shaper's, the shaper's mode or the method's default."""

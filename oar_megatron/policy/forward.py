@@ -33,17 +33,23 @@ where they are needed (a later step). These functions refuse a model without bot
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 
 from ..algorithms._validate import as_mask, check_tensor
+from ..algorithms.context_parallel import zigzag_indices, zigzag_split
 from ..algorithms.logprob import reference_logprob_entropy, vocab_parallel_logprob_entropy
 from ..algorithms.reduce import ProcessGroup, group_rank, group_size
 
 __all__ = [
+    "CPView",
+    "cp_feed",
+    "cp_logprobs",
+    "cp_view",
     "final_hidden_states",
     "PADDED_LOGIT",
     "full_logits_logprobs",
@@ -323,6 +329,67 @@ def next_token_logprobs(
     out = logp.new_zeros(labels.shape).index_put((b, s), logp)
     ent_out = None if ent is None else ent.new_zeros(labels.shape).index_put((b, s), ent)
     return out, ent_out
+
+
+# ------------------------------------------------------------------------------------- context-parallel rows
+
+
+@dataclass
+class CPView:
+    """This CP rank's share of [b, L] rows (``cp_view``): the rows right-padded to ``width`` (a multiple of 2·cp,
+    × TP under SP, × the FP8 multiple), then the zigzag chunks r and 2·cp−1−r of every per-token tensor.
+    input_ids, position_ids (global positions of the chunks), labels (the NEXT token, shifted before the split),
+    label_mask (next token is a response token): [b, width/cp]. Used by the actor's training / π_old / reference
+    passes and by the OAR clean pass (``pipeline.pipeline_clean_pass``)."""
+
+    width: int
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+
+
+def cp_view(input_ids: torch.Tensor, response_mask: torch.Tensor, width: int, cp_size: int, cp_rank: int,
+            index: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> CPView:
+    """``CPView`` of rows [b, L] padded to ``width`` ≥ L (pad id 0, never a response token): the labels are
+    shifted on the full row, then every tensor keeps the positions ``index`` [width/cp] (default: the zigzag
+    chunks of ``cp_rank``); position ids are ``index`` itself, or ``position_ids[:, index]`` when given (THD rows
+    whose positions restart per row)."""
+    length = input_ids.shape[1]
+    ids = F.pad(input_ids, (0, width - length))  # [b, W]
+    mask = F.pad(response_mask, (0, width - length))
+    labels = F.pad(ids[:, 1:], (0, 1))  # [b, W] labels[:, t] = ids[:, t + 1]
+    label_mask = F.pad(mask[:, 1:], (0, 1))
+    if index is None:
+        index = zigzag_indices(width, cp_size, cp_rank, device=ids.device)
+    pos = index.expand(ids.shape[0], -1) if position_ids is None else position_ids[:, index]
+    return CPView(width, ids[:, index], pos, labels[:, index], label_mask[:, index])
+
+
+def cp_logprobs(model: torch.nn.Module, hidden: torch.Tensor, view: CPView,
+                gather: Callable[[torch.Tensor], torch.Tensor], length: int, **opts):
+    """Full-row response log-probs (and entropy or None) [b, length] from this CP rank's hidden rows of ``view``:
+    ``next_token_logprobs`` on the local chunks, ``gather`` (``gather_zigzag`` over the CP group, or the THD
+    gather) back to full rows, identical on every CP rank, then shifted by one (gathered[:, t] = log π(x_{t+1})
+    goes to position t + 1, the token's own). Differentiable: the gather's backward hands each rank the gradient
+    of its own chunks. ``opts``: ``next_token_logprobs``'s keyword arguments."""
+    logp, ent = next_token_logprobs(model, hidden, view.labels, view.label_mask, **opts)  # [b, W/cp]
+    return tuple(None if x is None else F.pad(gather(x), (1, 0))[:, :length] for x in (logp, ent))
+
+
+def cp_feed(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+            cp_group: ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What this CP rank feeds for rows [b, W] (W a multiple of 2·cp): their zigzag chunks and the chunks' global
+    positions (megatron splits the rotary table the same way); the rows themselves without CP. Checks that
+    ``cp_group`` matches the model's context-parallel size."""
+    gpt = unwrap_model(model)
+    cp = gpt.config.context_parallel_size or 1
+    if group_size(cp_group) != cp:
+        raise ValueError(f"cp_group: has {group_size(cp_group)} ranks, the model was built for CP={cp}")
+    if cp == 1:
+        return input_ids, position_ids
+    rank = group_rank(cp_group)
+    return zigzag_split(input_ids, cp, rank, dim=1), zigzag_split(position_ids, cp, rank, dim=1)
 
 
 def _check_inputs(input_ids, position_ids, response_mask) -> torch.Tensor:

@@ -23,7 +23,8 @@ code as ``saliency_pass`` (TP×PP not run here: 4 ranks).
   the rollout micro-batches (π_old response log-probs) followed by the scoring rows (clean P_final of each requested
   mode), all padded to one sequence length; the reference then goes to ``pipeline_oar_g`` / ``pipeline_oar_p``
   (``reference=``), which skip their own clean schedule. ``PolicyActor.compute_old_logprobs`` uses it when OAR
-  shaping follows, so π_old and OAR's clean pass cost one forward schedule instead of two.
+  shaping follows, so π_old and OAR's clean pass cost one forward schedule instead of two. Under context
+  parallelism (pp = 1) it feeds zigzag chunks (its docstring); ``pipeline_oar_g`` / ``pipeline_oar_p`` refuse CP.
 
 ``SCHEDULE_RUNS`` counts the schedules run here and by the actor's forward-only passes (keys ``forward_only``,
 ``forward_backward``; training steps not counted), for tests and profiling.
@@ -69,7 +70,9 @@ from ..algorithms.saliency import (
     score_buffer,
 )
 from ..algorithms.segment import ScoringBatch
-from .forward import _check_inputs, _hidden_states_only, logprobs_from_hidden, unwrap_model
+from ..algorithms.context_parallel import gather_zigzag
+from .forward import (_check_inputs, _hidden_states_only, cp_feed, cp_logprobs, cp_view, logprobs_from_hidden,
+                      unwrap_model)
 from .padding import padded_length, sequence_multiple
 from .saliency_pass import (
     _check_batch,
@@ -106,6 +109,12 @@ def _resolve_groups(groups, tp_group, pp_group):
     if groups is not None:
         return groups.tp_group, groups.pp_group
     return tp_group, pp_group
+
+
+def _refuse_cp(gpt, what: str) -> None:
+    if (gpt.config.context_parallel_size or 1) > 1:
+        raise ValueError(f"model: {what} feeds full rows and is not wired under context parallelism (PP > 1); at "
+                         "PP = 1 the actor runs saliency_pass.oar_g_sharded / oar_p_sharded with cp_group")
 
 
 def _sp_tp(gpt) -> tuple[bool, int]:
@@ -348,6 +357,7 @@ def pipeline_clean_pass(
     temperature: float = 1.0,
     compute_entropy: bool = False,
     chunk_size: int | None = None,
+    cp_group: ProcessGroup | None = None,
 ) -> PipelineCleanPass:
     """One forward-only schedule for π_old log-probs and the clean P_final of OAR-G / OAR-P (module docstring).
 
@@ -358,7 +368,15 @@ def pipeline_clean_pass(
     temperature / compute_entropy / chunk_size apply to the log-probs; P_final uses T = 1. The same arguments on
     every PP rank; results on the last stage (``PipelineCleanPass``). Equal to ``pipeline_logprobs`` plus the clean
     schedule ``pipeline_oar_g`` / ``pipeline_oar_p`` run without ``reference``.
+
+    Context parallel (``cp_group``, or ``groups`` with cp > 1; Transformer Engine attention, PP = 1): every
+    micro-batch is fed as this rank's zigzag chunks with their positions, the rollout rows through
+    ``forward.cp_view`` / ``cp_logprobs`` (labels shifted before the split, log-probs gathered with
+    ``gather_zigzag``) as the actor's own passes, the scoring rows with P_final summed over the CP ranks holding
+    its positions (``saliency_pass.pfinal_from_hidden``); results identical on every CP rank.
     """
+    if groups is not None:
+        cp_group = groups.cp_group if groups.cp > 1 else None
     tp_group, pp_group = _resolve_groups(groups, tp_group, pp_group)
     chunks = _chunk_list(chunks)
     modes = list(dict.fromkeys(modes))
@@ -371,17 +389,26 @@ def pipeline_clean_pass(
     b, s_len = batch.input_ids.shape
     dev = batch.input_ids.device
     r_len = max((ids.shape[1] for ids, _, _ in rollout), default=0)
-    seq = _pad_len(unwrap_model(chunks[0]), max(s_len, r_len))
+    first = unwrap_model(chunks[0])
+    seq = _pad_len(first, max(s_len, r_len))
+    cp = group_size(cp_group)
+    if cp > 1 and (len(chunks) > 1 or not (first.pre_process and first.post_process)):
+        raise ValueError("cp_group: the clean pass under context parallelism is wired for PP = 1")
     mbs = []
     for k, (ids, pos, mask) in enumerate(rollout):
         mask = _check_inputs(ids, pos, mask)
         if ids.shape[0] != micro_batch_size:
             raise ValueError(f"rollout[{k}]: {ids.shape[0]} rows, expected micro_batch_size={micro_batch_size}")
+        if cp > 1:  # the actor's CP rows (positions 0..seq−1, as the actor's own passes feed)
+            view = cp_view(ids, mask, seq, cp, group_rank(cp_group))
+            mbs.append(dict(kind=0, ids=view.input_ids, pos=view.position_ids, view=view, tgt=ids, mask=mask))
+            continue
         p_ids, p_pos = _pad_ids(ids, pos, seq)
         mbs.append(dict(kind=0, ids=p_ids, pos=p_pos, tgt=ids, mask=mask))
     n_roll = len(mbs)
     s_ids = F.pad(batch.input_ids, (0, seq - s_len), value=batch.pad_id)
     s_pos = torch.arange(seq, device=dev).expand(b, seq)
+    s_ids, s_pos = cp_feed(first, s_ids, s_pos, cp_group)  # CP: this rank's zigzag chunks of every row
     row_mbs = _row_micro_batches(b, micro_batch_size, dev)
     mbs += [dict(kind=1, ids=s_ids[r], pos=s_pos[r], rows=r, real=real) for r, real in row_mbs]
     if not mbs:
@@ -390,12 +417,17 @@ def pipeline_clean_pass(
 
     def on_last(gpt, hidden, mb):
         if mb["kind"] == 0:
-            logp, ent = logprobs_from_hidden(gpt, hidden, mb["tgt"], mb["mask"], tp_group=tp_group,
-                                             temperature=temperature, compute_entropy=compute_entropy,
-                                             chunk_size=chunk_size)
+            opts = dict(tp_group=tp_group, temperature=temperature, compute_entropy=compute_entropy,
+                        chunk_size=chunk_size)
+            if "view" in mb:
+                gather = lambda x: gather_zigzag(x, cp_group, dim=1)  # noqa: E731
+                logp, ent = cp_logprobs(gpt, hidden, mb["view"], gather, mb["tgt"].shape[1], **opts)
+            else:
+                logp, ent = logprobs_from_hidden(gpt, hidden, mb["tgt"], mb["mask"], **opts)
             return {"logp": logp, "ent": ent} if ent is not None else {"logp": logp}
         r = mb["rows"]
-        return {m: pfinal_from_hidden(gpt, hidden, batch.input_ids[r], apos[r], alen[r], m, tp_group=tp_group)
+        return {m: pfinal_from_hidden(gpt, hidden, batch.input_ids[r], apos[r], alen[r], m, tp_group=tp_group,
+                                      cp_group=cp_group)
                 for m in modes}
 
     store = _forward_only(chunks, mbs, on_last, seq_length=seq, micro_batch_size=micro_batch_size)
@@ -476,6 +508,7 @@ def pipeline_oar_g(
     if b == 0:
         return _to_width(out, batch.reasoning_len, width)
     first_gpt = unwrap_model(chunks[0])
+    _refuse_cp(first_gpt, "pipeline_oar_g")
     seq = _pad_len(first_gpt, length)
     ids = F.pad(batch.input_ids, (0, seq - length), value=batch.pad_id)
     pos = torch.arange(seq, device=dev).expand(b, seq)
@@ -581,6 +614,7 @@ def pipeline_oar_p(
     ids = batch.input_ids[:, : int(batch.answer_pos.max())] if mode == "last" else batch.input_ids
     apos, alen = batch.answer_pos, batch.answer_len
     first_gpt = unwrap_model(chunks[0])
+    _refuse_cp(first_gpt, "pipeline_oar_p")
     seq = _pad_len(first_gpt, ids.shape[1])
     p_ids = F.pad(ids, (0, seq - ids.shape[1]), value=batch.pad_id)
     pos = torch.arange(seq, device=dev).expand(b, seq)

@@ -12,7 +12,7 @@ Run on 4 gloo ranks as dp = 2 × cp = 2 (padded rows, and THD rows split per row
 rank, each checked against the cp = 1 actor with megatron's own local attention on one rank (same weights: CPU
 initialisation from one seed): reference and π_old log-probs [N, L], the losses of two updates, the grad norms (megatron's, before
 clipping: a loss scaled by cp twice shows up here as ×2; Adam would hide it in the parameters), and the log-probs
-after the updates. Also the refusals (local attention with cp > 1 or packing; OAR under CP).
+after the updates. Also the refusals (local attention with cp > 1 or packing; OAR under CP with PP > 1).
 """
 
 import dataclasses
@@ -191,11 +191,12 @@ def _step(layout):
 
 
 def _actor_refusals():
-    """The actor's own checks (behind the config's): packing on megatron's local attention, OAR under CP."""
+    """The actor's own checks (behind the config's): packing on megatron's local attention, OAR under CP with PP
+    (OAR under CP at pp = 1: tests/cpu/test_oar_context_parallel.py)."""
     from oar_megatron.policy import destroy_parallel
 
     out = {}
-    for key, layout, shaper in (("packing", {"packing": True}, None), ("oar", {"cp": 2}, "oar")):
+    for key, layout, shaper in (("packing", {"packing": True}, None), ("oar", {"cp": 2, "pp": 2}, "oar")):
         _swap_attention(attention=key != "packing")  # packing: megatron's local DotProductAttention
         try:
             _actor(layout, shaper=shaper)
@@ -228,11 +229,11 @@ def runs():
 
 def _check_equal(got, ref):
     rows = torch.arange(got.get("dp_rank", 0), N, 2) if got["ref"].shape[0] < N else torch.arange(N)
+    width = ref["width"]  # PolicyActor.pack pads the cp = 2 rows to a multiple of 2·cp: the rest is never a response
     for key in ("ref", "old", "new"):
-        # under CP, pack pads the rows to 2·cp (policy.padding.sequence_multiple): padding columns carry nothing
-        width = ref[key].shape[1]
-        assert got[key].shape[1] >= width and not got[key][:, width:].any(), key
+        assert got[key].shape[1] >= width, key
         torch.testing.assert_close(got[key][:, :width], ref[key][rows], atol=2e-5, rtol=0, msg=key)
+        assert not got[key][:, width:].any(), key
     torch.testing.assert_close(got["loss"], ref["loss"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got["kl"], ref["kl"], atol=1e-7, rtol=1e-5)
     # megatron's schedule ×cp and DDP ÷(dp·cp) cancel: a second ×cp in the actor doubles this (seen before the fix)
@@ -281,12 +282,14 @@ def test_refusals_name_the_key():
     with pytest.raises(ValueError, match=r"^rollout\.engine: the local engine needs parallel\.cp=1"):
         TrainConfig(model=te, parallel=ParallelConfig(cp=2)).validate(2)
     sglang = RolloutConfig(engine="sglang", server_urls=["http://x:1"])
-    with pytest.raises(ValueError, match=r"^parallel\.cp: the OAR saliency pass"):
-        TrainConfig(model=te, parallel=ParallelConfig(cp=2), rollout=sglang,
-                    algorithm=load_algorithm("oar_g")).validate(2)
+    TrainConfig(model=te, parallel=ParallelConfig(cp=2), rollout=sglang, algorithm=load_algorithm("oar_g")).validate(2)
+    with pytest.raises(ValueError, match=r"^parallel\.cp: the OAR saliency pass under context parallelism is wired "
+                                         r"for pp=1, got pp=2"):
+        TrainConfig(model=te, parallel=ParallelConfig(cp=2, pp=2), rollout=sglang,
+                    algorithm=load_algorithm("oar_g")).validate(4)
 
 
 def test_actor_refuses_what_it_cannot_run(runs):
     out = runs[2][0]["refusals"]
     assert out["packing"].startswith("parallel.packing: THD packing needs Transformer Engine attention"), out
-    assert out["oar"].startswith("parallel.cp: the OAR saliency pass"), out
+    assert out["oar"].startswith("parallel.cp: the OAR saliency pass under context parallelism is wired for pp=1"), out

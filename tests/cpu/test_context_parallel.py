@@ -2,14 +2,15 @@
 single-process results. One 4-rank gloo spawn (pure torch, no megatron import) checks cp=2 (two groups {0,1},
 {2,3}) and cp=4 (all ranks): the GSPO log sequence ratio from CP shards equals ``losses._seq_log_ratio`` on the
 full rows (value and, summed over CP ranks as megatron does, the gradient); OAR weights from gathered scores equal
-``oar_weights`` on the full rows; the gather's gradient is each rank's slice of the full gradient.
+``oar_weights`` on the full rows; the gather's gradient is each rank's slice of the full gradient; ``sum_over_cp`` of
+per-rank terms is the full sum, its gradient on each rank that of its own term.
 """
 
 import pytest
 import torch
 
 from oar_megatron.algorithms.context_parallel import (
-    gather_zigzag, seq_mean_over_cp, seq_sum_over_cp, zigzag_indices, zigzag_split,
+    gather_zigzag, seq_mean_over_cp, seq_sum_over_cp, sum_over_cp, zigzag_indices, zigzag_split,
 )
 from tests.dist_harness import run_ranks
 
@@ -72,8 +73,12 @@ def _ranks(rank, world_size):
         full = gather_zigzag(s_local, group, dim=1)
         (full * wg).sum().backward()
         weights = oar_weights(full.detach(), gather_zigzag(split(mask).float(), group, dim=1).bool())
+
+        part = split(scores).requires_grad_(True)  # each rank's term of a per-row total (OAR's P_final under CP)
+        summed = sum_over_cp(part.sum(-1), group)
+        (summed * w).sum().backward()
         out[cp] = dict(log_s=log_s.detach(), grad=local.grad, count=count, total=total, full=full.detach(),
-                       gather_grad=s_local.grad, weights=weights)
+                       gather_grad=s_local.grad, weights=weights, summed=summed.detach(), sum_grad=part.grad)
     return out
 
 
@@ -99,6 +104,8 @@ def test_cp_reductions_match_single_process():
             # Each rank's gradient is the full gradient on its own positions (summed over CP ranks: the full one).
             torch.testing.assert_close(r["grad"], zigzag_split(ref_logp.grad, cp, cp_rank))
             torch.testing.assert_close(r["gather_grad"], zigzag_split(wg, cp, cp_rank))
+            torch.testing.assert_close(r["summed"], scores.sum(-1))
+            torch.testing.assert_close(r["sum_grad"], w[:, None].expand(B, L // cp))  # identity: own term only
         rebuilt = torch.zeros(B, L, dtype=torch.float64)
         for cp_rank in range(cp):
             rebuilt[:, zigzag_indices(L, cp, cp_rank)] += results[cp_rank][cp]["grad"]
