@@ -13,7 +13,8 @@ average over the dp × cp group takes back), and DDP averages gradients over the
 ``tests/cpu/test_train_step.py`` against a single process). ``schedule_loss_scale`` is that factor.
 
 The learning-rate scheduler is stepped before the optimizer, so update k (1-based) uses the warm-up rate
-lr·k/warmup, never 0.
+lr·k/warmup, never 0; an update the optimizer skips (fp16 loss-scale overflow) steps it back, so the schedule
+counts applied updates only.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def train_step(
     )
     scheduler.step(increment=1)
     updated, grad_norm, _ = optimizer.step()
+    if not updated:  # fp16 overflow: the update was skipped, so the schedule does not advance (as megatron-LM)
+        scheduler.step(increment=-1)
     lr = optimizer.param_groups[0]["lr"]
     values = {k: float(v) for k, v in totals.items()}
     return StepResult(

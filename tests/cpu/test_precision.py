@@ -62,7 +62,7 @@ def _megatron_run(rank, world_size, dtype, distributed_optimizer, optim_override
     optim = OptimConfig(**{"lr": LR, "weight_decay": 0.0, "clip_grad": 0.0, **optim_overrides})
     optimizer, scheduler = build_optimizer(chunks, optim, distributed_optimizer=distributed_optimizer)
     kinds = [type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    losses, updated, scales, norms = [], [], [], []
+    losses, updated, scales, norms, sched = [], [], [], [], []
     for ids in _batches(model_cfg.vocab_size):
         rows = ids.chunk(world_size)[rank]
 
@@ -75,7 +75,8 @@ def _megatron_run(rank, world_size, dtype, distributed_optimizer, optim_override
         norms.append(res.grad_norm)
         updated.append(res.updated)
         scales.append(float(optimizer.get_loss_scale()))
-    out = {"init": init, "dtypes": dtypes, "kinds": kinds, "losses": losses, "updated": updated, "scales": scales,
+        sched.append(int(scheduler.num_steps))
+    out = {"sched": sched, "init": init, "dtypes": dtypes, "kinds": kinds, "losses": losses, "updated": updated, "scales": scales,
            "norms": norms, "params": {n: p.detach().clone() for n, p in gpt.named_parameters()}}
     inner = getattr(optimizer, "chained_optimizers", [optimizer])[0]
     if hasattr(inner, "fp32_from_float16_groups"):  # Float16OptimizerWithFloat16Params: the fp32 main weights
@@ -218,3 +219,13 @@ def test_the_loop_trains_16bit_models(tmp_path):
                 assert key in m and math.isfinite(m[key]), (dtype, key)
             # the engine's and the trainer's log-probs: one 16-bit model, cached decode vs full forward
             assert m["rollout/logp_diff_abs_mean"] < 0.05, (dtype, m["rollout/logp_diff_abs_mean"])
+
+
+def test_fp16_overflow_skips_the_update_and_the_schedule():
+    """An fp16 loss scale of 2^20 overflows the first two steps (megatron's dynamic scaler halves it after two, its
+    hysteresis): those updates are skipped, and the LR schedule counts only the applied ones (before the fix it
+    advanced on skipped steps too: [1, 2, 3, 4])."""
+    (run,) = run_ranks(_megatron_run, 1, "float16", False, {"initial_loss_scale": float(2 ** 20)})
+    assert run["updated"] == [False, False, True, True]
+    assert run["scales"] == [2.0 ** 20, 2.0 ** 19, 2.0 ** 19, 2.0 ** 19]
+    assert run["sched"] == [0, 0, 1, 2]
