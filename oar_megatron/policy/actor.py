@@ -33,8 +33,8 @@ reference is kept on the actor for that one batch and dropped by ``update`` (it 
 ``share_clean_pass=False`` (or routing replay on, whose records must hold only the rollout micro-batches) keeps
 the two passes separate. ``pipeline.SCHEDULE_RUNS`` counts the forward schedules.
 
-Loss. Per mini-batch: ``loss_denominators`` over the mini-batch's full-row response masks on the data-parallel
-group (without CP: the rows are replicated over CP, see below), then per micro-batch ``policy_loss`` + ``kl_loss``
+Loss. Per mini-batch: ``loss_denominators`` over the mini-batch's full-row host masks, summed over the data-parallel
+group's gloo twin (without CP: the rows are replicated over CP, see below), then per micro-batch ``policy_loss`` + ``kl_loss``
 (if ``kl.coef > 0`` and reference log-probs are set) + ``entropy_bonus`` (if ``entropy_coef > 0``), all with those
 global denominators; ``train_step`` applies the schedule/DDP scaling (see its docstring), so the update is the
 gradient of the global mini-batch loss.
@@ -664,7 +664,7 @@ class PolicyActor:
             m.train()
         for u in range(k):
             mini = mbs[u * per: (u + 1) * per]
-            g_tok, g_seq = loss_denominators([mb.response_mask for mb in mini], group=self.dp_group)
+            g_tok, g_seq = self._denominators(batch, u * per, per)
 
             def forward_fn(chunk, mb, g_tok=g_tok, g_seq=g_seq):
                 out = self._run_model(chunk, mb)
@@ -725,7 +725,7 @@ class PolicyActor:
         ``updated`` as one-element lists, the same on every rank."""
         self._clean = None
         mbs = self.micro_batches(batch)
-        g_tok, _ = loss_denominators([mb.response_mask for mb in mbs], group=self.dp_group)
+        g_tok, _ = self._denominators(batch, 0, len(mbs))
 
         def forward_fn(chunk, mb):
             out = self._run_model(chunk, mb)
@@ -744,6 +744,16 @@ class PolicyActor:
         sync_params(self.chunks)  # overlap_param_gather: full parameters before the next read
         loss = self._global_sum({"loss": res.loss})["loss"]
         return {"loss": [loss], "grad_norm": [res.grad_norm], "lr": [res.lr], "updated": [float(res.updated)]}
+
+    def _denominators(self, batch: RolloutBatch, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loss_denominators`` (global tokens, global sequences) of micro-batches ``first .. first+count−1`` over the
+        data-parallel group (not × CP: every CP rank holds the same full-row masks). Counted from the host mask the
+        batch was packed with and summed over the DP group's gloo twin (control plane: bookkeeping never rides the
+        device group), then placed on the policy's device as the loss functions expect."""
+        rows = slice(first * self.micro_batch_size, (first + count) * self.micro_batch_size)
+        group = None if self.dp_group is None else collectives.control_group(self.dp_group)
+        tokens, seqs = loss_denominators(batch.response_mask[rows].cpu(), group=group)
+        return tokens.to(self.groups.device), seqs.to(self.groups.device)
 
     def _global_sum(self, local: dict[str, float]) -> dict[str, float]:
         """Σ over data-parallel ranks of last-stage values, on every rank (control plane: the owners' dicts are

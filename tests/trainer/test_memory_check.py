@@ -28,8 +28,8 @@ def test_qwen3_8b_on_this_cpu_is_refused_at_once_and_nothing_is_built(tmp_path):
     assert p.returncode == 2, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr[-3000:]
-    assert lines[0].startswith(f"oar-train: memory: the plan needs ~{need:.1f} GiB per rank (weights 30.5 + grads "
-                               f"30.5 + optimizer 61.0 + activations 2.0 + logits 0.2), more than the "), lines[0]
+    assert lines[0].startswith(f"oar-train: memory: the plan needs ~{need:.1f} GiB per rank (weights 15.3 + grads "
+                               f"30.5 + optimizer 91.5 + activations 2.0 + logits 0.2), more than the "), lines[0]
     assert "GiB this rank has (host memory available" in lines[0] and "/ 1 local rank)" in lines[0]
     assert lines[0].endswith("; trainer.memory_check=false skips this check")
     assert not run_dir.exists()  # no logger, no checkpoint directory, no model
@@ -72,11 +72,16 @@ def test_memory_check_switch(monkeypatch, capsys):
 
 
 def test_suggestions_by_hand():
-    """Qwen3-8B, the embedded run's batch (one rank: 128 rows, micro-batches of 32, seq 5 + 8 = 13), fp32 Adam
-    (optim.bf16 false) without the distributed optimizer: 4 + 4 + 8 = 16 bytes per parameter. On an 80 GB-class GPU with 123 GiB
-    free (as if) the plan's ~124.3 GiB misses by a little: full recompute or micro-batches of 8 fit, 16 do not; a
+    """Qwen3-8B in fp32 (``model.params_dtype=float32``), the embedded run's batch (one rank: 128 rows, micro-batches
+    of 32, seq 5 + 8 = 13), Adam without the distributed optimizer: 4 + 4 + 8 = 16 bytes per parameter (the bf16
+    preset: 2 + 4 fp32 main grads + 4 fp32 main weights + 8 Adam = 18). On an 80 GB-class GPU with 123 GiB free
+    (as if) the plan's ~124.3 GiB misses by a little: full recompute or micro-batches of 8 fit, 16 do not; a
     70 GiB device needs TP 2 (or PP 2); a 3 GiB device needs 48 ranks."""
-    cfg = compose_config(["model=qwen3-8b"])
+    bf16 = make_plan(compose_config(["model=qwen3-8b"]), 1).memory
+    n = compose_config(["model=qwen3-8b"]).model.num_params(1)
+    assert (bf16.weights_gib, bf16.grads_gib, bf16.optimizer_gib) == pytest.approx((2 * n / GiB, 4 * n / GiB,
+                                                                                    12 * n / GiB))
+    cfg = compose_config(["model=qwen3-8b", "model.params_dtype=float32"])
     plan = make_plan(cfg, 1)
     m, mem = cfg.model, plan.memory
     s, b, h, a, L = 13, 32, 4096, 32, 36
