@@ -1,5 +1,5 @@
 """Every ``torch.distributed`` collective the project issues goes through this module (megatron's own internals
-excepted; ``tests/test_collectives.py`` scans the package's source for any other call). Pure torch: no megatron
+excepted; ``tests/test_collectives_scan.py`` scans the package's source for any other call). Pure torch: no megatron
 import, so ``oar_megatron.algorithms`` may use it.
 
 Two planes.
@@ -34,7 +34,7 @@ GPU cluster this catches a host tensor sent over an NCCL group (and a tensor on 
 machine the policy's device *is* the CPU, so a host-built tensor is indistinguishable from a model tensor and the
 check cannot fire. The design covers that case by construction and by tests instead:
 (1) host data has its own API (the control plane), which only ever uses twins, so it cannot reach a device group;
-(2) no module but this one may call a collective (source scan, ``tests/test_collectives.py``);
+(2) no module but this one may call a collective (source scan, ``tests/test_collectives_scan.py``);
 (3) ``tests/cpu/test_collectives_strict.py`` runs real TP2 and DP2 trainer steps with a world (and the data-parallel
 group) built on a CUDA-only fake backend (``torch.testing._internal.distributed.fake_pg.FakeProcessGroup``
 registered for ``devices=["cuda"]``), which refuses CPU tensors exactly as NCCL does, while megatron's compute
