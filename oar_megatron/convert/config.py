@@ -45,7 +45,8 @@ def architecture(hf: dict[str, Any]) -> str:
 
 
 def _rope(hf: dict[str, Any]) -> dict[str, Any]:
-    """RoPE θ and scaling: transformers 5 writes ``rope_parameters`` (θ inside), 4.x ``rope_theta`` + ``rope_scaling``."""
+    """RoPE θ and scaling: transformers 5 writes ``rope_parameters`` (θ inside), 4.x ``rope_theta`` and
+    ``rope_scaling``."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))

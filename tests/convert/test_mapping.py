@@ -29,10 +29,12 @@ def _arch(d):
 
 def test_config_json_to_model_config(hf_dirs):
     llama = hf_model_config(hf_dirs["llama3"])
-    assert (llama.rotary_base, llama.rope_scaling, llama.untie_embeddings_and_output_weights) == (500000.0, "none", True)
+    assert (llama.rotary_base, llama.rope_scaling, llama.untie_embeddings_and_output_weights) == \
+        (500000.0, "none", True)
     assert (llama.num_query_groups, llama.head_dim, llama.ffn_size, llama.vocab_size) == (2, 16, 128, 100)
     tied = hf_model_config(hf_dirs["llama3.2"])
-    assert (tied.rope_scaling, tied.rope_scaling_factor, tied.untie_embeddings_and_output_weights) == ("llama3", 8.0, False)
+    assert (tied.rope_scaling, tied.rope_scaling_factor, tied.untie_embeddings_and_output_weights) == \
+        ("llama3", 8.0, False)
     qwen2 = hf_model_config(hf_dirs["qwen2"])
     assert (qwen2.add_qkv_bias, qwen2.qk_layernorm, qwen2.norm_epsilon, qwen2.rotary_base) == (True, False, 1e-6, 1e6)
     qwen3 = hf_model_config(hf_dirs["qwen3"])
