@@ -12,7 +12,8 @@ __all__ = ["SafetensorsReader"]
 
 
 class SafetensorsReader:
-    """``names()`` lists every tensor; ``get(name)`` reads one; ``shape(name)`` without reading it."""
+    """``names()`` lists every tensor; ``get(name)`` reads one; ``shape(name)`` without reading it. Files are opened
+    on first use and kept open (memory-mapped, nothing read until ``get``); ``close()`` or ``with`` releases them."""
 
     def __init__(self, directory: str | Path):
         from safetensors import safe_open
@@ -21,7 +22,10 @@ class SafetensorsReader:
         root = Path(directory)
         index = root / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"safetensors: {index} is not a safetensors index (no weight_map)") from None
             self._where = {name: root / file for name, file in weight_map.items()}
         else:
             files = sorted(root.glob("*.safetensors"))
@@ -47,6 +51,17 @@ class SafetensorsReader:
         if file not in self._handles:
             self._handles[file] = self._safe(file).__enter__()
         return self._handles[file]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def names(self) -> list[str]:
         return list(self._where)

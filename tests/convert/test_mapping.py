@@ -115,3 +115,34 @@ def test_one_line_errors(hf_dirs, tmp_path):
     with pytest.raises(ValueError, match=r"safetensors: cannot read .*model.safetensors"):
         SafetensorsReader(tmp_path)
     assert hf_shapes(cfg, "qwen3")["model.layers.0.self_attn.q_norm.weight"] == (24,)
+
+
+def test_sharded_checkpoint_is_read_lazily_by_index(tmp_path):
+    """``save_pretrained`` with a small shard size writes several files and an index; the reader follows it, and a
+    truncated shard is an error naming that file."""
+    model = make_hf_model("qwen3", tmp_path / "hf")
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="40KB")
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(files) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    cfg = hf_model_config(tmp_path / "sharded")
+    ref = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    with SafetensorsReader(tmp_path / "sharded") as reader:
+        assert sorted(reader.names()) == sorted(ref)
+        back = dict(mcore_to_hf(hf_to_mcore(reader, cfg, "qwen3"), cfg, "qwen3"))
+    assert all(torch.equal(back[n], ref[n]) for n in ref)
+    shard = tmp_path / "sharded" / files[1]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=rf"safetensors: cannot read .*{files[1]}"):
+        hf_to_mcore(SafetensorsReader(tmp_path / "sharded"), cfg, "qwen3")
+
+
+def test_tied_checkpoint_with_an_lm_head_copy(hf_dirs):
+    """A tied checkpoint that also stores ``lm_head.weight`` converts when it equals the embedding, else errors."""
+    d = hf_dirs["llama3.2"]
+    cfg, ref = hf_model_config(d), load_file(str(d / "model.safetensors"))
+    assert "lm_head.weight" not in ref and not cfg.untie_embeddings_and_output_weights
+    emb = ref["model.embed_tokens.weight"]
+    state = hf_to_mcore({**ref, "lm_head.weight": emb.clone()}, cfg, "llama")
+    assert "output_layer.weight" not in state
+    with pytest.raises(ConversionError, match=r"'lm_head.weight' differs from the embedding"):
+        hf_to_mcore({**ref, "lm_head.weight": emb + 1}, cfg, "llama")
