@@ -1,0 +1,95 @@
+"""HF ``config.json`` → the project's :class:`ModelConfig` for the supported dense architectures.
+
+Every HF setting that changes the computation is either carried (RoPE θ, llama3 RoPE scaling, head dim, QKV bias,
+QK-norm, tied embeddings, norm epsilon) or refused with a one-line ``ValueError`` naming the ``config.json`` key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config.model import ModelConfig
+
+__all__ = ["ARCHITECTURES", "hf_model_config", "read_hf_config"]
+
+# HF ``architectures[0]`` → the table name in ``convert.mapping.TABLES``
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+# megatron-core's llama3 RoPE scaling has these fixed (rotary_pos_embedding._apply_scaling defaults)
+_MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def read_hf_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` as a dict, from an HF model directory, the file itself, or a dict (returned as is)."""
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"config.json: not found at {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config.json: {path} is not valid JSON ({exc})") from None
+
+
+def architecture(hf: dict[str, Any]) -> str:
+    """The mapping table name for ``hf`` (``architectures[0]``); unknown → one-line error."""
+    archs = hf.get("architectures") or []
+    name = archs[0] if archs else None
+    if name not in ARCHITECTURES:
+        raise ValueError(f"config.json architectures: unsupported {name!r}; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE θ and scaling: transformers 5 writes ``rope_parameters`` (θ inside), 4.x ``rope_theta`` and
+    ``rope_scaling``."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    out: dict[str, Any] = {"rotary_base": float(theta)}
+    if kind in (None, "default"):
+        return out
+    if kind != "llama3":
+        raise ValueError(f"config.json rope_scaling: rope_type {kind!r} is not supported (default | llama3)")
+    for key, want in _MEGATRON_LLAMA3.items():
+        if key in params and float(params[key]) != float(want):
+            raise ValueError(f"config.json rope_scaling.{key}: megatron-core's llama3 scaling fixes it at {want}, "
+                             f"got {params[key]}")
+    out.update(rope_scaling="llama3", rope_scaling_factor=float(params.get("factor", 8.0)))
+    return out
+
+
+def hf_model_config(source: str | Path | dict[str, Any], *, params_dtype: str = "float32",
+                    make_vocab_size_divisible_by: int = 128, name: str | None = None) -> ModelConfig:
+    """A validated :class:`ModelConfig` equal in computation to the HF model of ``source`` (dir, file or dict)."""
+    hf = read_hf_config(source)
+    arch = architecture(hf)
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if key not in hf:
+            raise ValueError(f"config.json {key}: missing")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act: {hf['hidden_act']!r} is not supported (silu, SwiGLU)")
+    if hf.get("mlp_bias"):
+        raise ValueError("config.json mlp_bias: MLP biases are not supported")
+    if arch in ("llama", "qwen3") and hf.get("attention_bias"):
+        raise ValueError("config.json attention_bias: biases on q/k/v/o projections are not supported")
+    if hf.get("use_sliding_window"):
+        raise ValueError("config.json use_sliding_window: sliding-window attention is not supported")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    cfg = ModelConfig(
+        name=name, num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=head_dim if head_dim * heads != hf["hidden_size"] or arch == "qwen3" else None,
+        ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), normalization="RMSNorm", swiglu=True,
+        qk_layernorm=arch == "qwen3", add_qkv_bias=arch == "qwen2",
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        params_dtype=params_dtype, **_rope(hf))
+    return cfg.validate()

@@ -1,0 +1,271 @@
+"""One name/layout table per architecture: megatron-core (local layer spec) names ← HF names, with the layout rule
+that joins the HF tensors into the megatron tensor and shards it over tensor parallelism. The export map is the
+same table read backwards (``hf_names``), as torchtitan's ``StateDictAdapter`` derives ``to_hf`` from ``from_hf``.
+
+Layout rules (``kind``):
+
+- ``copy``: replicated on every TP rank (norms, QK-norm weights), same tensor both sides.
+- ``vocab``: embedding / output rows; import pads the rows ``vocab_size..padded_vocab_size(tp)`` with zeros and
+  shards rows contiguously; export concatenates the shards and drops the padding.
+- ``qkv``: HF ``q [heads·d, ·]``, ``k, v [groups·d, ·]`` → megatron's grouped layout, per query group
+  ``[q_g (heads/groups·d); k_g (d); v_g (d)]``, groups concatenated; TP rank r holds groups ``r·G/tp ..`` (a
+  contiguous row block). Weights and (Qwen2) biases alike.
+- ``gate_up``: HF ``gate, up [ffn, h]`` → ``linear_fc1 [gate; up]`` at TP=1; TP rank r holds its own
+  ``[gate_r; up_r]`` halves (megatron's ``partition_stride`` 2).
+- ``row``: row-parallel weights (``linear_proj``, ``linear_fc2``), sharded along the input dimension (dim 1).
+
+Errors (``ConversionError``, a ``ValueError``) are one line naming the tensor: missing, extra, shape mismatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ..config.model import ModelConfig
+
+__all__ = ["TABLES", "ConversionError", "copy_into_module", "hf_names", "hf_shapes", "hf_to_mcore",
+           "iter_hf_to_mcore", "mcore_to_hf", "table_for"]
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the architecture's table (one line, naming the tensor)."""
+
+
+_L, _M = "model.layers.{i}.", "decoder.layers.{i}."
+# (megatron name, kind, HF names); "{i}" = layer index. Order = order of reading.
+_DENSE = (
+    ("embedding.word_embeddings.weight", "vocab", ("model.embed_tokens.weight",)),
+    (_M + "input_layernorm.weight", "copy", (_L + "input_layernorm.weight",)),
+    (_M + "self_attention.linear_qkv.weight", "qkv",
+     (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight")),
+    (_M + "self_attention.linear_proj.weight", "row", (_L + "self_attn.o_proj.weight",)),
+    (_M + "pre_mlp_layernorm.weight", "copy", (_L + "post_attention_layernorm.weight",)),
+    (_M + "mlp.linear_fc1.weight", "gate_up", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight")),
+    (_M + "mlp.linear_fc2.weight", "row", (_L + "mlp.down_proj.weight",)),
+    ("decoder.final_layernorm.weight", "copy", ("model.norm.weight",)),
+    ("output_layer.weight", "vocab", ("lm_head.weight",)),  # untied models only
+)
+_QKV_BIAS = ((_M + "self_attention.linear_qkv.bias", "qkv",
+              (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias")),)
+_QK_NORM = ((_M + "self_attention.q_layernorm.weight", "copy", (_L + "self_attn.q_norm.weight",)),
+            (_M + "self_attention.k_layernorm.weight", "copy", (_L + "self_attn.k_norm.weight",)))
+
+TABLES: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
+    "llama": _DENSE,  # Llama-3 / 3.1 (llama3 RoPE scaling is config) / 3.2 (tied: no output_layer / lm_head)
+    "qwen2": _DENSE[:3] + _QKV_BIAS + _DENSE[3:],  # Qwen2 / 2.5: biases on q, k, v
+    "qwen3": _DENSE[:3] + _QK_NORM + _DENSE[3:],  # Qwen3: per-head RMSNorm on q and k, head_dim != hidden/heads
+}
+
+
+def table_for(arch: str):
+    if arch not in TABLES:
+        raise ConversionError(f"convert: unknown architecture {arch!r}; known: {', '.join(TABLES)}")
+    return TABLES[arch]
+
+
+def _entries(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+    """The table expanded over layers; ``output_layer`` only when embeddings are untied."""
+    for mname, kind, hnames in table_for(arch):
+        if mname == "output_layer.weight" and not cfg.untie_embeddings_and_output_weights:
+            continue
+        if "{i}" in mname:
+            for i in range(cfg.num_layers):
+                yield mname.format(i=i), kind, tuple(h.format(i=i) for h in hnames)
+        else:
+            yield mname, kind, hnames
+
+
+def hf_names(cfg: ModelConfig, arch: str) -> dict[str, tuple[str, int, str]]:
+    """The reverse map, derived from the table: HF name → (megatron name, index among its HF parts, kind)."""
+    return {h: (m, k, kind) for m, kind, hs in _entries(cfg, arch) for k, h in enumerate(hs)}
+
+
+def hf_shapes(cfg: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
+    """Full HF shape of every tensor ``cfg`` has under ``arch``."""
+    h, d, heads, groups = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.query_groups
+    out = {}
+    for name in hf_names(cfg, arch):
+        leaf = name.rsplit(".", 2)[-2] if name.startswith("model.layers.") else name
+        bias = name.endswith(".bias")
+        shape = {
+            "model.embed_tokens.weight": (cfg.vocab_size, h), "lm_head.weight": (cfg.vocab_size, h),
+            "model.norm.weight": (h,), "input_layernorm": (h,), "post_attention_layernorm": (h,),
+            "q_norm": (d,), "k_norm": (d,), "q_proj": (heads * d, h), "k_proj": (groups * d, h),
+            "v_proj": (groups * d, h), "o_proj": (h, heads * d), "gate_proj": (cfg.ffn_size, h),
+            "up_proj": (cfg.ffn_size, h), "down_proj": (h, cfg.ffn_size),
+        }[leaf]
+        out[name] = shape[:1] if bias else shape
+    return out
+
+
+# --------------------------------------------------------------------------------------------- layout rules
+
+
+def _to_grouped_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    g, d = cfg.query_groups, cfg.head_dim
+    rest = q.shape[1:]
+    qg = q.reshape(g, (cfg.num_attention_heads // g) * d, *rest)
+    return torch.cat([qg, k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1).reshape(-1, *rest)
+
+
+def _from_grouped_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
+    g, d = cfg.query_groups, cfg.head_dim
+    per_q = (cfg.num_attention_heads // g) * d
+    rest = qkv.shape[1:]
+    q, k, v = qkv.reshape(g, per_q + 2 * d, *rest).split([per_q, d, d], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def _shard(full: torch.Tensor, kind: str, tp: int, rank: int) -> torch.Tensor:
+    if tp == 1 or kind == "copy":
+        return full
+    if kind == "row":
+        return full.chunk(tp, dim=1)[rank]
+    if kind == "gate_up":
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+    return full.chunk(tp, dim=0)[rank]  # vocab, qkv: contiguous row blocks
+
+
+def _unshard(shards: list[torch.Tensor], kind: str) -> torch.Tensor:
+    if len(shards) == 1 or kind == "copy":
+        return shards[0]
+    if kind == "row":
+        return torch.cat(shards, dim=1)
+    if kind == "gate_up":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=0)
+
+
+def _check_tp(cfg: ModelConfig, tp: int) -> None:
+    for what, n in (("num_query_groups", cfg.query_groups), ("ffn_hidden_size", cfg.ffn_size),
+                    ("num_attention_heads", cfg.num_attention_heads)):
+        if n % tp:
+            raise ConversionError(f"convert: tp={tp} does not divide {what}={n}")
+
+
+# --------------------------------------------------------------------------------------------- HF → megatron
+
+
+class _DictSource:
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._t = tensors
+
+    def names(self):
+        return list(self._t)
+
+    def shape(self, name):
+        return tuple(self._t[name].shape)
+
+    def get(self, name):
+        return self._t[name]
+
+
+def _source(src: Any):
+    return _DictSource(src) if isinstance(src, Mapping) else src
+
+
+def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1,
+                     tp_rank: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Megatron (name, tensor) pairs of TP rank ``tp_rank`` of ``tp``, read one tensor at a time from ``src`` (a
+    :class:`~oar_megatron.convert.io.SafetensorsReader` or a name → tensor mapping of HF names). Every name and shape
+    is checked before the first tensor is read."""
+    src = _source(src)
+    _check_tp(cfg, tp)
+    shapes = hf_shapes(cfg, arch)
+    present = set(src.names())
+    tied_head = not cfg.untie_embeddings_and_output_weights and "lm_head.weight" in present
+    missing = [n for n in shapes if n not in present]
+    if missing:
+        raise ConversionError(f"convert: HF tensor {missing[0]!r} missing ({len(missing)} missing in all)")
+    extra = sorted(present - set(shapes) - ({"lm_head.weight"} if tied_head else set()))
+    if extra:
+        raise ConversionError(f"convert: unexpected HF tensor {extra[0]!r} for {arch} ({len(extra)} extra in all)")
+    for name, want in shapes.items():
+        got = tuple(src.shape(name))
+        if got != want:
+            raise ConversionError(f"convert: HF tensor {name!r} has shape {list(got)}, the config gives {list(want)}")
+    if tied_head and src.shape("lm_head.weight") != shapes["model.embed_tokens.weight"]:
+        raise ConversionError("convert: HF tensor 'lm_head.weight' (tied) does not match the embedding's shape")
+    padded = cfg.padded_vocab_size(tp)
+    for mname, kind, hnames in _entries(cfg, arch):
+        parts = [src.get(h) for h in hnames]
+        if kind == "qkv":
+            full = _to_grouped_qkv(*parts, cfg)
+        elif kind == "gate_up":
+            full = torch.cat(parts, dim=0)
+        elif kind == "vocab":
+            full = torch.cat([parts[0], parts[0].new_zeros(padded - parts[0].shape[0], *parts[0].shape[1:])])
+        else:
+            full = parts[0]
+        yield mname, _shard(full, kind, tp, tp_rank).contiguous()
+    if tied_head and not torch.equal(src.get("lm_head.weight"), src.get("model.embed_tokens.weight")):
+        raise ConversionError("convert: HF tensor 'lm_head.weight' differs from the embedding, but "
+                              "tie_word_embeddings is true")
+
+
+def hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_rank: int = 0) -> dict[str, torch.Tensor]:
+    """:func:`iter_hf_to_mcore` collected into a state dict."""
+    return dict(iter_hf_to_mcore(src, cfg, arch, tp=tp, tp_rank=tp_rank))
+
+
+# --------------------------------------------------------------------------------------------- megatron → HF
+
+
+def mcore_to_hf(shards: Mapping[str, torch.Tensor] | list[Mapping[str, torch.Tensor]], cfg: ModelConfig,
+                arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, full tensor) pairs from megatron state: one state dict (TP=1) or the list of every TP rank's, in
+    rank order (each tensor gathered by its layout rule, the vocabulary padding removed)."""
+    shards = [shards] if isinstance(shards, Mapping) else list(shards)
+    tp = len(shards)
+    _check_tp(cfg, tp)
+    entries = list(_entries(cfg, arch))
+    want = {m for m, _, _ in entries}
+    for rank, state in enumerate(shards):
+        missing = sorted(want - set(state))
+        if missing:
+            raise ConversionError(f"convert: megatron tensor {missing[0]!r} missing on TP rank {rank}")
+        extra = sorted(set(state) - want)
+        if extra:
+            raise ConversionError(f"convert: unexpected megatron tensor {extra[0]!r} for {arch} on TP rank {rank}")
+    shapes = hf_shapes(cfg, arch)
+    padded = cfg.padded_vocab_size(tp)
+    for mname, kind, hnames in entries:
+        full = _unshard([s[mname] for s in shards], kind)
+        if kind == "vocab":
+            if full.shape[0] != padded:
+                raise ConversionError(f"convert: megatron tensor {mname!r} has {full.shape[0]} rows over TP={tp}, "
+                                      f"the config gives {padded}")
+            parts: tuple[torch.Tensor, ...] = (full[: cfg.vocab_size],)
+        elif kind == "qkv":
+            parts = _from_grouped_qkv(full, cfg) if full.shape[0] == sum(shapes[h][0] for h in hnames) else (full,)
+        elif kind == "gate_up":
+            parts = tuple(full.chunk(2, dim=0))
+        else:
+            parts = (full,)
+        for h, t in zip(hnames, parts, strict=False):
+            if len(parts) != len(hnames) or tuple(t.shape) != shapes[h]:
+                raise ConversionError(f"convert: megatron tensor {mname!r} (full shape {list(full.shape)}) does not "
+                                      f"give HF {h!r} of shape {list(shapes[h])}")
+            yield h, t.contiguous()
+
+
+def copy_into_module(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``module``'s parameters by name; the names must match exactly (one-line error)."""
+    params = dict(module.named_parameters())
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise ConversionError(f"convert: model parameter {missing[0]!r} has no converted tensor")
+    extra = sorted(set(state) - set(params))
+    if extra:
+        raise ConversionError(f"convert: converted tensor {extra[0]!r} is no parameter of the model")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(p.shape) != tuple(state[name].shape):
+                raise ConversionError(f"convert: converted tensor {name!r} has shape {list(state[name].shape)}, the "
+                                      f"model's is {list(p.shape)}")
+            p.copy_(state[name])

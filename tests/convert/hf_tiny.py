@@ -1,0 +1,39 @@
+"""Tiny random-weight HF models (fp32) saved with ``save_pretrained``, one per supported dense architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_COMMON = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 10000.0}
+
+# name → (transformers class names, extra config); "llama3.2" is tied with llama3 RoPE scaling, as Llama-3.2 is.
+CASES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0)),
+    "llama3.2": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0, rms_norm_eps=1e-6)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, rope_theta=1000000.0, rms_norm_eps=1e-6)),
+}
+
+
+def make_hf_model(case: str, directory: str | Path, seed: int = 0):
+    """Build ``case`` with random weights (norm weights perturbed off 1, biases nonzero), save it, return it."""
+    import transformers
+
+    cfg_cls, model_cls, extra = CASES[case]
+    config = getattr(transformers, cfg_cls)(**_COMMON, **extra)
+    config.architectures = [model_cls]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(directory))
+    return model
