@@ -87,6 +87,9 @@ class ModelConfig:
     fp8: str | None = None  # None | e4m3 | hybrid
     fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8
     fp8_param_gather: bool = False  # keep FP8 weights and all-gather them in FP8 (megatron fp8_param)
+    # an HF model directory (config.json + safetensors) the trainer starts from; its config.json must give this
+    # preset's architecture (convert.config.check_pretrained, called by TrainConfig.validate); docs/convert.md
+    pretrained: str | None = None
 
     # ------------------------------------------------------------------------------------------------ derived
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config.model import ModelConfig
 
-__all__ = ["ARCHITECTURES", "hf_model_config", "read_hf_config"]
+__all__ = ["ARCHITECTURES", "check_pretrained", "hf_model_config", "read_hf_config"]
 
 # HF ``architectures[0]`` → the table name in ``convert.mapping.TABLES``
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -93,3 +93,39 @@ def hf_model_config(source: str | Path | dict[str, Any], *, params_dtype: str = 
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         params_dtype=params_dtype, **_rope(hf))
     return cfg.validate()
+
+
+# (ModelConfig attribute, the key named in errors): what a checkpoint's config.json fixes. Derived values
+# (query_groups, head_dim, ffn_size) compare what the model computes, whether the preset spells them out or not.
+ARCHITECTURE_FIELDS = (
+    ("num_layers", "num_layers"), ("hidden_size", "hidden_size"), ("num_attention_heads", "num_attention_heads"),
+    ("query_groups", "num_query_groups"), ("head_dim", "kv_channels"), ("ffn_size", "ffn_hidden_size"),
+    ("vocab_size", "vocab_size"), ("position_embedding_type", "position_embedding_type"),
+    ("rotary_base", "rotary_base"), ("rotary_percent", "rotary_percent"), ("rope_scaling", "rope_scaling"),
+    ("normalization", "normalization"), ("norm_epsilon", "norm_epsilon"), ("swiglu", "swiglu"),
+    ("qk_layernorm", "qk_layernorm"), ("add_bias_linear", "add_bias_linear"), ("add_qkv_bias", "add_qkv_bias"),
+    ("untie_embeddings_and_output_weights", "untie_embeddings_and_output_weights"),
+    ("num_moe_experts", "num_moe_experts"),
+)
+
+
+def check_pretrained(model: ModelConfig) -> str:
+    """``model.pretrained``'s ``config.json`` must describe the composed preset's architecture (the fields of
+    ``ARCHITECTURE_FIELDS``; plus ``rope_scaling_factor`` under llama3 scaling): the first difference is a one-line
+    ``ValueError`` naming the field. Returns the mapping table name (``architecture``)."""
+    src = model.pretrained
+    try:
+        hf = read_hf_config(src)
+        arch = architecture(hf)
+        want = hf_model_config(hf)
+    except ValueError as exc:
+        raise ValueError(f"model.pretrained: {src}: {exc}") from None
+    fields = ARCHITECTURE_FIELDS + ((("rope_scaling_factor", "rope_scaling_factor"),)
+                                    if want.rope_scaling != "none" else ())
+    for attr, key in fields:
+        got, need = getattr(model, attr), getattr(want, attr)
+        if got != need:
+            raise ValueError(f"model.pretrained: {src}/config.json gives {key}={need!r}, the model preset "
+                             f"{model.name or '(unnamed)'!r} has {got!r}; compose the matching model= preset or "
+                             f"override model.{key}")
+    return arch

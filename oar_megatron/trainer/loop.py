@@ -84,6 +84,8 @@ class Trainer:
         self.ckpt = CheckpointManager(ckpt_dir, keep_last=cfg.checkpoint.keep_last, groups=g)
         self.step = 0
         self.warmed_up = False
+        if cfg.model.pretrained and self._resume_path() is None:  # a resumed run's checkpoint wins
+            self._load_pretrained()
         resumed = self._maybe_resume(evaluating)
         tb = {"auto": "auto", "true": True, "false": False}.get(str(cfg.logging.tensorboard).lower(), "auto")
         wandb = {"project": cfg.logging.wandb_project} if cfg.logging.wandb_project else None
@@ -110,10 +112,7 @@ class Trainer:
         change is refused by the checkpoint manager with one line."""
         from ..checkpoint import CheckpointError
 
-        mode = self.cfg.checkpoint.resume
-        if mode == "never":
-            return False
-        path = self.ckpt.latest() if mode == "auto" else Path(mode)
+        path = self._resume_path()
         if path is None:
             return False
         same = self.ckpt.same_layout(path)
@@ -138,6 +137,33 @@ class Trainer:
                         f"uninterrupted dp {old['dp']} run)")
         self._print(f"resumed from {path} at step {self.step}")
         return True
+
+    def _resume_path(self) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` names (``auto``: the latest in the checkpoint directory), or None."""
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return None
+        return self.ckpt.latest() if mode == "auto" else Path(mode)
+
+    def _load_pretrained(self) -> None:
+        """``model.pretrained``: each rank reads its TP shard of the HF safetensors (one tensor at a time,
+        ``convert.hf_to_mcore``) into the actor's model, then refreshes the optimizer's main weights from it
+        (mixed precision keeps fp32 copies). PP > 1 is refused by ``TrainConfig.validate``. The format warm-up
+        (which stands in for pretraining) is skipped, so ``fit`` takes the loaded model as the KL reference."""
+        from ..convert import SafetensorsReader, hf_to_mcore
+        from ..convert.config import check_pretrained
+        from ..convert.mapping import copy_into_module
+
+        g, path = self.groups, self.cfg.model.pretrained
+        arch = check_pretrained(self.cfg.model)
+        with SafetensorsReader(path) as src:
+            state = hf_to_mcore(src, self.cfg.model, arch, tp=g.tp, tp_rank=g.tp_rank)
+        (model,) = self.actor.models  # pp == 1 without virtual stages: one chunk
+        copy_into_module(model, state)
+        del state
+        self.actor.optimizer.reload_model_params()
+        self.warmed_up = True
+        self._print(f"loaded pretrained weights from {path} ({arch}, tp={g.tp})")
 
     def save(self) -> Path:
         """Checkpoint: ``common`` (written once) holds what every rank shares: the step, the global prompt

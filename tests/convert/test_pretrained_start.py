@@ -1,0 +1,131 @@
+"""The trainer's pretrained start (``model.pretrained``): a tiny random HF Qwen3 shaped as the ``tiny-synthetic``
+preset (vocab 24 = the synthetic tokenizer's) is loaded into the actor at TP1 and TP2 (real gloo ranks) and the
+first π_old log-probs equal HF's within 1e-4; the format warm-up is skipped and the KL reference is the loaded model
+(π_ref log-probs equal HF's too); a run resumed from a checkpoint takes the checkpoint's weights, not the HF ones.
+Config checks (no spawn): an architecture mismatch with the composed ``model=`` preset is one line naming the
+field; PP > 1 is refused with one line."""
+
+import pytest
+import torch
+
+from tests.dist_harness import run_ranks
+
+pytestmark = [pytest.mark.dist, pytest.mark.megatron]
+
+TOL = 1e-4
+SMALL = ["rollout.prompts_per_step=2", "rollout.n_samples=2", "trainer.micro_batch_size=2", "rollout.max_new_tokens=4",
+         "eval.at_start=false", "eval.at_end=false", "checkpoint.save_final=false", "trainer.progress=false",
+         "logging.step_line=false", "logging.tensorboard=false", "algorithm.kl.coef=0.05", "rollout.temperature=1.0",
+         "trainer.steps=0"]
+
+
+def _hf_qwen3(directory, seed=0):
+    """A tiny random Qwen3 with the ``tiny-synthetic`` preset's architecture (fp32, tied, QK-norm)."""
+    import transformers
+
+    config = transformers.Qwen3Config(vocab_size=24, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
+                                      tie_word_embeddings=True, initializer_range=0.2)
+    config.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(str(directory))
+    return model
+
+
+def _rows():
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 24, (5,), generator=gen).tolist() for _ in range(4)]
+    responses = [torch.randint(1, 24, (n,), generator=gen).tolist() for n in (4, 3, 4, 2)]
+    return prompts, responses
+
+
+def _params(t):
+    return {n: p.detach().clone() for n, p in t.actor.models[0].named_parameters()}
+
+
+def _ranks(rank, world, hf_dir, tmp):
+    from oar_megatron.trainer import compose_config
+    from oar_megatron.trainer.loop import Trainer
+
+    parallel = ["parallel=tp2"] if world == 2 else []
+    over = SMALL + parallel + [f"model.pretrained={hf_dir}", f"logging.run_dir={tmp}/run{world}"]
+    prompts, responses = _rows()
+    t = Trainer(compose_config(over))
+    try:
+        out = {"warmed_up_before_fit": t.warmed_up}
+        batch = t.actor.pack(prompts, responses, torch.zeros(len(prompts)), pad_id=t.tokenizer.pad_token_id)
+        out["old"] = t.actor.compute_old_logprobs(batch)
+        out["mask"] = batch.response_mask
+        out["ids"] = batch.input_ids
+        t.fit()  # steps=0: no warm-up for a pretrained start; the reference becomes the loaded model
+        out["ref"] = t.actor.compute_ref_logprobs(batch)
+        with torch.no_grad():  # move the weights off the HF ones, train one step and checkpoint it
+            for p in t.actor.models[0].parameters():
+                p.add_(0.01)
+        t.cfg.trainer.steps, t.cfg.checkpoint.every = 1, 1
+        t.fit()
+        saved = _params(t)
+    finally:
+        Trainer.close(t)
+    t = Trainer(compose_config(over))  # checkpoint.resume=auto finds step 1: the checkpoint wins
+    try:
+        now = _params(t)
+        out["resumed_step"] = t.step
+        out["resumed_equal_saved"] = all(torch.equal(now[n], saved[n]) for n in saved)
+        out["resumed_old"] = t.actor.compute_old_logprobs(batch)
+    finally:
+        Trainer.close(t)
+    return out
+
+
+def _hf_logprobs(model, ids):
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.double(), -1)
+    out = torch.zeros(ids.shape, dtype=torch.float64)
+    out[:, 1:] = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_pretrained_start_logprobs_equal_hf(tmp_path, world):
+    hf = _hf_qwen3(tmp_path / "hf")
+    res = run_ranks(_ranks, world, str(tmp_path / "hf"), str(tmp_path), timeout=900)
+    for r in res:
+        assert r["warmed_up_before_fit"]  # the format warm-up stands in for pretraining: skipped
+        mask = r["mask"]
+        want = _hf_logprobs(hf, r["ids"])
+        for key in ("old", "ref"):
+            got = r[key]
+            assert got.shape == mask.shape
+            assert (got.double() - want)[mask].abs().max().item() < TOL, key
+        assert r["resumed_step"] == 1 and r["resumed_equal_saved"]
+        assert (r["resumed_old"].double() - want)[mask].abs().max().item() > 1e-3  # not re-read from HF
+
+
+def test_pretrained_mismatch_and_pp_are_one_line_errors(tmp_path):
+    from oar_megatron.trainer import compose_config
+
+    _hf_qwen3(tmp_path / "hf")
+    cfg = compose_config(["model=tiny", f"model.pretrained={tmp_path / 'hf'}"])
+    with pytest.raises(ValueError) as e:
+        cfg.validate(1)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("model.pretrained:") and "num_layers" in msg, msg
+    cfg = compose_config([f"model.pretrained={tmp_path / 'hf'}", "model.norm_epsilon=1e-5"])
+    with pytest.raises(ValueError, match=r"^model.pretrained: .*norm_epsilon"):
+        cfg.validate(1)
+    cfg = compose_config([f"model.pretrained={tmp_path / 'hf'}", "parallel.pp=2"])
+    with pytest.raises(ValueError) as e:
+        cfg.validate(2)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("model.pretrained:") and "pp" in msg, msg
+    cfg = compose_config([f"model.pretrained={tmp_path / 'missing'}"])
+    with pytest.raises(ValueError, match=r"^model.pretrained: .*config.json"):
+        cfg.validate(1)
+    compose_config([f"model.pretrained={tmp_path / 'hf'}"]).validate(1)  # the matching preset passes
