@@ -537,7 +537,7 @@ class PolicyActor:
 
     def set_reference_from_current(self) -> None:
         """The reference policy is the policy RL starts from: the trainer calls this once at the start of RL (after
-        the format warm-up; after loading a pretrained model once loading exists), unless a resumed checkpoint
+        the format warm-up, which a pretrained start skips: then the loaded model), unless a resumed checkpoint
         supplied the reference. A no-op when no KL term needs it."""
         if self.needs_reference:
             self.set_reference_weights()
