@@ -1,7 +1,9 @@
 """The trainer's pretrained start (``model.pretrained``): a tiny random HF Qwen3 shaped as the ``tiny-synthetic``
 preset (vocab 24 = the synthetic tokenizer's) is loaded into the actor at TP1 and TP2 (real gloo ranks) and the
 first π_old log-probs equal HF's within 1e-4; the format warm-up is skipped and the KL reference is the loaded model
-(π_ref log-probs equal HF's too); a run resumed from a checkpoint takes the checkpoint's weights, not the HF ones.
+(π_ref log-probs equal HF's too); a run resumed from a checkpoint takes the checkpoint's weights, not the HF ones;
+``oar-convert mcore-to-hf`` exports that checkpoint and the export, loaded in transformers, gives the checkpointed
+model's log-probs (TP1).
 Config checks (no spawn): an architecture mismatch with the composed ``model=`` preset is one line naming the
 field; PP > 1 is refused with one line."""
 
@@ -81,6 +83,10 @@ def _ranks(rank, world, hf_dir, tmp):
         out["resumed_old"] = t.actor.compute_old_logprobs(batch)
     finally:
         Trainer.close(t)
+    if world == 1:  # oar-convert mcore-to-hf on the run's checkpoint root (latest: step 1)
+        from oar_megatron.convert.cli import main
+
+        out["export_rc"] = main(["mcore-to-hf", f"{tmp}/run1/checkpoints", f"{tmp}/export"])
     return out
 
 
@@ -106,6 +112,15 @@ def test_pretrained_start_logprobs_equal_hf(tmp_path, world):
             assert (got.double() - want)[mask].abs().max().item() < TOL, key
         assert r["resumed_step"] == 1 and r["resumed_equal_saved"]
         assert (r["resumed_old"].double() - want)[mask].abs().max().item() > 1e-3  # not re-read from HF
+    if world == 1:  # the export loads in transformers and computes the checkpointed model's log-probs
+        import transformers
+
+        r = res[0]
+        assert r["export_rc"] == 0
+        exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).float().eval()
+        got = _hf_logprobs(exported, r["ids"])
+        assert (got - r["resumed_old"].double())[r["mask"]].abs().max().item() < TOL
+        assert not list(tmp_path.glob(".export.tmp-*"))
 
 
 def test_pretrained_mismatch_and_pp_are_one_line_errors(tmp_path):
@@ -129,3 +144,13 @@ def test_pretrained_mismatch_and_pp_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"^model.pretrained: .*config.json"):
         cfg.validate(1)
     compose_config([f"model.pretrained={tmp_path / 'hf'}"]).validate(1)  # the matching preset passes
+
+
+def test_mcore_to_hf_bad_checkpoint_is_one_line(tmp_path, capsys):
+    from oar_megatron.convert.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["mcore-to-hf", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("oar-convert: CKPT_DIR:") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
