@@ -154,3 +154,27 @@ def test_mcore_to_hf_bad_checkpoint_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("oar-convert: CKPT_DIR:") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def _bf16(rank, world, hf_dir, tmp):
+    from oar_megatron.trainer import compose_config
+    from oar_megatron.trainer.loop import Trainer
+
+    t = Trainer(compose_config(SMALL + [f"model.pretrained={hf_dir}", f"logging.run_dir={tmp}/bf16",
+                                        "model.params_dtype=bfloat16"]))
+    try:
+        inner = getattr(t.actor.optimizer, "chained_optimizers", [t.actor.optimizer])[0]
+        mains = [p for g in inner.fp32_from_float16_groups for p in g]
+        models = [p for g in inner.float16_groups for p in g]
+        return {"n": len(mains), "equal": all(torch.equal(m, p.float()) for m, p in zip(mains, models, strict=True)),
+                "dtype": str(t.actor.models[0].embedding.word_embeddings.weight.dtype)}
+    finally:
+        Trainer.close(t)
+
+
+def test_pretrained_start_bf16_refreshes_main_weights(tmp_path):
+    """Mixed precision keeps fp32 main weights in the optimizer: after the load they equal the loaded (bf16)
+    weights, else the first update would write the random initialisation back."""
+    _hf_qwen3(tmp_path / "hf")
+    (r,) = run_ranks(_bf16, 1, str(tmp_path / "hf"), str(tmp_path), timeout=900)
+    assert r["dtype"] == "torch.bfloat16" and r["n"] > 0 and r["equal"]
