@@ -361,17 +361,6 @@ class PolicyActor:
             if g.pp > 1:
                 raise ValueError(f"parallel.packing: THD packing is wired for pp=1, got pp={g.pp}")
 
-    def _seq_length(self, batch: RolloutBatch) -> int:
-        """The sequence length the schedule's pipeline shapes use: the CP-padded width under CP (megatron divides
-        it by cp), else the rows' width."""
-        return self._cp_width(batch.input_ids.shape[1]) if self.groups.cp > 1 else batch.input_ids.shape[1]
-
-    def _cp_width(self, length: int) -> int:
-        """``length`` rounded up to ``ParallelConfig.token_multiple``: 2·cp (× TP under sequence parallel: each CP
-        rank's share is then split over TP; × the FP8 alignment of each rank's share)."""
-        multiple = self.parallel_cfg.token_multiple(self.model_cfg)
-        return -(-length // multiple) * multiple
-
     def _cp_view(self, input_ids: torch.Tensor, response_mask: torch.Tensor,
                  packed: PackedBatch | None = None) -> CPView:
         """This CP rank's share (``CPView``) of full rows [b, L]: the zigzag chunks; or of a packed THD row [1, T]
@@ -381,7 +370,8 @@ class PolicyActor:
         response token)."""
         g = self.groups
         if packed is None:
-            return cp_view(input_ids, response_mask, self._cp_width(input_ids.shape[1]), g.cp, g.cp_rank)
+            # the width is already a multiple of 2·cp (× TP under SP × FP8): pack pads to it, micro_batches checks
+            return cp_view(input_ids, response_mask, input_ids.shape[1], g.cp, g.cp_rank)
         index = thd_cp_indices(packed.cu_seqlens_padded, g.cp, g.cp_rank).to(input_ids.device)
         return cp_view(input_ids, response_mask, input_ids.shape[1], g.cp, g.cp_rank, index=index,
                        position_ids=packed.position_ids)  # positions restart in every row
@@ -456,7 +446,7 @@ class PolicyActor:
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(mbs) if len(self.chunks) == 1 else [iter(mbs) for _ in self.chunks],
-            model=list(self.chunks), num_microbatches=len(mbs), seq_length=self._seq_length(batch),
+            model=list(self.chunks), num_microbatches=len(mbs), seq_length=batch.input_ids.shape[1],
             micro_batch_size=self.micro_batch_size, forward_only=True)
         if not self.is_last_stage:
             return None
@@ -697,7 +687,7 @@ class PolicyActor:
                 r.begin_replay_pass([mb.id for mb in mini])
             try:
                 res = train_step(self.chunks, self.optimizer, self.scheduler, mini, forward_fn,
-                                 dp_size=self.groups.dp, seq_length=self._seq_length(batch),
+                                 dp_size=self.groups.dp, seq_length=batch.input_ids.shape[1],
                                  micro_batch_size=self.micro_batch_size)
             finally:
                 drift: dict[str, float] = {}
@@ -739,7 +729,7 @@ class PolicyActor:
         for m in self.chunks:
             m.train()
         res = train_step(self.chunks, self.optimizer, self.scheduler, mbs, forward_fn,
-                         dp_size=self.groups.dp, seq_length=self._seq_length(batch),
+                         dp_size=self.groups.dp, seq_length=batch.input_ids.shape[1],
                          micro_batch_size=self.micro_batch_size)  # dp only: megatron's schedule scales by cp (update)
         sync_params(self.chunks)  # overlap_param_gather: full parameters before the next read
         loss = self._global_sum({"loss": res.loss})["loss"]
