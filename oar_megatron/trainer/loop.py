@@ -84,9 +84,10 @@ class Trainer:
         self.ckpt = CheckpointManager(ckpt_dir, keep_last=cfg.checkpoint.keep_last, groups=g)
         self.step = 0
         self.warmed_up = False
-        if cfg.model.pretrained and self._resume_path() is None:  # a resumed run's checkpoint wins
+        resume = self._resume_path()
+        if cfg.model.pretrained and resume is None:  # a resumed run's checkpoint wins
             self._load_pretrained()
-        resumed = self._maybe_resume(evaluating)
+        resumed = self._maybe_resume(resume, evaluating)
         tb = {"auto": "auto", "true": True, "false": False}.get(str(cfg.logging.tensorboard).lower(), "auto")
         wandb = {"project": cfg.logging.wandb_project} if cfg.logging.wandb_project else None
         # resumed: drop what the interrupted run logged after its checkpoint; fresh: start the file over;
@@ -100,8 +101,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def _maybe_resume(self, evaluating: bool = False) -> bool:
-        """Load the checkpoint ``checkpoint.resume`` names (model, optimizer, KL reference, trainer state).
+    def _maybe_resume(self, path: Path | None, evaluating: bool = False) -> bool:
+        """Load ``path`` (``_resume_path``: the checkpoint ``checkpoint.resume`` names; None: nothing to load) —
+        model, optimizer, KL reference, trainer state.
 
         Same layout: every rank gets its own RNG, engine and iterator state back (the run continues exactly).
         Another data-parallel size (the only change the optimizer state reshards over): model, reference and
@@ -112,7 +114,6 @@ class Trainer:
         change is refused by the checkpoint manager with one line."""
         from ..checkpoint import CheckpointError
 
-        path = self._resume_path()
         if path is None:
             return False
         same = self.ckpt.same_layout(path)
