@@ -14,11 +14,20 @@ Layout rules (``kind``):
   ``[gate_r; up_r]`` halves (megatron's ``partition_stride`` 2).
 - ``row``: row-parallel weights (``linear_proj``, ``linear_fc2``), sharded along the input dimension (dim 1).
 
+Pipeline parallelism (``pp``, ``vpp``): one call converts ONE model chunk, as ``policy.build_model`` builds it
+(``_chunk`` / ``_chunk_entries``, a filter over the global entries): chunk ``v`` of stage ``p`` holds global layers
+``(v·pp + p)·n + [0, n)``, ``n = num_layers/(pp·vpp)``, numbered locally ``decoder.layers.0..n-1`` as megatron names
+them; the embedding is on the first chunk only, ``decoder.final_layernorm`` / ``output_layer`` on the last. With
+tied embeddings and more than one chunk, megatron gives the last chunk its own ``output_layer.weight`` (a copy of the
+embedding it keeps in sync): import fills it with the embedding rows; export takes the embedding from the first
+chunk and checks the last chunk's copy equals it.
+
 Errors (``ConversionError``, a ``ValueError``) are one line naming the tensor: missing, extra, shape mismatch.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -81,6 +90,50 @@ def _entries(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str, tuple[str,
 def hf_names(cfg: ModelConfig, arch: str) -> dict[str, tuple[str, int, str]]:
     """The reverse map, derived from the table: HF name → (megatron name, index among its HF parts, kind)."""
     return {h: (m, k, kind) for m, kind, hs in _entries(cfg, arch) for k, h in enumerate(hs)}
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _chunk(cfg: ModelConfig, pp: int = 1, pp_rank: int = 0, vpp: int | None = None,
+           vp_stage: int | None = None) -> tuple[int, int, bool, bool]:
+    """(first global layer, layers, holds the embedding, holds the head) of chunk ``vp_stage`` of stage ``pp_rank``
+    under ``pp`` × ``vpp`` chunks, split evenly as ``policy.build_model`` / ``ParallelConfig.validate`` require."""
+    if pp < 1 or not 0 <= pp_rank < pp:
+        raise ConversionError(f"convert: pp_rank={pp_rank} is outside pp={pp}")
+    if vpp is not None and (pp == 1 or vpp < 1 or vp_stage is None or not 0 <= vp_stage < vpp):
+        raise ConversionError(f"convert: vpp={vpp} needs pp > 1 and 0 <= vp_stage < vpp (got pp={pp}, "
+                              f"vp_stage={vp_stage})")
+    if vpp is None and vp_stage not in (None, 0):
+        raise ConversionError(f"convert: vp_stage={vp_stage} without vpp")
+    vpp, v = vpp or 1, vp_stage or 0
+    if cfg.num_layers % (pp * vpp):
+        raise ConversionError(f"convert: num_layers={cfg.num_layers} does not split evenly over pp*vpp = "
+                              f"{pp}*{vpp} = {pp * vpp} model chunks")
+    n = cfg.num_layers // (pp * vpp)
+    c = v * pp + pp_rank  # global chunk index
+    return c * n, n, c == 0, c == pp * vpp - 1
+
+
+def _chunk_entries(entries, cfg: ModelConfig, chunk: tuple[int, int, bool, bool]):
+    """The global ``entries`` this chunk holds, layers renumbered from 0 (megatron's stage-local names); with tied
+    embeddings, a last chunk without the embedding gets ``output_layer.weight`` from the embedding rows."""
+    first, n, pre, post = chunk
+    emb = None
+    for mname, kind, hnames in entries:
+        m = _LAYER.match(mname)
+        if m:
+            g = int(m.group(1))
+            if first <= g < first + n:
+                yield f"decoder.layers.{g - first}.{mname[m.end():]}", kind, hnames
+        elif mname.startswith("embedding."):
+            emb = (kind, hnames)
+            if pre:
+                yield mname, kind, hnames
+        elif post:
+            yield mname, kind, hnames
+    if post and not pre and not cfg.untie_embeddings_and_output_weights and emb is not None:
+        yield "output_layer.weight", emb[0], emb[1]
 
 
 def hf_shapes(cfg: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
@@ -169,13 +222,17 @@ def _source(src: Any):
     return _DictSource(src) if isinstance(src, Mapping) else src
 
 
-def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1,
-                     tp_rank: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Megatron (name, tensor) pairs of TP rank ``tp_rank`` of ``tp``, read one tensor at a time from ``src`` (a
-    :class:`~oar_megatron.convert.io.SafetensorsReader` or a name → tensor mapping of HF names). Every name and shape
-    is checked before the first tensor is read."""
+def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_rank: int = 0, pp: int = 1,
+                     pp_rank: int = 0, vpp: int | None = None,
+                     vp_stage: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Megatron (name, tensor) pairs of TP rank ``tp_rank`` of ``tp`` for the model chunk ``vp_stage`` (of ``vpp``,
+    None: not interleaved) of pipeline stage ``pp_rank`` of ``pp`` (module docstring), read one tensor at a time
+    from ``src`` (a :class:`~oar_megatron.convert.io.SafetensorsReader` or a name → tensor mapping of HF names): a
+    stage reads only the HF tensors of its chunk. Every name and shape of the whole checkpoint is checked before the
+    first tensor is read."""
     src = _source(src)
     _check_tp(cfg, tp)
+    chunk = _chunk(cfg, pp, pp_rank, vpp, vp_stage)
     shapes = hf_shapes(cfg, arch)
     present = set(src.names())
     tied_head = not cfg.untie_embeddings_and_output_weights and "lm_head.weight" in present
@@ -192,7 +249,7 @@ def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1,
     if tied_head and src.shape("lm_head.weight") != shapes["model.embed_tokens.weight"]:
         raise ConversionError("convert: HF tensor 'lm_head.weight' (tied) does not match the embedding's shape")
     padded = cfg.padded_vocab_size(tp)
-    for mname, kind, hnames in _entries(cfg, arch):
+    for mname, kind, hnames in _chunk_entries(_entries(cfg, arch), cfg, chunk):
         parts = [src.get(h) for h in hnames]
         if kind == "qkv":
             full = _to_grouped_qkv(*parts, cfg)
@@ -203,55 +260,97 @@ def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1,
         else:
             full = parts[0]
         yield mname, _shard(full, kind, tp, tp_rank).contiguous()
-    if tied_head and not torch.equal(src.get("lm_head.weight"), src.get("model.embed_tokens.weight")):
+    if tied_head and (chunk[2] or chunk[3]) and not torch.equal(src.get("lm_head.weight"),
+                                                                src.get("model.embed_tokens.weight")):
         raise ConversionError("convert: HF tensor 'lm_head.weight' differs from the embedding, but "
                               "tie_word_embeddings is true")
 
 
-def hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_rank: int = 0) -> dict[str, torch.Tensor]:
-    """:func:`iter_hf_to_mcore` collected into a state dict."""
-    return dict(iter_hf_to_mcore(src, cfg, arch, tp=tp, tp_rank=tp_rank))
+def hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_rank: int = 0, pp: int = 1,
+                pp_rank: int = 0, vpp: int | None = None, vp_stage: int | None = None) -> dict[str, torch.Tensor]:
+    """:func:`iter_hf_to_mcore` collected into a state dict (one model chunk of one TP rank)."""
+    return dict(iter_hf_to_mcore(src, cfg, arch, tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank, vpp=vpp,
+                                 vp_stage=vp_stage))
 
 
 # --------------------------------------------------------------------------------------------- megatron → HF
 
 
-def mcore_to_hf(shards: Mapping[str, torch.Tensor] | list[Mapping[str, torch.Tensor]], cfg: ModelConfig,
-                arch: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, full tensor) pairs from megatron state: one state dict (TP=1) or the list of every TP rank's, in
-    rank order (each tensor gathered by its layout rule, the vocabulary padding removed)."""
-    shards = [shards] if isinstance(shards, Mapping) else list(shards)
-    tp = len(shards)
+def _chunk_states(states) -> tuple[int, int | None, list[list[Mapping[str, torch.Tensor]]]]:
+    """(pp, vpp, every chunk's TP states in global chunk order) from :func:`mcore_to_hf`'s input forms."""
+    if isinstance(states, Mapping) and states and all(isinstance(k, tuple) for k in states):
+        keys = list(states)
+        pp = 1 + max(k[0] for k in keys)
+        vs = {k[1] for k in keys}
+        vpp = None if vs == {None} else 1 + max(v for v in vs if v is not None)
+        want = {(p, v) for p in range(pp) for v in ([None] if vpp is None else range(vpp))}
+        if set(keys) != want:
+            odd = sorted(set(keys) ^ want, key=str)[0]
+            raise ConversionError(f"convert: pipeline chunk (pp_rank, vp_stage)={odd} is "
+                                  f"{'missing' if odd in want else 'not part of'} the layout pp={pp}, vpp={vpp}")
+        order = sorted(want, key=lambda k: ((k[1] or 0) * pp + k[0]))  # chunk v of stage p is number v·pp + p
+        chunks = [states[k] for k in order]
+    else:
+        pp, vpp, chunks = 1, None, [states]
+    chunks = [[c] if isinstance(c, Mapping) else list(c) for c in chunks]
+    if len({len(c) for c in chunks}) != 1:
+        raise ConversionError(f"convert: pipeline chunks carry different TP sizes {[len(c) for c in chunks]}")
+    return pp, vpp, chunks
+
+
+def mcore_to_hf(shards, cfg: ModelConfig, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, full tensor) pairs from megatron state, given as one state dict (TP=1, PP=1), the list of every TP
+    rank's state dicts in rank order (PP=1), or a mapping ``{(pp_rank, vp_stage): state dict | [TP states]}`` over
+    every model chunk of a pipeline layout (``vp_stage`` None when not interleaved; megatron's stage-local layer
+    names, renamed to global here). Each tensor is gathered by its layout rule, the vocabulary padding removed; with
+    tied embeddings the last chunk's ``output_layer.weight`` copy must equal the first chunk's embedding."""
+    pp, vpp, chunks = _chunk_states(shards)
+    tp = len(chunks[0])
     _check_tp(cfg, tp)
-    entries = list(_entries(cfg, arch))
-    want = {m for m, _, _ in entries}
-    for rank, state in enumerate(shards):
-        missing = sorted(want - set(state))
-        if missing:
-            raise ConversionError(f"convert: megatron tensor {missing[0]!r} missing on TP rank {rank}")
-        extra = sorted(set(state) - want)
-        if extra:
-            raise ConversionError(f"convert: unexpected megatron tensor {extra[0]!r} for {arch} on TP rank {rank}")
+    everything = list(_entries(cfg, arch))
+    per_chunk = []
+    for c, states in enumerate(chunks):
+        p, v = c % pp, (None if vpp is None else c // pp)
+        entries = list(_chunk_entries(everything, cfg, _chunk(cfg, pp, p, vpp, v)))
+        where = "" if pp == 1 else f" of pipeline chunk (pp_rank, vp_stage)=({p}, {v})"
+        want = {m for m, _, _ in entries}
+        for rank, state in enumerate(states):
+            missing = sorted(want - set(state))
+            if missing:
+                raise ConversionError(f"convert: megatron tensor {missing[0]!r} missing on TP rank {rank}{where}")
+            extra = sorted(set(state) - want)
+            if extra:
+                raise ConversionError(f"convert: unexpected megatron tensor {extra[0]!r} for {arch} on TP rank "
+                                      f"{rank}{where}")
+        per_chunk.append((entries, states, where))
     shapes = hf_shapes(cfg, arch)
     padded = cfg.padded_vocab_size(tp)
-    for mname, kind, hnames in entries:
-        full = _unshard([s[mname] for s in shards], kind)
-        if kind == "vocab":
-            if full.shape[0] != padded:
-                raise ConversionError(f"convert: megatron tensor {mname!r} has {full.shape[0]} rows over TP={tp}, "
-                                      f"the config gives {padded}")
-            parts: tuple[torch.Tensor, ...] = (full[: cfg.vocab_size],)
-        elif kind == "qkv":
-            parts = _from_grouped_qkv(full, cfg) if full.shape[0] == sum(shapes[h][0] for h in hnames) else (full,)
-        elif kind == "gate_up":
-            parts = tuple(full.chunk(2, dim=0))
-        else:
-            parts = (full,)
-        for h, t in zip(hnames, parts, strict=False):
-            if len(parts) != len(hnames) or tuple(t.shape) != shapes[h]:
-                raise ConversionError(f"convert: megatron tensor {mname!r} (full shape {list(full.shape)}) does not "
-                                      f"give HF {h!r} of shape {list(shapes[h])}")
-            yield h, t.contiguous()
+    tied_copy = pp > 1 and not cfg.untie_embeddings_and_output_weights
+    for c, (entries, states, where) in enumerate(per_chunk):
+        for mname, kind, hnames in entries:
+            full = _unshard([s[mname] for s in states], kind)
+            if kind == "vocab" and full.shape[0] != padded:
+                raise ConversionError(f"convert: megatron tensor {mname!r}{where} has {full.shape[0]} rows over "
+                                      f"TP={tp}, the config gives {padded}")
+            if tied_copy and mname == "output_layer.weight":  # the last chunk's copy of the tied embedding
+                emb = _unshard([s["embedding.word_embeddings.weight"] for s in per_chunk[0][1]], kind)
+                if not torch.equal(full, emb):
+                    raise ConversionError(f"convert: megatron tensor 'output_layer.weight'{where} differs from the "
+                                          "first chunk's tied 'embedding.word_embeddings.weight'")
+                continue
+            if kind == "vocab":
+                parts: tuple[torch.Tensor, ...] = (full[: cfg.vocab_size],)
+            elif kind == "qkv":
+                parts = _from_grouped_qkv(full, cfg) if full.shape[0] == sum(shapes[h][0] for h in hnames) else (full,)
+            elif kind == "gate_up":
+                parts = tuple(full.chunk(2, dim=0))
+            else:
+                parts = (full,)
+            for h, t in zip(hnames, parts, strict=False):
+                if len(parts) != len(hnames) or tuple(t.shape) != shapes[h]:
+                    raise ConversionError(f"convert: megatron tensor {mname!r}{where} (full shape {list(full.shape)}) "
+                                          f"does not give HF {h!r} of shape {list(shapes[h])}")
+                yield h, t.contiguous()
 
 
 def copy_into_module(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -20,12 +20,13 @@ CASES = {
 }
 
 
-def make_hf_model(case: str, directory: str | Path, seed: int = 0):
-    """Build ``case`` with random weights (norm weights perturbed off 1, biases nonzero), save it, return it."""
+def make_hf_model(case: str, directory: str | Path, seed: int = 0, **overrides):
+    """Build ``case`` with random weights (norm weights perturbed off 1, biases nonzero), save it, return it.
+    ``overrides``: config fields replacing the defaults (e.g. ``num_hidden_layers=4`` for pipeline layouts)."""
     import transformers
 
     cfg_cls, model_cls, extra = CASES[case]
-    config = getattr(transformers, cfg_cls)(**_COMMON, **extra)
+    config = getattr(transformers, cfg_cls)(**{**_COMMON, **extra, **overrides})
     config.architectures = [model_cls]
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).float().eval()
