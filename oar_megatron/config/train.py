@@ -243,9 +243,6 @@ class TrainConfig:
             from ..convert.config import check_pretrained  # pure: reads config.json only
 
             check_pretrained(self.model)
-            if layout.pp > 1:
-                raise ValueError(f"model.pretrained: loading HF weights under pipeline parallelism is not supported "
-                                 f"yet (parallel.pp={layout.pp}); use pp=1")
         self.algorithm.validate()
         self.optim.validate()
         resolve_precision(self.model.params_dtype, self.optim)  # optim settings that contradict the model dtype
