@@ -22,6 +22,12 @@ tied embeddings and more than one chunk, megatron gives the last chunk its own `
 embedding it keeps in sync): import fills it with the embedding rows; export takes the embedding from the first
 chunk and checks the last chunk's copy equals it.
 
+Transformer Engine layer spec (``cfg.transformer_impl == "transformer_engine"``): the same tensors under TE's names
+(``te_name``, a renaming of the local spec's names, applied after the chunk selection): the pre-attention and
+pre-MLP norms are fused into the following linear (``self_attention.linear_qkv.layer_norm_weight``,
+``mlp.linear_fc1.layer_norm_weight``; an MoE layer keeps its ``pre_mlp_layernorm``), and TE's grouped experts
+(``TEGroupedMLP``) name expert e's weights ``mlp.experts.linear_fc1.weight{e}``.
+
 Errors (``ConversionError``, a ``ValueError``) are one line naming the tensor: missing, extra, shape mismatch.
 """
 
@@ -36,7 +42,7 @@ import torch
 from ..config.model import ModelConfig
 
 __all__ = ["TABLES", "ConversionError", "copy_into_module", "hf_names", "hf_shapes", "hf_to_mcore",
-           "iter_hf_to_mcore", "mcore_to_hf", "table_for"]
+           "iter_hf_to_mcore", "mcore_to_hf", "table_for", "te_name"]
 
 
 class ConversionError(ValueError):
@@ -134,6 +140,34 @@ def _chunk_entries(entries, cfg: ModelConfig, chunk: tuple[int, int, bool, bool]
             yield mname, kind, hnames
     if post and not pre and not cfg.untie_embeddings_and_output_weights and emb is not None:
         yield "output_layer.weight", emb[0], emb[1]
+
+
+# megatron's own local → TE renaming (the local spec's ``sharded_state_dict_keys_map``, megatron-core 0.16)
+_TE_FUSED_NORMS = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+                   ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+_SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
+
+
+def te_name(name: str, cfg: ModelConfig) -> str:
+    """The Transformer Engine layer spec's name of the local spec's megatron ``name`` (module docstring)."""
+    m = _LAYER.match(name)
+    if not m:
+        return name  # embedding, final norm (TENorm: .weight), output layer: the same module names
+    head, rest = name[: m.end()], name[m.end():]
+    for local, te in _TE_FUSED_NORMS:
+        if rest.startswith(local) and not (cfg.is_moe and local == "pre_mlp_layernorm."):
+            return head + te + rest[len(local):]
+    e = _SEQ_EXPERT.match(rest) if cfg.is_moe and cfg.moe_grouped_gemm else None
+    if e:  # TEGroupedMLP: one TE GroupedLinear per fc, expert e's parameters weight{e} / bias{e}
+        return f"{head}mlp.experts.{e.group(2)}.{e.group(3)}{e.group(1)}"
+    return name
+
+
+def _model_entries(cfg: ModelConfig, arch: str, chunk: tuple[int, int, bool, bool]):
+    """One chunk's entries (``_chunk_entries``) under the names of ``cfg``'s layer spec (local or TE)."""
+    te = cfg.transformer_impl == "transformer_engine"
+    for mname, kind, hnames in _chunk_entries(_entries(cfg, arch), cfg, chunk):
+        yield (te_name(mname, cfg) if te else mname), kind, hnames
 
 
 def hf_shapes(cfg: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
@@ -249,7 +283,7 @@ def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_r
     if tied_head and src.shape("lm_head.weight") != shapes["model.embed_tokens.weight"]:
         raise ConversionError("convert: HF tensor 'lm_head.weight' (tied) does not match the embedding's shape")
     padded = cfg.padded_vocab_size(tp)
-    for mname, kind, hnames in _chunk_entries(_entries(cfg, arch), cfg, chunk):
+    for mname, kind, hnames in _model_entries(cfg, arch, chunk):
         parts = [src.get(h) for h in hnames]
         if kind == "qkv":
             full = _to_grouped_qkv(*parts, cfg)
@@ -307,11 +341,10 @@ def mcore_to_hf(shards, cfg: ModelConfig, arch: str) -> Iterator[tuple[str, torc
     pp, vpp, chunks = _chunk_states(shards)
     tp = len(chunks[0])
     _check_tp(cfg, tp)
-    everything = list(_entries(cfg, arch))
     per_chunk = []
     for c, states in enumerate(chunks):
         p, v = c % pp, (None if vpp is None else c // pp)
-        entries = list(_chunk_entries(everything, cfg, _chunk(cfg, pp, p, vpp, v)))
+        entries = list(_model_entries(cfg, arch, _chunk(cfg, pp, p, vpp, v)))
         where = "" if pp == 1 else f" of pipeline chunk (pp_rank, vp_stage)=({p}, {v})"
         want = {m for m, _, _ in entries}
         for rank, state in enumerate(states):
