@@ -1,6 +1,7 @@
 """HF ↔ megatron-core weight conversion for the dense families (Llama-3 / 3.1 / 3.2, Qwen2 / 2.5, Qwen3).
 
-Pure torch on state dicts keyed by megatron-core names (the local layer spec's); no megatron import here — the
+Pure torch on state dicts keyed by megatron-core names (the local layer spec's, or the Transformer Engine spec's:
+``mapping.te_name``), one model chunk of one TP rank at a time (any TP / PP / virtual PP); no megatron import here — the
 model is built by ``oar_megatron.policy.build_model`` from the :class:`ModelConfig` that :func:`hf_model_config`
 derives from HF's ``config.json``. See docs/convert.md.
 """
