@@ -359,7 +359,7 @@ def mcore_to_hf(shards, cfg: ModelConfig, arch: str) -> Iterator[tuple[str, torc
     shapes = hf_shapes(cfg, arch)
     padded = cfg.padded_vocab_size(tp)
     tied_copy = pp > 1 and not cfg.untie_embeddings_and_output_weights
-    for c, (entries, states, where) in enumerate(per_chunk):
+    for entries, states, where in per_chunk:
         for mname, kind, hnames in entries:
             full = _unshard([s[mname] for s in states], kind)
             if kind == "vocab" and full.shape[0] != padded:
