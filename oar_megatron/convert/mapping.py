@@ -13,6 +13,11 @@ Layout rules (``kind``):
 - ``gate_up``: HF ``gate, up [ffn, h]`` → ``linear_fc1 [gate; up]`` at TP=1; TP rank r holds its own
   ``[gate_r; up_r]`` halves (megatron's ``partition_stride`` 2).
 - ``row``: row-parallel weights (``linear_proj``, ``linear_fc2``), sharded along the input dimension (dim 1).
+- ``expert_gate_up`` / ``expert_row``: an expert's ``linear_fc1`` / ``linear_fc2`` (megatron local spec's
+  ``SequentialMLP``), laid out as ``gate_up`` / ``row`` but sharded over the *expert* tensor parallel group
+  (``etp``, megatron's default ``etp = tp``). ``{e}`` in a row is the expert: expert parallel rank r of ``ep``
+  holds global experts ``r·E/ep .. (r+1)·E/ep − 1`` as ``local_experts.0 .. E/ep − 1`` (megatron's
+  ``local_expert_indices``). The router (``mlp.router.weight``) is ``copy``: replicated over TP and EP.
 
 Errors (``ConversionError``, a ``ValueError``) are one line naming the tensor: missing, extra, shape mismatch.
 """
@@ -53,10 +58,28 @@ _QKV_BIAS = ((_M + "self_attention.linear_qkv.bias", "qkv",
 _QK_NORM = ((_M + "self_attention.q_layernorm.weight", "copy", (_L + "self_attn.q_norm.weight",)),
             (_M + "self_attention.k_layernorm.weight", "copy", (_L + "self_attn.k_norm.weight",)))
 
+_E = _M + "mlp.experts.local_experts.{e}."
+_MOE = {  # router and experts: (HF block, gate/up/down names); every layer MoE, no shared expert
+    "qwen3_moe": ("mlp.", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("block_sparse_moe.", "w1", "w3", "w2"),
+}
+
+
+def _moe_rows(block: str, gate: str, up: str, down: str):
+    return ((_M + "mlp.router.weight", "copy", (_L + block + "gate.weight",)),
+            (_E + "linear_fc1.weight", "expert_gate_up",
+             (_L + block + "experts.{e}." + gate + ".weight", _L + block + "experts.{e}." + up + ".weight")),
+            (_E + "linear_fc2.weight", "expert_row", (_L + block + "experts.{e}." + down + ".weight",)))
+
+
 TABLES: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
     "llama": _DENSE,  # Llama-3 / 3.1 (llama3 RoPE scaling is config) / 3.2 (tied: no output_layer / lm_head)
     "qwen2": _DENSE[:3] + _QKV_BIAS + _DENSE[3:],  # Qwen2 / 2.5: biases on q, k, v
     "qwen3": _DENSE[:3] + _QK_NORM + _DENSE[3:],  # Qwen3: per-head RMSNorm on q and k, head_dim != hidden/heads
+    # Qwen3-MoE: Qwen3 attention, router mlp.gate, experts mlp.experts.{e}.{gate,up,down}_proj
+    "qwen3_moe": _DENSE[:3] + _QK_NORM + _DENSE[3:5] + _moe_rows(*_MOE["qwen3_moe"]) + _DENSE[7:],
+    # Mixtral: Llama attention, router block_sparse_moe.gate, experts block_sparse_moe.experts.{e}.w1 / w3 / w2
+    "mixtral": _DENSE[:5] + _moe_rows(*_MOE["mixtral"]) + _DENSE[7:],
 }
 
 
@@ -66,14 +89,22 @@ def table_for(arch: str):
     return TABLES[arch]
 
 
-def _entries(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str, tuple[str, ...]]]:
-    """The table expanded over layers; ``output_layer`` only when embeddings are untied."""
+def _entries(cfg: ModelConfig, arch: str, *, ep: int = 1,
+             ep_rank: int = 0) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+    """The table expanded over layers (and over the experts EP rank ``ep_rank`` of ``ep`` holds: megatron names
+    number them locally, HF names globally); ``output_layer`` only when embeddings are untied."""
     for mname, kind, hnames in table_for(arch):
         if mname == "output_layer.weight" and not cfg.untie_embeddings_and_output_weights:
             continue
         if "{i}" in mname:
             for i in range(cfg.num_layers):
-                yield mname.format(i=i), kind, tuple(h.format(i=i) for h in hnames)
+                if "{e}" in mname:
+                    per = cfg.num_moe_experts // ep
+                    for local in range(per):
+                        e = ep_rank * per + local
+                        yield mname.format(i=i, e=local), kind, tuple(h.format(i=i, e=e) for h in hnames)
+                else:
+                    yield mname.format(i=i), kind, tuple(h.format(i=i) for h in hnames)
         else:
             yield mname, kind, hnames
 
@@ -90,12 +121,14 @@ def hf_shapes(cfg: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
     for name in hf_names(cfg, arch):
         leaf = name.rsplit(".", 2)[-2] if name.startswith("model.layers.") else name
         bias = name.endswith(".bias")
+        ffn = cfg.moe_ffn_size if ".experts." in name else cfg.ffn_size
         shape = {
             "model.embed_tokens.weight": (cfg.vocab_size, h), "lm_head.weight": (cfg.vocab_size, h),
             "model.norm.weight": (h,), "input_layernorm": (h,), "post_attention_layernorm": (h,),
             "q_norm": (d,), "k_norm": (d,), "q_proj": (heads * d, h), "k_proj": (groups * d, h),
-            "v_proj": (groups * d, h), "o_proj": (h, heads * d), "gate_proj": (cfg.ffn_size, h),
-            "up_proj": (cfg.ffn_size, h), "down_proj": (h, cfg.ffn_size),
+            "v_proj": (groups * d, h), "o_proj": (h, heads * d), "gate_proj": (ffn, h),
+            "up_proj": (ffn, h), "down_proj": (h, ffn),
+            "gate": (cfg.num_moe_experts, h), "w1": (ffn, h), "w3": (ffn, h), "w2": (h, ffn),  # MoE
         }[leaf]
         out[name] = shape[:1] if bias else shape
     return out
@@ -120,6 +153,7 @@ def _from_grouped_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor
 
 
 def _shard(full: torch.Tensor, kind: str, tp: int, rank: int) -> torch.Tensor:
+    kind = kind.removeprefix("expert_")  # experts: the same layouts over the expert TP group
     if tp == 1 or kind == "copy":
         return full
     if kind == "row":
@@ -131,6 +165,7 @@ def _shard(full: torch.Tensor, kind: str, tp: int, rank: int) -> torch.Tensor:
 
 
 def _unshard(shards: list[torch.Tensor], kind: str) -> torch.Tensor:
+    kind = kind.removeprefix("expert_")
     if len(shards) == 1 or kind == "copy":
         return shards[0]
     if kind == "row":
@@ -141,11 +176,32 @@ def _unshard(shards: list[torch.Tensor], kind: str) -> torch.Tensor:
     return torch.cat(shards, dim=0)
 
 
-def _check_tp(cfg: ModelConfig, tp: int) -> None:
-    for what, n in (("num_query_groups", cfg.query_groups), ("ffn_hidden_size", cfg.ffn_size),
-                    ("num_attention_heads", cfg.num_attention_heads)):
-        if n % tp:
-            raise ConversionError(f"convert: tp={tp} does not divide {what}={n}")
+def _check_tp(cfg: ModelConfig, tp: int, ep: int = 1, etp: int = 1) -> None:
+    checks = [("tp", tp, "num_query_groups", cfg.query_groups), ("tp", tp, "num_attention_heads",
+                                                                  cfg.num_attention_heads)]
+    if cfg.is_moe:  # every layer MoE: the dense ffn_hidden_size is unused
+        checks += [("ep", ep, "num_moe_experts", cfg.num_moe_experts), ("etp", etp, "moe_ffn_hidden_size",
+                                                                          cfg.moe_ffn_size)]
+    elif ep > 1 or (etp > 1 and etp != tp):
+        raise ConversionError(f"convert: ep={ep} / etp={etp} given for a dense model (no experts)")
+    else:
+        checks.append(("tp", tp, "ffn_hidden_size", cfg.ffn_size))
+    for size, n, what, count in checks:
+        if count % n:
+            raise ConversionError(f"convert: {size}={n} does not divide {what}={count}")
+
+
+def _expert_tp(tp: int, tp_rank: int, etp: int | None, etp_rank: int | None) -> tuple[int, int]:
+    """(etp, etp_rank): ``etp`` None = ``tp`` (megatron's default); ``etp_rank`` None = ``tp_rank % etp``, which is
+    megatron's expert-TP rank when ``etp`` divides ``tp`` (rank order tp-cp-ep-dp-pp); otherwise it must be given."""
+    etp = tp if etp is None else etp
+    if etp_rank is None:
+        if tp % etp:
+            raise ConversionError(f"convert: etp={etp} does not divide tp={tp}; pass etp_rank (the expert TP rank)")
+        etp_rank = tp_rank % etp
+    if not 0 <= etp_rank < etp:
+        raise ConversionError(f"convert: etp_rank={etp_rank} outside etp={etp}")
+    return etp, etp_rank
 
 
 # --------------------------------------------------------------------------------------------- HF → megatron
@@ -169,13 +225,20 @@ def _source(src: Any):
     return _DictSource(src) if isinstance(src, Mapping) else src
 
 
-def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1,
-                     tp_rank: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_rank: int = 0, ep: int = 1,
+                     ep_rank: int = 0, etp: int | None = None,
+                     etp_rank: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Megatron (name, tensor) pairs of TP rank ``tp_rank`` of ``tp``, read one tensor at a time from ``src`` (a
     :class:`~oar_megatron.convert.io.SafetensorsReader` or a name → tensor mapping of HF names). Every name and shape
-    is checked before the first tensor is read."""
+    is checked before the first tensor is read.
+
+    MoE: ``ep`` / ``ep_rank`` select the experts this rank holds (locally numbered, module docstring); expert
+    weights shard over ``etp`` (default ``tp``) at ``etp_rank`` (default ``tp_rank % etp``, see ``_expert_tp``)."""
     src = _source(src)
-    _check_tp(cfg, tp)
+    etp, etp_rank = _expert_tp(tp, tp_rank, etp, etp_rank)
+    _check_tp(cfg, tp, ep, etp)
+    if not (0 <= tp_rank < tp and 0 <= ep_rank < ep):
+        raise ConversionError(f"convert: tp_rank={tp_rank} / ep_rank={ep_rank} outside tp={tp} / ep={ep}")
     shapes = hf_shapes(cfg, arch)
     present = set(src.names())
     tied_head = not cfg.untie_embeddings_and_output_weights and "lm_head.weight" in present
@@ -192,50 +255,90 @@ def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1,
     if tied_head and src.shape("lm_head.weight") != shapes["model.embed_tokens.weight"]:
         raise ConversionError("convert: HF tensor 'lm_head.weight' (tied) does not match the embedding's shape")
     padded = cfg.padded_vocab_size(tp)
-    for mname, kind, hnames in _entries(cfg, arch):
+    for mname, kind, hnames in _entries(cfg, arch, ep=ep, ep_rank=ep_rank):
         parts = [src.get(h) for h in hnames]
         if kind == "qkv":
             full = _to_grouped_qkv(*parts, cfg)
-        elif kind == "gate_up":
+        elif kind in ("gate_up", "expert_gate_up"):
             full = torch.cat(parts, dim=0)
         elif kind == "vocab":
             full = torch.cat([parts[0], parts[0].new_zeros(padded - parts[0].shape[0], *parts[0].shape[1:])])
         else:
             full = parts[0]
-        yield mname, _shard(full, kind, tp, tp_rank).contiguous()
+        world, rank = (etp, etp_rank) if kind.startswith("expert_") else (tp, tp_rank)
+        yield mname, _shard(full, kind, world, rank).contiguous()
     if tied_head and not torch.equal(src.get("lm_head.weight"), src.get("model.embed_tokens.weight")):
         raise ConversionError("convert: HF tensor 'lm_head.weight' differs from the embedding, but "
                               "tie_word_embeddings is true")
 
 
-def hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_rank: int = 0) -> dict[str, torch.Tensor]:
+def hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_rank: int = 0, ep: int = 1,
+                ep_rank: int = 0, etp: int | None = None, etp_rank: int | None = None) -> dict[str, torch.Tensor]:
     """:func:`iter_hf_to_mcore` collected into a state dict."""
-    return dict(iter_hf_to_mcore(src, cfg, arch, tp=tp, tp_rank=tp_rank))
+    return dict(iter_hf_to_mcore(src, cfg, arch, tp=tp, tp_rank=tp_rank, ep=ep, ep_rank=ep_rank, etp=etp,
+                                 etp_rank=etp_rank))
 
 
 # --------------------------------------------------------------------------------------------- megatron → HF
 
 
-def mcore_to_hf(shards: Mapping[str, torch.Tensor] | list[Mapping[str, torch.Tensor]], cfg: ModelConfig,
-                arch: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, full tensor) pairs from megatron state: one state dict (TP=1) or the list of every TP rank's, in
-    rank order (each tensor gathered by its layout rule, the vocabulary padding removed)."""
-    shards = [shards] if isinstance(shards, Mapping) else list(shards)
-    tp = len(shards)
-    _check_tp(cfg, tp)
-    entries = list(_entries(cfg, arch))
-    want = {m for m, _, _ in entries}
-    for rank, state in enumerate(shards):
+def _rank_states(shards: Any) -> dict[tuple[int, int], Mapping[str, torch.Tensor]]:
+    """``mcore_to_hf``'s input as ``{(tp_rank, ep_rank): state}``, every rank of the ``tp × ep`` grid present."""
+    if isinstance(shards, Mapping) and shards and all(isinstance(k, tuple) for k in shards):
+        states = dict(shards)
+    elif isinstance(shards, Mapping):
+        states = {(0, 0): shards}
+    else:
+        states = {(r, 0): s for r, s in enumerate(shards)}
+    tp, ep = 1 + max(k[0] for k in states), 1 + max(k[1] for k in states)
+    for t in range(tp):
+        for e in range(ep):
+            if (t, e) not in states:
+                raise ConversionError(f"convert: no megatron state for (tp_rank, ep_rank) = ({t}, {e}) of tp={tp}, "
+                                      f"ep={ep}")
+    if len(states) != tp * ep:
+        raise ConversionError(f"convert: megatron states keyed {sorted(states)} are not a tp×ep grid")
+    return states
+
+
+def _expert_home(mname: str, per: int) -> tuple[int, str]:
+    """(EP rank, EP-local name) of a globally numbered expert tensor name."""
+    head, _, tail = mname.partition(".local_experts.")
+    e, rest = tail.split(".", 1)
+    return int(e) // per, f"{head}.local_experts.{int(e) % per}.{rest}"
+
+
+def mcore_to_hf(shards: Any, cfg: ModelConfig, arch: str, *,
+                etp: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, full tensor) pairs from megatron state, each tensor gathered by its layout rule (the vocabulary
+    padding removed). ``shards``: one state dict (TP=1, EP=1); the list of every TP rank's, in rank order; or
+    ``{(tp_rank, ep_rank): state}`` for every rank of a TP × EP layout (MoE: EP rank r's state holds its experts
+    numbered locally, as megatron's ``named_parameters()`` gives them). Non-expert tensors are read from EP rank 0;
+    expert tensors, sharded over ``etp`` (default ``tp``; it must divide ``tp``), from TP ranks ``0 .. etp − 1``."""
+    states = _rank_states(shards)
+    tp, ep = 1 + max(k[0] for k in states), 1 + max(k[1] for k in states)
+    etp = tp if etp is None else etp
+    if tp % etp:
+        raise ConversionError(f"convert: etp={etp} does not divide tp={tp}; export takes expert shards by TP rank")
+    _check_tp(cfg, tp, ep, etp)
+    for (t, e), state in sorted(states.items()):
+        want = {m for m, _, _ in _entries(cfg, arch, ep=ep, ep_rank=e)}
+        where = f"TP rank {t}" + (f", EP rank {e}" if ep > 1 else "")
         missing = sorted(want - set(state))
         if missing:
-            raise ConversionError(f"convert: megatron tensor {missing[0]!r} missing on TP rank {rank}")
+            raise ConversionError(f"convert: megatron tensor {missing[0]!r} missing on {where}")
         extra = sorted(set(state) - want)
         if extra:
-            raise ConversionError(f"convert: unexpected megatron tensor {extra[0]!r} for {arch} on TP rank {rank}")
+            raise ConversionError(f"convert: unexpected megatron tensor {extra[0]!r} for {arch} on {where}")
     shapes = hf_shapes(cfg, arch)
     padded = cfg.padded_vocab_size(tp)
-    for mname, kind, hnames in entries:
-        full = _unshard([s[mname] for s in shards], kind)
+    per = cfg.num_moe_experts // ep if cfg.is_moe else 0
+    for mname, kind, hnames in _entries(cfg, arch):  # global expert numbering
+        if kind.startswith("expert_"):
+            e, local = _expert_home(mname, per)
+            full = _unshard([states[(t, e)][local] for t in range(etp)], kind)
+        else:
+            full = _unshard([states[(t, 0)][mname] for t in range(tp)], kind)
         if kind == "vocab":
             if full.shape[0] != padded:
                 raise ConversionError(f"convert: megatron tensor {mname!r} has {full.shape[0]} rows over TP={tp}, "
@@ -243,7 +346,7 @@ def mcore_to_hf(shards: Mapping[str, torch.Tensor] | list[Mapping[str, torch.Ten
             parts: tuple[torch.Tensor, ...] = (full[: cfg.vocab_size],)
         elif kind == "qkv":
             parts = _from_grouped_qkv(full, cfg) if full.shape[0] == sum(shapes[h][0] for h in hnames) else (full,)
-        elif kind == "gate_up":
+        elif kind in ("gate_up", "expert_gate_up"):
             parts = tuple(full.chunk(2, dim=0))
         else:
             parts = (full,)

@@ -1,4 +1,6 @@
-"""Tiny random-weight HF models (fp32) saved with ``save_pretrained``, one per supported dense architecture."""
+"""Tiny random-weight HF models (fp32) saved with ``save_pretrained``, one per supported architecture: ``CASES``
+(dense) and ``MOE_CASES`` (Qwen3-MoE with renormalised top-k, Mixtral; 4 experts, top-2, routers scaled so that
+the routing is decisive and differs per token)."""
 
 from __future__ import annotations
 
@@ -19,13 +21,24 @@ CASES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, rope_theta=1000000.0, rms_norm_eps=1e-6)),
 }
 
+_MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.001)
+MOE_CASES = {
+    # Qwen3-30B-A3B's routing (norm_topk_prob), expert FFN 32 != the dense intermediate_size 128 (unused)
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(_MOE, head_dim=24, rope_theta=1000000.0, rms_norm_eps=1e-6, num_experts=4,
+                       moe_intermediate_size=32, norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(_MOE, intermediate_size=48, num_local_experts=4, rope_theta=1000000.0, rms_norm_eps=1e-5)),
+}
+
 
 def make_hf_model(case: str, directory: str | Path, seed: int = 0):
-    """Build ``case`` with random weights (norm weights perturbed off 1, biases nonzero), save it, return it."""
+    """Build ``case`` with random weights (norm weights perturbed off 1, biases nonzero, routers ×4), save it,
+    return it."""
     import transformers
 
-    cfg_cls, model_cls, extra = CASES[case]
-    config = getattr(transformers, cfg_cls)(**_COMMON, **extra)
+    cfg_cls, model_cls, extra = {**CASES, **MOE_CASES}[case]
+    config = getattr(transformers, cfg_cls)(**{**_COMMON, **extra})
     config.architectures = [model_cls]
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).float().eval()
@@ -35,5 +48,7 @@ def make_hf_model(case: str, directory: str | Path, seed: int = 0):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith("gate.weight"):  # the MoE router
+                p.mul_(4)
     model.save_pretrained(str(directory))
     return model
