@@ -27,6 +27,9 @@ MOE_CASES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(_MOE, head_dim=24, rope_theta=1000000.0, rms_norm_eps=1e-6, num_experts=4,
                        moe_intermediate_size=32, norm_topk_prob=True)),
+    # norm_topk_prob false: the top-k softmax probabilities as they are (megatron: moe_router_pre_softmax)
+    "qwen3_moe_raw_topk": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                           dict(_MOE, head_dim=24, num_experts=4, moe_intermediate_size=32, norm_topk_prob=False)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(_MOE, intermediate_size=48, num_local_experts=4, rope_theta=1000000.0, rms_norm_eps=1e-5)),
 }
