@@ -1,4 +1,4 @@
-"""HF ↔ megatron-core weight conversion for the dense families (Llama-3 / 3.1 / 3.2, Qwen2 / 2.5, Qwen3).
+"""HF ↔ megatron-core weight conversion: Llama-3 / 3.1 / 3.2, Qwen2 / 2.5, Qwen3, Qwen3-MoE, Mixtral.
 
 Pure torch on state dicts keyed by megatron-core names (the local layer spec's); no megatron import here — the
 model is built by ``oar_megatron.policy.build_model`` from the :class:`ModelConfig` that :func:`hf_model_config`

@@ -147,10 +147,11 @@ class Trainer:
         return self.ckpt.latest() if mode == "auto" else Path(mode)
 
     def _load_pretrained(self) -> None:
-        """``model.pretrained``: each rank reads its TP shard of the HF safetensors (one tensor at a time,
-        ``convert.hf_to_mcore``) into the actor's model, then refreshes the optimizer's main weights from it
-        (mixed precision keeps fp32 copies). PP > 1 is refused by ``TrainConfig.validate``. The format warm-up
-        (which stands in for pretraining) is skipped, so ``fit`` takes the loaded model as the KL reference."""
+        """``model.pretrained``: each rank reads its TP (MoE: and EP / expert-TP) shard of the HF safetensors (one
+        tensor at a time, ``convert.hf_to_mcore``) into the actor's model, then refreshes the optimizer's main
+        weights from it (mixed precision keeps fp32 copies). PP > 1 is refused by ``TrainConfig.validate``. The
+        format warm-up (which stands in for pretraining) is skipped, so ``fit`` takes the loaded model as the KL
+        reference."""
         from ..convert import SafetensorsReader, hf_to_mcore
         from ..convert.config import check_pretrained
         from ..convert.mapping import copy_into_module
@@ -158,13 +159,15 @@ class Trainer:
         g, path = self.groups, self.cfg.model.pretrained
         arch = check_pretrained(self.cfg.model)
         with SafetensorsReader(path) as src:
-            state = hf_to_mcore(src, self.cfg.model, arch, tp=g.tp, tp_rank=g.tp_rank)
+            state = hf_to_mcore(src, self.cfg.model, arch, tp=g.tp, tp_rank=g.tp_rank, ep=g.ep, ep_rank=g.ep_rank,
+                                etp=g.etp, etp_rank=g.etp_rank)
         (model,) = self.actor.models  # pp == 1 without virtual stages: one chunk
         copy_into_module(model, state)
         del state
         self.actor.optimizer.reload_model_params()
         self.warmed_up = True
-        self._print(f"loaded pretrained weights from {path} ({arch}, tp={g.tp})")
+        self._print(f"loaded pretrained weights from {path} ({arch}, tp={g.tp}" + (f", ep={g.ep}" if g.ep > 1 else "")
+                    + ")")
 
     def save(self) -> Path:
         """Checkpoint: ``common`` (written once) holds what every rank shares: the step, the global prompt
