@@ -162,8 +162,8 @@ MOE_FIELDS = (
 
 def check_pretrained(model: ModelConfig) -> str:
     """``model.pretrained``'s ``config.json`` must describe the composed preset's architecture (the fields of
-    ``ARCHITECTURE_FIELDS``; plus ``rope_scaling_factor`` under llama3 scaling, ``MOE_FIELDS`` for MoE): the first difference is a one-line
-    ``ValueError`` naming the field. Returns the mapping table name (``architecture``)."""
+    ``ARCHITECTURE_FIELDS``; plus ``rope_scaling_factor`` under llama3 scaling, ``MOE_FIELDS`` for MoE): the first
+    difference is a one-line ``ValueError`` naming the field. Returns the mapping table name (``architecture``)."""
     src = model.pretrained
     try:
         hf = read_hf_config(src)

@@ -290,6 +290,8 @@ def _rank_states(shards: Any) -> dict[tuple[int, int], Mapping[str, torch.Tensor
         states = {(0, 0): shards}
     else:
         states = {(r, 0): s for r, s in enumerate(shards)}
+    if not states:
+        raise ConversionError("convert: no megatron state given")
     tp, ep = 1 + max(k[0] for k in states), 1 + max(k[1] for k in states)
     for t in range(tp):
         for e in range(ep):

@@ -1,14 +1,14 @@
 """Logits parity of converted MoE checkpoints: tiny random-weight Qwen3-MoE (QK-norm, head_dim 24, renormalised
-top-k: ``norm_topk_prob``; at EP1 also with ``norm_topk_prob: false``) and Mixtral (softmax then top-k then renormalised) built with ``transformers`` (fp32; 4
-experts, top-2, routers scaled so routing differs per token), converted with ``oar_megatron.convert`` from their
-safetensors and loaded into the project's megatron ``GPTModel`` (``build_model``, local spec, ``SequentialMLP``
-experts, alltoall dispatcher, dropless) under EP=1 (one rank) and EP=2 (two gloo ranks, two experts each; also
-expert-TP 2 with TP 1, where the ``ModelConfig`` allows it): logits and the policy's response log-probs equal HF's
-within 1e-4 (max abs); the EP-local expert numbering is megatron's own (``local_expert_indices``); the model's
-parameters export back to HF bit-identically (``mcore_to_hf`` with ``{(tp_rank, ep_rank): state}``).
-The routing choice is tested too: the same weights with ``moe_router_pre_softmax`` flipped (softmax over all
-experts without renormalisation — mbridge's Mixtral setting) give a max |Δlogit| far above the tolerance.
-Two spawns (one rank, two ranks), each paying the megatron import once for both architectures.
+top-k: ``norm_topk_prob``; at EP1 also with ``norm_topk_prob: false``) and Mixtral (softmax, top-k, renormalised)
+built with ``transformers`` (fp32; 4 experts, top-2, routers scaled so routing differs per token), converted with
+``oar_megatron.convert`` from their safetensors and loaded into the project's megatron ``GPTModel`` (``build_model``,
+local spec, ``SequentialMLP`` experts, alltoall dispatcher, dropless) under EP=1 (one rank), EP=2 and expert-TP 2
+with TP 1 (two gloo ranks): logits and the policy's response log-probs equal HF's within 1e-4 (max abs); the
+EP-local expert numbering is megatron's own (``local_expert_indices``); the expert-TP shards are megatron's
+partition of the full tensors; the model's parameters export back to HF bit-identically (``mcore_to_hf`` with
+``{(tp_rank, ep_rank): state}``). The routing choice is tested too: the same weights with
+``moe_router_pre_softmax`` flipped (for Mixtral: mbridge's pre-softmax setting) give a max |Δlogit| far above the
+tolerance (measured 0.15-0.40 against 2e-6). Two spawns (one rank, two ranks), each paying the megatron import once.
 """
 
 import dataclasses
