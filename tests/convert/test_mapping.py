@@ -307,3 +307,23 @@ def test_moe_one_line_errors(moe_dirs):
     dense = hf_model_config(QWEN3_30B_A3B | {"architectures": ["Qwen3ForCausalLM"]})
     with pytest.raises(ConversionError, match=r"^convert: ep=2 / etp=1 given for a dense model"):
         hf_to_mcore({}, dense, "qwen3", ep=2)
+
+
+def test_ep_rank_reads_only_its_experts(moe_dirs):
+    """Streaming: EP rank 1 of 2 reads experts 2, 3 only (and every non-expert tensor once)."""
+    d = moe_dirs["qwen3_moe"]
+    cfg, ref = hf_model_config(d), load_file(str(d / "model.safetensors"))
+    read = []
+
+    class Counting:
+        names, shape = staticmethod(lambda: list(ref)), staticmethod(lambda n: tuple(ref[n].shape))
+
+        @staticmethod
+        def get(name):
+            read.append(name)
+            return ref[name]
+
+    hf_to_mcore(Counting, cfg, "qwen3_moe", ep=2, ep_rank=1)
+    experts = {n.split(".experts.")[1].split(".")[0] for n in read if ".experts." in n}
+    assert experts == {"2", "3"} and len(read) == len(set(read))
+    assert {n for n in ref if ".experts." not in n} <= set(read)
