@@ -1,4 +1,4 @@
-"""HF ↔ megatron-core weight conversion for the dense families (Llama-3 / 3.1 / 3.2, Qwen2 / 2.5, Qwen3).
+"""HF ↔ megatron-core weight conversion: Llama-3 / 3.1 / 3.2, Qwen2 / 2.5, Qwen3, Qwen3-MoE, Mixtral.
 
 Pure torch on state dicts keyed by megatron-core names (the local layer spec's, or the Transformer Engine spec's:
 ``mapping.te_name``), one model chunk of one TP rank at a time (any TP / PP / virtual PP); no megatron import here — the

@@ -1,7 +1,14 @@
-"""HF ``config.json`` → the project's :class:`ModelConfig` for the supported dense architectures.
+"""HF ``config.json`` → the project's :class:`ModelConfig` for the supported architectures (dense and MoE).
 
 Every HF setting that changes the computation is either carried (RoPE θ, llama3 RoPE scaling, head dim, QKV bias,
-QK-norm, tied embeddings, norm epsilon) or refused with a one-line ``ValueError`` naming the ``config.json`` key.
+QK-norm, tied embeddings, norm epsilon, experts / top-k / expert FFN / top-k renormalisation) or refused with a
+one-line ``ValueError`` naming the ``config.json`` key.
+
+MoE routing (logits parity in tests/cpu/test_convert_parity_moe.py): HF Qwen3-MoE takes softmax over all experts,
+the top-k, and renormalises them when ``norm_topk_prob`` (= softmax over the top-k logits); HF Mixtral always
+renormalises. megatron-core's ``moe_router_pre_softmax=False`` is the softmax over the top-k logits, ``True`` the
+softmax over all experts then top-k without renormalisation: so ``pre_softmax = not norm_topk_prob`` (Mixtral:
+False).
 """
 
 from __future__ import annotations
@@ -12,10 +19,12 @@ from typing import Any
 
 from ..config.model import ModelConfig
 
-__all__ = ["ARCHITECTURES", "check_pretrained", "hf_model_config", "read_hf_config"]
+__all__ = ["ARCHITECTURES", "MOE_ARCHITECTURES", "check_pretrained", "hf_model_config", "read_hf_config"]
 
 # HF ``architectures[0]`` → the table name in ``convert.mapping.TABLES``
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
+MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
 # megatron-core's llama3 RoPE scaling has these fixed (rotary_pos_embedding._apply_scaling defaults)
 _MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -63,6 +72,42 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _moe(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The MoE fields of ``ModelConfig`` (every layer MoE, no shared expert, dropless, fp32 router); what megatron
+    cannot compute as HF does is refused. ``router_aux_loss_coef`` becomes ``moe_aux_loss_coeff`` (HF's
+    pretraining coefficient; it changes no logits, only the training loss)."""
+    if arch == "qwen3_moe":
+        experts = hf.get("num_experts", hf.get("num_local_experts"))  # transformers 5 writes num_local_experts
+        ffn_key, pre_softmax = "moe_intermediate_size", not hf.get("norm_topk_prob", False)
+        if hf.get("mlp_only_layers"):
+            raise ValueError(f"config.json mlp_only_layers: dense layers among MoE layers are not supported "
+                             f"(got {hf['mlp_only_layers']})")
+        if hf.get("decoder_sparse_step", 1) != 1:
+            raise ValueError(f"config.json decoder_sparse_step: only 1 (every layer MoE) is supported, got "
+                             f"{hf['decoder_sparse_step']}")
+    else:  # mixtral: softmax, top-k, renormalised
+        experts, ffn_key, pre_softmax = hf.get("num_local_experts"), "intermediate_size", False
+        if hf.get("router_jitter_noise"):
+            raise ValueError(f"config.json router_jitter_noise: router jitter is not supported, got "
+                             f"{hf['router_jitter_noise']}")
+        if hf.get("sliding_window") is not None:
+            raise ValueError(f"config.json sliding_window: sliding-window attention is not supported, got "
+                             f"{hf['sliding_window']}")
+    for key in ("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size", "n_shared_experts"):
+        if hf.get(key):
+            raise ValueError(f"config.json {key}: shared experts are not supported for {arch}")
+    for key, value in (("num_experts" if arch == "qwen3_moe" else "num_local_experts", experts),
+                       (ffn_key, hf.get(ffn_key)), ("num_experts_per_tok", hf.get("num_experts_per_tok"))):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.json {key}: missing or not a positive integer ({value!r})")
+    if hf["num_experts_per_tok"] == 1 and not pre_softmax:
+        raise ValueError("config.json num_experts_per_tok: top-1 with renormalised probabilities (a constant weight "
+                         "1) is not supported (model.moe_router_pre_softmax must be true for top-1)")
+    return dict(num_moe_experts=experts, moe_router_topk=hf["num_experts_per_tok"], moe_ffn_hidden_size=hf[ffn_key],
+                moe_router_score_function="softmax", moe_router_pre_softmax=pre_softmax, moe_router_dtype="fp32",
+                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)))
+
+
 def hf_model_config(source: str | Path | dict[str, Any], *, params_dtype: str = "float32",
                     make_vocab_size_divisible_by: int = 128, name: str | None = None) -> ModelConfig:
     """A validated :class:`ModelConfig` equal in computation to the HF model of ``source`` (dir, file or dict)."""
@@ -75,7 +120,7 @@ def hf_model_config(source: str | Path | dict[str, Any], *, params_dtype: str = 
         raise ValueError(f"config.json hidden_act: {hf['hidden_act']!r} is not supported (silu, SwiGLU)")
     if hf.get("mlp_bias"):
         raise ValueError("config.json mlp_bias: MLP biases are not supported")
-    if arch in ("llama", "qwen3") and hf.get("attention_bias"):
+    if arch in ("llama", "qwen3", "qwen3_moe", "mixtral") and hf.get("attention_bias"):
         raise ValueError("config.json attention_bias: biases on q/k/v/o projections are not supported")
     if hf.get("use_sliding_window"):
         raise ValueError("config.json use_sliding_window: sliding-window attention is not supported")
@@ -84,14 +129,14 @@ def hf_model_config(source: str | Path | dict[str, Any], *, params_dtype: str = 
     cfg = ModelConfig(
         name=name, num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
-        kv_channels=head_dim if head_dim * heads != hf["hidden_size"] or arch == "qwen3" else None,
+        kv_channels=head_dim if head_dim * heads != hf["hidden_size"] or arch.startswith("qwen3") else None,
         ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), normalization="RMSNorm", swiglu=True,
-        qk_layernorm=arch == "qwen3", add_qkv_bias=arch == "qwen2",
+        qk_layernorm=arch.startswith("qwen3"), add_qkv_bias=arch == "qwen2",
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
-        params_dtype=params_dtype, **_rope(hf))
+        params_dtype=params_dtype, **_rope(hf), **(_moe(hf, arch) if arch in MOE_ARCHITECTURES else {}))
     return cfg.validate()
 
 
@@ -107,12 +152,18 @@ ARCHITECTURE_FIELDS = (
     ("untie_embeddings_and_output_weights", "untie_embeddings_and_output_weights"),
     ("num_moe_experts", "num_moe_experts"),
 )
+# MoE models also fix these (compared when config.json is MoE; ``ffn_size`` is then skipped: every layer is MoE)
+MOE_FIELDS = (
+    ("moe_router_topk", "moe_router_topk"), ("moe_ffn_size", "moe_ffn_hidden_size"),
+    ("moe_router_pre_softmax", "moe_router_pre_softmax"), ("moe_router_score_function", "moe_router_score_function"),
+    ("moe_shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"),
+)
 
 
 def check_pretrained(model: ModelConfig) -> str:
     """``model.pretrained``'s ``config.json`` must describe the composed preset's architecture (the fields of
-    ``ARCHITECTURE_FIELDS``; plus ``rope_scaling_factor`` under llama3 scaling): the first difference is a one-line
-    ``ValueError`` naming the field. Returns the mapping table name (``architecture``)."""
+    ``ARCHITECTURE_FIELDS``; plus ``rope_scaling_factor`` under llama3 scaling, ``MOE_FIELDS`` for MoE): the first
+    difference is a one-line ``ValueError`` naming the field. Returns the mapping table name (``architecture``)."""
     src = model.pretrained
     try:
         hf = read_hf_config(src)
@@ -122,6 +173,8 @@ def check_pretrained(model: ModelConfig) -> str:
         raise ValueError(f"model.pretrained: {src}: {exc}") from None
     fields = ARCHITECTURE_FIELDS + ((("rope_scaling_factor", "rope_scaling_factor"),)
                                     if want.rope_scaling != "none" else ())
+    if want.is_moe:
+        fields = tuple(f for f in fields if f[0] != "ffn_size") + MOE_FIELDS
     for attr, key in fields:
         got, need = getattr(model, attr), getattr(want, attr)
         if got != need:

@@ -13,6 +13,11 @@ Layout rules (``kind``):
 - ``gate_up``: HF ``gate, up [ffn, h]`` → ``linear_fc1 [gate; up]`` at TP=1; TP rank r holds its own
   ``[gate_r; up_r]`` halves (megatron's ``partition_stride`` 2).
 - ``row``: row-parallel weights (``linear_proj``, ``linear_fc2``), sharded along the input dimension (dim 1).
+- ``expert_gate_up`` / ``expert_row``: an expert's ``linear_fc1`` / ``linear_fc2`` (megatron local spec's
+  ``SequentialMLP``), laid out as ``gate_up`` / ``row`` but sharded over the *expert* tensor parallel group
+  (``etp``, megatron's default ``etp = tp``). ``{e}`` in a row is the expert: expert parallel rank r of ``ep``
+  holds global experts ``r·E/ep .. (r+1)·E/ep − 1`` as ``local_experts.0 .. E/ep − 1`` (megatron's
+  ``local_expert_indices``). The router (``mlp.router.weight``) is ``copy``: replicated over TP and EP.
 
 Pipeline parallelism (``pp``, ``vpp``): one call converts ONE model chunk, as ``policy.build_model`` builds it
 (``_chunk`` / ``_chunk_entries``, a filter over the global entries): chunk ``v`` of stage ``p`` holds global layers
@@ -42,7 +47,7 @@ import torch
 from ..config.model import ModelConfig
 
 __all__ = ["TABLES", "ConversionError", "copy_into_module", "hf_names", "hf_shapes", "hf_to_mcore",
-           "iter_hf_to_mcore", "mcore_to_hf", "table_for", "te_name"]
+           "iter_hf_to_mcore", "mcore_to_hf", "pipeline_states", "table_for", "te_name"]
 
 
 class ConversionError(ValueError):
@@ -68,10 +73,28 @@ _QKV_BIAS = ((_M + "self_attention.linear_qkv.bias", "qkv",
 _QK_NORM = ((_M + "self_attention.q_layernorm.weight", "copy", (_L + "self_attn.q_norm.weight",)),
             (_M + "self_attention.k_layernorm.weight", "copy", (_L + "self_attn.k_norm.weight",)))
 
+_E = _M + "mlp.experts.local_experts.{e}."
+_MOE = {  # router and experts: (HF block, gate/up/down names); every layer MoE, no shared expert
+    "qwen3_moe": ("mlp.", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("block_sparse_moe.", "w1", "w3", "w2"),
+}
+
+
+def _moe_rows(block: str, gate: str, up: str, down: str):
+    return ((_M + "mlp.router.weight", "copy", (_L + block + "gate.weight",)),
+            (_E + "linear_fc1.weight", "expert_gate_up",
+             (_L + block + "experts.{e}." + gate + ".weight", _L + block + "experts.{e}." + up + ".weight")),
+            (_E + "linear_fc2.weight", "expert_row", (_L + block + "experts.{e}." + down + ".weight",)))
+
+
 TABLES: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
     "llama": _DENSE,  # Llama-3 / 3.1 (llama3 RoPE scaling is config) / 3.2 (tied: no output_layer / lm_head)
     "qwen2": _DENSE[:3] + _QKV_BIAS + _DENSE[3:],  # Qwen2 / 2.5: biases on q, k, v
     "qwen3": _DENSE[:3] + _QK_NORM + _DENSE[3:],  # Qwen3: per-head RMSNorm on q and k, head_dim != hidden/heads
+    # Qwen3-MoE: Qwen3 attention, router mlp.gate, experts mlp.experts.{e}.{gate,up,down}_proj
+    "qwen3_moe": _DENSE[:3] + _QK_NORM + _DENSE[3:5] + _moe_rows(*_MOE["qwen3_moe"]) + _DENSE[7:],
+    # Mixtral: Llama attention, router block_sparse_moe.gate, experts block_sparse_moe.experts.{e}.w1 / w3 / w2
+    "mixtral": _DENSE[:5] + _moe_rows(*_MOE["mixtral"]) + _DENSE[7:],
 }
 
 
@@ -81,14 +104,22 @@ def table_for(arch: str):
     return TABLES[arch]
 
 
-def _entries(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str, tuple[str, ...]]]:
-    """The table expanded over layers; ``output_layer`` only when embeddings are untied."""
+def _entries(cfg: ModelConfig, arch: str, *, ep: int = 1,
+             ep_rank: int = 0) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+    """The table expanded over layers (and over the experts EP rank ``ep_rank`` of ``ep`` holds: megatron names
+    number them locally, HF names globally); ``output_layer`` only when embeddings are untied."""
     for mname, kind, hnames in table_for(arch):
         if mname == "output_layer.weight" and not cfg.untie_embeddings_and_output_weights:
             continue
         if "{i}" in mname:
             for i in range(cfg.num_layers):
-                yield mname.format(i=i), kind, tuple(h.format(i=i) for h in hnames)
+                if "{e}" in mname:
+                    per = cfg.num_moe_experts // ep
+                    for local in range(per):
+                        e = ep_rank * per + local
+                        yield mname.format(i=i, e=local), kind, tuple(h.format(i=i, e=e) for h in hnames)
+                else:
+                    yield mname.format(i=i), kind, tuple(h.format(i=i) for h in hnames)
         else:
             yield mname, kind, hnames
 
@@ -163,10 +194,12 @@ def te_name(name: str, cfg: ModelConfig) -> str:
     return name
 
 
-def _model_entries(cfg: ModelConfig, arch: str, chunk: tuple[int, int, bool, bool]):
-    """One chunk's entries (``_chunk_entries``) under the names of ``cfg``'s layer spec (local or TE)."""
+def _model_entries(cfg: ModelConfig, arch: str, chunk: tuple[int, int, bool, bool], *, ep: int = 1,
+                   ep_rank: int = 0):
+    """One chunk's entries (``_chunk_entries``; the experts of EP rank ``ep_rank``) under the names of ``cfg``'s
+    layer spec (local or TE)."""
     te = cfg.transformer_impl == "transformer_engine"
-    for mname, kind, hnames in _chunk_entries(_entries(cfg, arch), cfg, chunk):
+    for mname, kind, hnames in _chunk_entries(_entries(cfg, arch, ep=ep, ep_rank=ep_rank), cfg, chunk):
         yield (te_name(mname, cfg) if te else mname), kind, hnames
 
 
@@ -177,12 +210,14 @@ def hf_shapes(cfg: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
     for name in hf_names(cfg, arch):
         leaf = name.rsplit(".", 2)[-2] if name.startswith("model.layers.") else name
         bias = name.endswith(".bias")
+        ffn = cfg.moe_ffn_size if ".experts." in name else cfg.ffn_size
         shape = {
             "model.embed_tokens.weight": (cfg.vocab_size, h), "lm_head.weight": (cfg.vocab_size, h),
             "model.norm.weight": (h,), "input_layernorm": (h,), "post_attention_layernorm": (h,),
             "q_norm": (d,), "k_norm": (d,), "q_proj": (heads * d, h), "k_proj": (groups * d, h),
-            "v_proj": (groups * d, h), "o_proj": (h, heads * d), "gate_proj": (cfg.ffn_size, h),
-            "up_proj": (cfg.ffn_size, h), "down_proj": (h, cfg.ffn_size),
+            "v_proj": (groups * d, h), "o_proj": (h, heads * d), "gate_proj": (ffn, h),
+            "up_proj": (ffn, h), "down_proj": (h, ffn),
+            "gate": (cfg.num_moe_experts, h), "w1": (ffn, h), "w3": (ffn, h), "w2": (h, ffn),  # MoE
         }[leaf]
         out[name] = shape[:1] if bias else shape
     return out
@@ -207,6 +242,7 @@ def _from_grouped_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor
 
 
 def _shard(full: torch.Tensor, kind: str, tp: int, rank: int) -> torch.Tensor:
+    kind = kind.removeprefix("expert_")  # experts: the same layouts over the expert TP group
     if tp == 1 or kind == "copy":
         return full
     if kind == "row":
@@ -218,6 +254,7 @@ def _shard(full: torch.Tensor, kind: str, tp: int, rank: int) -> torch.Tensor:
 
 
 def _unshard(shards: list[torch.Tensor], kind: str) -> torch.Tensor:
+    kind = kind.removeprefix("expert_")
     if len(shards) == 1 or kind == "copy":
         return shards[0]
     if kind == "row":
@@ -228,11 +265,32 @@ def _unshard(shards: list[torch.Tensor], kind: str) -> torch.Tensor:
     return torch.cat(shards, dim=0)
 
 
-def _check_tp(cfg: ModelConfig, tp: int) -> None:
-    for what, n in (("num_query_groups", cfg.query_groups), ("ffn_hidden_size", cfg.ffn_size),
-                    ("num_attention_heads", cfg.num_attention_heads)):
-        if n % tp:
-            raise ConversionError(f"convert: tp={tp} does not divide {what}={n}")
+def _check_tp(cfg: ModelConfig, tp: int, ep: int = 1, etp: int = 1) -> None:
+    checks = [("tp", tp, "num_query_groups", cfg.query_groups), ("tp", tp, "num_attention_heads",
+                                                                  cfg.num_attention_heads)]
+    if cfg.is_moe:  # every layer MoE: the dense ffn_hidden_size is unused
+        checks += [("ep", ep, "num_moe_experts", cfg.num_moe_experts), ("etp", etp, "moe_ffn_hidden_size",
+                                                                          cfg.moe_ffn_size)]
+    elif ep > 1 or (etp > 1 and etp != tp):
+        raise ConversionError(f"convert: ep={ep} / etp={etp} given for a dense model (no experts)")
+    else:
+        checks.append(("tp", tp, "ffn_hidden_size", cfg.ffn_size))
+    for size, n, what, count in checks:
+        if count % n:
+            raise ConversionError(f"convert: {size}={n} does not divide {what}={count}")
+
+
+def _expert_tp(tp: int, tp_rank: int, etp: int | None, etp_rank: int | None) -> tuple[int, int]:
+    """(etp, etp_rank): ``etp`` None = ``tp`` (megatron's default); ``etp_rank`` None = ``tp_rank % etp``, which is
+    megatron's expert-TP rank when ``etp`` divides ``tp`` (rank order tp-cp-ep-dp-pp); otherwise it must be given."""
+    etp = tp if etp is None else etp
+    if etp_rank is None:
+        if tp % etp:
+            raise ConversionError(f"convert: etp={etp} does not divide tp={tp}; pass etp_rank (the expert TP rank)")
+        etp_rank = tp_rank % etp
+    if not 0 <= etp_rank < etp:
+        raise ConversionError(f"convert: etp_rank={etp_rank} outside etp={etp}")
+    return etp, etp_rank
 
 
 # --------------------------------------------------------------------------------------------- HF → megatron
@@ -257,15 +315,22 @@ def _source(src: Any):
 
 
 def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_rank: int = 0, pp: int = 1,
-                     pp_rank: int = 0, vpp: int | None = None,
-                     vp_stage: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                     pp_rank: int = 0, vpp: int | None = None, vp_stage: int | None = None, ep: int = 1,
+                     ep_rank: int = 0, etp: int | None = None,
+                     etp_rank: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Megatron (name, tensor) pairs of TP rank ``tp_rank`` of ``tp`` for the model chunk ``vp_stage`` (of ``vpp``,
     None: not interleaved) of pipeline stage ``pp_rank`` of ``pp`` (module docstring), read one tensor at a time
     from ``src`` (a :class:`~oar_megatron.convert.io.SafetensorsReader` or a name → tensor mapping of HF names): a
-    stage reads only the HF tensors of its chunk. Every name and shape of the whole checkpoint is checked before the
-    first tensor is read."""
+    rank reads only the HF tensors of its chunk (and experts). Every name and shape of the whole checkpoint is checked
+    before the first tensor is read.
+
+    MoE: ``ep`` / ``ep_rank`` select the experts this rank holds (locally numbered, module docstring); expert
+    weights shard over ``etp`` (default ``tp``) at ``etp_rank`` (default ``tp_rank % etp``, see ``_expert_tp``)."""
     src = _source(src)
-    _check_tp(cfg, tp)
+    etp, etp_rank = _expert_tp(tp, tp_rank, etp, etp_rank)
+    _check_tp(cfg, tp, ep, etp)
+    if not (0 <= tp_rank < tp and 0 <= ep_rank < ep):
+        raise ConversionError(f"convert: tp_rank={tp_rank} / ep_rank={ep_rank} outside tp={tp} / ep={ep}")
     chunk = _chunk(cfg, pp, pp_rank, vpp, vp_stage)
     shapes = hf_shapes(cfg, arch)
     present = set(src.names())
@@ -283,90 +348,136 @@ def iter_hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_r
     if tied_head and src.shape("lm_head.weight") != shapes["model.embed_tokens.weight"]:
         raise ConversionError("convert: HF tensor 'lm_head.weight' (tied) does not match the embedding's shape")
     padded = cfg.padded_vocab_size(tp)
-    for mname, kind, hnames in _model_entries(cfg, arch, chunk):
+    for mname, kind, hnames in _model_entries(cfg, arch, chunk, ep=ep, ep_rank=ep_rank):
         parts = [src.get(h) for h in hnames]
         if kind == "qkv":
             full = _to_grouped_qkv(*parts, cfg)
-        elif kind == "gate_up":
+        elif kind in ("gate_up", "expert_gate_up"):
             full = torch.cat(parts, dim=0)
         elif kind == "vocab":
             full = torch.cat([parts[0], parts[0].new_zeros(padded - parts[0].shape[0], *parts[0].shape[1:])])
         else:
             full = parts[0]
-        yield mname, _shard(full, kind, tp, tp_rank).contiguous()
+        world, rank = (etp, etp_rank) if kind.startswith("expert_") else (tp, tp_rank)
+        yield mname, _shard(full, kind, world, rank).contiguous()
     if tied_head and (chunk[2] or chunk[3]) and not torch.equal(src.get("lm_head.weight"),
                                                                 src.get("model.embed_tokens.weight")):
         raise ConversionError("convert: HF tensor 'lm_head.weight' differs from the embedding, but "
                               "tie_word_embeddings is true")
 
 
-def hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, tp_rank: int = 0, pp: int = 1,
-                pp_rank: int = 0, vpp: int | None = None, vp_stage: int | None = None) -> dict[str, torch.Tensor]:
-    """:func:`iter_hf_to_mcore` collected into a state dict (one model chunk of one TP rank)."""
-    return dict(iter_hf_to_mcore(src, cfg, arch, tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank, vpp=vpp,
-                                 vp_stage=vp_stage))
+def hf_to_mcore(src: Any, cfg: ModelConfig, arch: str, **layout: Any) -> dict[str, torch.Tensor]:
+    """:func:`iter_hf_to_mcore` collected into a state dict (one model chunk of one rank); ``layout``: its keyword
+    arguments (``tp, tp_rank, pp, pp_rank, vpp, vp_stage, ep, ep_rank, etp, etp_rank``)."""
+    return dict(iter_hf_to_mcore(src, cfg, arch, **layout))
 
 
 # --------------------------------------------------------------------------------------------- megatron → HF
 
 
-def _chunk_states(states) -> tuple[int, int | None, list[list[Mapping[str, torch.Tensor]]]]:
-    """(pp, vpp, every chunk's TP states in global chunk order) from :func:`mcore_to_hf`'s input forms."""
-    if isinstance(states, Mapping) and states and all(isinstance(k, tuple) for k in states):
-        keys = list(states)
-        pp = 1 + max(k[0] for k in keys)
-        vs = {k[1] for k in keys}
-        vpp = None if vs == {None} else 1 + max(v for v in vs if v is not None)
-        want = {(p, v) for p in range(pp) for v in ([None] if vpp is None else range(vpp))}
-        if set(keys) != want:
-            odd = sorted(set(keys) ^ want, key=str)[0]
-            raise ConversionError(f"convert: pipeline chunk (pp_rank, vp_stage)={odd} is "
-                                  f"{'missing' if odd in want else 'not part of'} the layout pp={pp}, vpp={vpp}")
-        order = sorted(want, key=lambda k: ((k[1] or 0) * pp + k[0]))  # chunk v of stage p is number v·pp + p
-        chunks = [states[k] for k in order]
+def _rank_states(shards: Any) -> dict[tuple[int, int | None, int, int], Mapping[str, torch.Tensor]]:
+    """``mcore_to_hf``'s input as ``{(pp_rank, vp_stage, tp_rank, ep_rank): state}``, every rank of the grid
+    present."""
+    if isinstance(shards, Mapping) and shards and all(isinstance(k, tuple) for k in shards):
+        lengths = {len(k) for k in shards}
+        if lengths == {2}:
+            states = {(0, None, t, e): s for (t, e), s in shards.items()}
+        elif lengths == {4}:
+            states = dict(shards)
+        else:
+            raise ConversionError("convert: megatron states must be keyed (tp_rank, ep_rank) or "
+                                  "(pp_rank, vp_stage, tp_rank, ep_rank)")
+    elif isinstance(shards, Mapping):
+        states = {(0, None, 0, 0): shards}
     else:
-        pp, vpp, chunks = 1, None, [states]
-    chunks = [[c] if isinstance(c, Mapping) else list(c) for c in chunks]
-    if len({len(c) for c in chunks}) != 1:
-        raise ConversionError(f"convert: pipeline chunks carry different TP sizes {[len(c) for c in chunks]}")
-    return pp, vpp, chunks
+        states = {(0, None, t, 0): s for t, s in enumerate(shards)}
+    if not states:
+        raise ConversionError("convert: no megatron state given")
+    pp = 1 + max(k[0] for k in states)
+    stages = {k[1] for k in states}
+    vpp = None if stages == {None} else 1 + max(v for v in stages if v is not None)
+    tp, ep = 1 + max(k[2] for k in states), 1 + max(k[3] for k in states)
+    grid = {(p, v, t, e) for p in range(pp) for v in ([None] if vpp is None else range(vpp))
+            for t in range(tp) for e in range(ep)}
+    if set(states) != grid:
+        odd = sorted(set(states) ^ grid, key=str)[0]
+        raise ConversionError(f"convert: megatron state for (pp_rank, vp_stage, tp_rank, ep_rank)={odd} is "
+                              f"{'missing from' if odd in grid else 'not part of'} the layout pp={pp}, vpp={vpp}, tp={tp}, "
+                              f"ep={ep}")
+    return states
 
 
-def mcore_to_hf(shards, cfg: ModelConfig, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, full tensor) pairs from megatron state, given as one state dict (TP=1, PP=1), the list of every TP
-    rank's state dicts in rank order (PP=1), or a mapping ``{(pp_rank, vp_stage): state dict | [TP states]}`` over
-    every model chunk of a pipeline layout (``vp_stage`` None when not interleaved; megatron's stage-local layer
-    names, renamed to global here). Each tensor is gathered by its layout rule, the vocabulary padding removed; with
-    tied embeddings the last chunk's ``output_layer.weight`` copy must equal the first chunk's embedding."""
-    pp, vpp, chunks = _chunk_states(shards)
-    tp = len(chunks[0])
-    _check_tp(cfg, tp)
-    per_chunk = []
-    for c, states in enumerate(chunks):
-        p, v = c % pp, (None if vpp is None else c // pp)
-        entries = list(_model_entries(cfg, arch, _chunk(cfg, pp, p, vpp, v)))
-        where = "" if pp == 1 else f" of pipeline chunk (pp_rank, vp_stage)=({p}, {v})"
-        want = {m for m, _, _ in entries}
-        for rank, state in enumerate(states):
-            missing = sorted(want - set(state))
-            if missing:
-                raise ConversionError(f"convert: megatron tensor {missing[0]!r} missing on TP rank {rank}{where}")
-            extra = sorted(set(state) - want)
-            if extra:
-                raise ConversionError(f"convert: unexpected megatron tensor {extra[0]!r} for {arch} on TP rank "
-                                      f"{rank}{where}")
-        per_chunk.append((entries, states, where))
+def pipeline_states(chunks: Mapping[tuple[int, int | None], Any]) -> dict[tuple[int, int | None, int, int], Any]:
+    """``{(pp_rank, vp_stage): state | [TP rank states]}`` (EP 1) → :func:`mcore_to_hf`'s general form
+    ``{(pp_rank, vp_stage, tp_rank, 0): state}``."""
+    return {(p, v, t, 0): st for (p, v), c in chunks.items()
+            for t, st in enumerate([c] if isinstance(c, Mapping) else list(c))}
+
+
+def _expert_home(mname: str, per: int) -> tuple[int, str]:
+    """(EP rank, EP-local name) of a globally numbered expert tensor name."""
+    head, _, tail = mname.partition(".local_experts.")
+    e, rest = tail.split(".", 1)
+    return int(e) // per, f"{head}.local_experts.{int(e) % per}.{rest}"
+
+
+def mcore_to_hf(shards: Any, cfg: ModelConfig, arch: str, *,
+                etp: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, full tensor) pairs from megatron state, each tensor gathered by its layout rule (the vocabulary
+    padding removed). ``shards``: one state dict (one rank holds everything); the list of every TP rank's, in rank
+    order; ``{(tp_rank, ep_rank): state}`` for every rank of a TP × EP layout; or, in general,
+    ``{(pp_rank, vp_stage, tp_rank, ep_rank): state}`` for every model chunk of every rank (``vp_stage`` None when
+    not interleaved). Each state is what megatron's ``named_parameters()`` gives for that chunk: stage-local layer
+    numbers, EP-local expert numbers (renamed to global here). Non-expert tensors are read from EP rank 0; expert
+    tensors, sharded over ``etp`` (default ``tp``; it must divide ``tp``), from TP ranks ``0 .. etp − 1``. With tied
+    embeddings under PP the last chunk's ``output_layer.weight`` copy must equal the first chunk's embedding."""
+    states = _rank_states(shards)
+    pp = 1 + max(k[0] for k in states)
+    stages = {k[1] for k in states}
+    vpp = None if stages == {None} else 1 + max(v for v in stages if v is not None)
+    tp, ep = 1 + max(k[2] for k in states), 1 + max(k[3] for k in states)
+    etp = tp if etp is None else etp
+    if tp % etp:
+        raise ConversionError(f"convert: etp={etp} does not divide tp={tp}; export takes expert shards by TP rank")
+    _check_tp(cfg, tp, ep, etp)
+    te = cfg.transformer_impl == "transformer_engine"
+    chunks = sorted({(p, v) for p, v, _, _ in states}, key=lambda k: ((k[1] or 0) * pp + k[0]))  # v·pp + p
+    for p, v in chunks:
+        chunk = _chunk(cfg, pp, p, vpp, v)
+        for t in range(tp):
+            for e in range(ep):
+                want = {m for m, _, _ in _model_entries(cfg, arch, chunk, ep=ep, ep_rank=e)}
+                state = states[(p, v, t, e)]
+                where = (f"TP rank {t}" + (f", EP rank {e}" if ep > 1 else "")
+                         + (f" of pipeline chunk (pp_rank, vp_stage)=({p}, {v})" if pp > 1 else ""))
+                missing = sorted(want - set(state))
+                if missing:
+                    raise ConversionError(f"convert: megatron tensor {missing[0]!r} missing on {where}")
+                extra = sorted(set(state) - want)
+                if extra:
+                    raise ConversionError(f"convert: unexpected megatron tensor {extra[0]!r} for {arch} on {where}")
     shapes = hf_shapes(cfg, arch)
     padded = cfg.padded_vocab_size(tp)
+    per = cfg.num_moe_experts // ep if cfg.is_moe else 0
     tied_copy = pp > 1 and not cfg.untie_embeddings_and_output_weights
-    for entries, states, where in per_chunk:
-        for mname, kind, hnames in entries:
-            full = _unshard([s[mname] for s in states], kind)
+    first = chunks[0]
+
+    def name(n: str) -> str:
+        return te_name(n, cfg) if te else n
+
+    for p, v in chunks:
+        where = "" if pp == 1 else f" of pipeline chunk (pp_rank, vp_stage)=({p}, {v})"
+        for mname, kind, hnames in _chunk_entries(_entries(cfg, arch), cfg, _chunk(cfg, pp, p, vpp, v)):
+            if kind.startswith("expert_"):  # global expert numbering here; megatron's is EP-local
+                e, local = _expert_home(mname, per)
+                full = _unshard([states[(p, v, t, e)][name(local)] for t in range(etp)], kind)
+            else:
+                full = _unshard([states[(p, v, t, 0)][name(mname)] for t in range(tp)], kind)
             if kind == "vocab" and full.shape[0] != padded:
                 raise ConversionError(f"convert: megatron tensor {mname!r}{where} has {full.shape[0]} rows over "
                                       f"TP={tp}, the config gives {padded}")
             if tied_copy and mname == "output_layer.weight":  # the last chunk's copy of the tied embedding
-                emb = _unshard([s["embedding.word_embeddings.weight"] for s in per_chunk[0][1]], kind)
+                emb = _unshard([states[(*first, t, 0)]["embedding.word_embeddings.weight"] for t in range(tp)], kind)
                 if not torch.equal(full, emb):
                     raise ConversionError(f"convert: megatron tensor 'output_layer.weight'{where} differs from the "
                                           "first chunk's tied 'embedding.word_embeddings.weight'")
@@ -375,7 +486,7 @@ def mcore_to_hf(shards, cfg: ModelConfig, arch: str) -> Iterator[tuple[str, torc
                 parts: tuple[torch.Tensor, ...] = (full[: cfg.vocab_size],)
             elif kind == "qkv":
                 parts = _from_grouped_qkv(full, cfg) if full.shape[0] == sum(shapes[h][0] for h in hnames) else (full,)
-            elif kind == "gate_up":
+            elif kind in ("gate_up", "expert_gate_up"):
                 parts = tuple(full.chunk(2, dim=0))
             else:
                 parts = (full,)

@@ -148,12 +148,12 @@ class Trainer:
 
     def _load_pretrained(self) -> None:
         """``model.pretrained``: each rank reads, for each of its model chunks (one, or ``virtual_pp`` when
-        interleaved), that chunk's layers of its TP shard of the HF safetensors (one tensor at a time,
-        ``convert.hf_to_mcore`` with the stage / virtual stage) into the actor's model, then refreshes the optimizer's
-        main weights from it (mixed precision keeps fp32 copies). With tied embeddings under PP > 1 the last stage's
-        ``output_layer.weight`` (megatron's copy of the embedding, kept in sync by all-reducing its gradient with the
-        first stage's over the embedding group) gets the same HF embedding rows. The format warm-up (which stands in
-        for pretraining) is skipped, so ``fit`` takes the loaded model as the KL reference."""
+        interleaved), that chunk's layers of its TP (MoE: and EP / expert-TP) shard of the HF safetensors (one tensor
+        at a time, ``convert.hf_to_mcore`` with the stage / virtual stage) into the actor's model, then refreshes the
+        optimizer's main weights from it (mixed precision keeps fp32 copies). With tied embeddings under PP > 1 the
+        last stage's ``output_layer.weight`` (megatron's copy of the embedding, kept in sync by all-reducing its
+        gradient with the first stage's over the embedding group) gets the same HF embedding rows. The format warm-up
+        (which stands in for pretraining) is skipped, so ``fit`` takes the loaded model as the KL reference."""
         from ..convert import SafetensorsReader, hf_to_mcore
         from ..convert.config import check_pretrained
         from ..convert.mapping import copy_into_module
@@ -163,12 +163,14 @@ class Trainer:
         with SafetensorsReader(path) as src:
             for v, model in enumerate(self.actor.models):  # chunk v of this stage (megatron's vp_stage)
                 state = hf_to_mcore(src, self.cfg.model, arch, tp=g.tp, tp_rank=g.tp_rank, pp=g.pp, pp_rank=g.pp_rank,
-                                    vpp=g.vpp, vp_stage=None if g.vpp is None else v)
+                                    vpp=g.vpp, vp_stage=None if g.vpp is None else v, ep=g.ep, ep_rank=g.ep_rank,
+                                    etp=g.etp, etp_rank=g.etp_rank)
                 copy_into_module(model, state)
                 del state
         self.actor.optimizer.reload_model_params()
         self.warmed_up = True
-        layout = f"tp={g.tp}" + (f", pp={g.pp}" if g.pp > 1 else "") + (f", vpp={g.vpp}" if g.vpp else "")
+        layout = (f"tp={g.tp}" + (f", pp={g.pp}" if g.pp > 1 else "") + (f", vpp={g.vpp}" if g.vpp else "")
+                  + (f", ep={g.ep}" if g.ep > 1 else ""))
         self._print(f"loaded pretrained weights from {path} ({arch}, {layout})")
 
     def save(self) -> Path:

@@ -1,4 +1,6 @@
-"""Tiny random-weight HF models (fp32) saved with ``save_pretrained``, one per supported dense architecture."""
+"""Tiny random-weight HF models (fp32) saved with ``save_pretrained``, one per supported architecture: ``CASES``
+(dense) and ``MOE_CASES`` (Qwen3-MoE with renormalised top-k, Mixtral; 4 experts, top-2, routers scaled so that
+the routing is decisive and differs per token)."""
 
 from __future__ import annotations
 
@@ -19,13 +21,27 @@ CASES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, rope_theta=1000000.0, rms_norm_eps=1e-6)),
 }
 
+_MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.001)
+MOE_CASES = {
+    # Qwen3-30B-A3B's routing (norm_topk_prob), expert FFN 32 != the dense intermediate_size 128 (unused)
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(_MOE, head_dim=24, rope_theta=1000000.0, rms_norm_eps=1e-6, num_experts=4,
+                       moe_intermediate_size=32, norm_topk_prob=True)),
+    # norm_topk_prob false: the top-k softmax probabilities as they are (megatron: moe_router_pre_softmax)
+    "qwen3_moe_raw_topk": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                           dict(_MOE, head_dim=24, num_experts=4, moe_intermediate_size=32, norm_topk_prob=False)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(_MOE, intermediate_size=48, num_local_experts=4, rope_theta=1000000.0, rms_norm_eps=1e-5)),
+}
+
 
 def make_hf_model(case: str, directory: str | Path, seed: int = 0, **overrides):
-    """Build ``case`` with random weights (norm weights perturbed off 1, biases nonzero), save it, return it.
-    ``overrides``: config fields replacing the defaults (e.g. ``num_hidden_layers=4`` for pipeline layouts)."""
+    """Build ``case`` with random weights (norm weights perturbed off 1, biases nonzero, routers ×4), save it,
+    return it. ``overrides``: config fields replacing the defaults (e.g. ``num_hidden_layers=4`` for pipeline
+    layouts)."""
     import transformers
 
-    cfg_cls, model_cls, extra = CASES[case]
+    cfg_cls, model_cls, extra = {**CASES, **MOE_CASES}[case]
     config = getattr(transformers, cfg_cls)(**{**_COMMON, **extra, **overrides})
     config.architectures = [model_cls]
     torch.manual_seed(seed)
@@ -36,5 +52,7 @@ def make_hf_model(case: str, directory: str | Path, seed: int = 0, **overrides):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith("gate.weight"):  # the MoE router
+                p.mul_(4)
     model.save_pretrained(str(directory))
     return model

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from oar_megatron.convert import hf_model_config, hf_to_mcore, mcore_to_hf
+from oar_megatron.convert.mapping import pipeline_states
 from oar_megatron.convert.config import architecture
 from oar_megatron.convert.mapping import ConversionError
 from tests.convert.hf_tiny import make_hf_model
@@ -76,7 +77,7 @@ def test_chunks_round_trip_and_layout(hf4, case, pp, vpp, tp):
                 if tied and k == "output_layer.weight":
                     g = "embedding.word_embeddings.weight"
                 assert torch.equal(t, full[r][g]), (k, g)
-    back = dict(mcore_to_hf({k: (s if tp > 1 else s[0]) for k, s in states.items()}, cfg, arch))
+    back = dict(mcore_to_hf(pipeline_states(states), cfg, arch))
     assert set(back) == set(ref)
     for name, t in ref.items():
         assert torch.equal(back[name], t), name
@@ -108,13 +109,13 @@ def test_pipeline_errors_are_one_line(hf4):
     with pytest.raises(ConversionError, match=r"vpp=2 needs pp > 1"):
         hf_to_mcore(ref, cfg, arch, pp=2, pp_rank=0, vpp=2)
     states = {(p, None): hf_to_mcore(ref, cfg, arch, pp=2, pp_rank=p) for p in range(2)}
-    with pytest.raises(ConversionError, match=r"chunk \(pp_rank, vp_stage\)=\(1, None\) is missing"):
-        list(mcore_to_hf({(0, None): states[(0, None)], (2, None): states[(1, None)]}, cfg, arch))
+    with pytest.raises(ConversionError, match=r"\(pp_rank, vp_stage, tp_rank, ep_rank\)=\(1, None, 0, 0\) is missing from"):
+        list(mcore_to_hf(pipeline_states({(0, None): states[(0, None)], (2, None): states[(1, None)]}), cfg, arch))
     bad = {**states, (1, None): {**states[(1, None)], "output_layer.weight": states[(1, None)]["output_layer.weight"]
                                  + 1}}
     with pytest.raises(ConversionError, match=r"'output_layer.weight' of pipeline chunk .*\(1, None\) differs from"):
-        list(mcore_to_hf(bad, cfg, arch))
+        list(mcore_to_hf(pipeline_states(bad), cfg, arch))
     short = {**states, (0, None): {k: t for k, t in states[(0, None)].items() if "layers.1." not in k}}
     with pytest.raises(ConversionError, match=r"'decoder.layers.1.input_layernorm.weight' missing on TP rank 0 of "
                                               r"pipeline chunk \(pp_rank, vp_stage\)=\(0, None\)"):
-        list(mcore_to_hf(short, cfg, arch))
+        list(mcore_to_hf(pipeline_states(short), cfg, arch))

@@ -178,3 +178,70 @@ def test_pretrained_start_bf16_refreshes_main_weights(tmp_path):
     _hf_qwen3(tmp_path / "hf")
     (r,) = run_ranks(_bf16, 1, str(tmp_path / "hf"), str(tmp_path), timeout=900)
     assert r["dtype"] == "torch.bfloat16" and r["n"] > 0 and r["equal"]
+
+
+# ------------------------------------------------------------------------------------------------------------ MoE
+# tiny-moe without its shared expert and with QK-norm is a tiny Qwen3-MoE (4 experts, top-2, expert FFN 64)
+MOE = ["model=tiny-moe", "model.moe_shared_expert_intermediate_size=null", "model.qk_layernorm=true"]
+
+
+def _hf_qwen3_moe(directory, seed=0):
+    """A tiny random Qwen3-MoE with ``MOE``'s architecture (fp32, untied, renormalised top-2 of 4 experts)."""
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=250, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        initializer_range=0.2)
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    torch.manual_seed(seed)
+    model = transformers.Qwen3MoeForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(str(directory))
+    return model
+
+
+def _moe_ranks(rank, world, hf_dir, tmp):
+    from oar_megatron.trainer import compose_config
+    from oar_megatron.trainer.loop import Trainer
+
+    over = SMALL + MOE + [f"model.pretrained={hf_dir}", f"logging.run_dir={tmp}/moe{world}"]
+    if world == 2:
+        over.append("parallel.ep=2")
+    prompts, responses = _rows()
+    t = Trainer(compose_config(over))
+    try:
+        batch = t.actor.pack(prompts, responses, torch.zeros(len(prompts)), pad_id=t.tokenizer.pad_token_id)
+        return {"warmed_up": t.warmed_up, "old": t.actor.compute_old_logprobs(batch), "mask": batch.response_mask,
+                "ids": batch.input_ids, "ep": t.groups.ep}
+    finally:
+        Trainer.close(t)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_pretrained_moe_start_logprobs_equal_hf(tmp_path, world):
+    """A Qwen3-MoE HF directory into the MoE preset: the first π_old log-probs equal HF's at EP1 and EP2."""
+    hf = _hf_qwen3_moe(tmp_path / "hf")
+    for r in run_ranks(_moe_ranks, world, str(tmp_path / "hf"), str(tmp_path), timeout=900):
+        assert r["warmed_up"] and r["ep"] == world
+        want = _hf_logprobs(hf, r["ids"])
+        assert (r["old"].double() - want)[r["mask"]].abs().max().item() < TOL
+
+
+def test_pretrained_moe_mismatch_is_one_line(tmp_path):
+    """check_pretrained compares the MoE fields: tiny-moe's shared expert (Qwen3-MoE has none) is named."""
+    from oar_megatron.trainer import compose_config
+
+    _hf_qwen3_moe(tmp_path / "hf")
+    cfg = compose_config(["model=tiny-moe", "model.qk_layernorm=true", f"model.pretrained={tmp_path / 'hf'}"])
+    with pytest.raises(ValueError, match=r"^model.pretrained: .*moe_shared_expert_intermediate_size=None, the model "
+                                         r"preset 'tiny-moe' has 64; .*override model.moe_shared_expert"):
+        cfg.validate(1)
+    cfg = compose_config(MOE + [f"model.pretrained={tmp_path / 'hf'}", "model.moe_router_pre_softmax=true"])
+    with pytest.raises(ValueError, match=r"^model.pretrained: .*moe_router_pre_softmax=False"):
+        cfg.validate(1)
+    compose_config(MOE + [f"model.pretrained={tmp_path / 'hf'}"]).validate(1)  # the matching preset passes

@@ -113,6 +113,7 @@ def _hf_logprobs(model, ids):
 
 def test_pretrained_start_under_pipeline_parallelism(tmp_path):
     from oar_megatron.convert import hf_model_config, mcore_to_hf
+    from oar_megatron.convert.mapping import pipeline_states
 
     hf, dirs = {}, {}
     for name, (kw, _, _) in CASES.items():
@@ -137,7 +138,7 @@ def test_pretrained_start_under_pipeline_parallelism(tmp_path):
         assert torch.equal(cl["output_layer.weight"][:24], emb if not name.endswith("untied")
                            else hf_sd["lm_head.weight"])
         cfg = hf_model_config(dirs[name], make_vocab_size_divisible_by=8)  # the preset's
-        back = dict(mcore_to_hf(chunks, cfg, "qwen3" if "qwen3" in name else "llama"))
+        back = dict(mcore_to_hf(pipeline_states(chunks), cfg, "qwen3" if "qwen3" in name else "llama"))
         assert set(back) == set(hf_sd) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
         assert all(torch.equal(back[k], hf_sd[k]) for k in back), name
     # the tied Llama after one update: both copies moved together (embedding-group gradient all-reduce)
@@ -149,5 +150,5 @@ def test_pretrained_start_under_pipeline_parallelism(tmp_path):
     assert torch.equal(e0, e1)
     trained = {**first["trained"], **last["trained"]}
     cfg = hf_model_config(dirs["llama3.2"], make_vocab_size_divisible_by=8)
-    back = dict(mcore_to_hf(trained, cfg, "llama"))  # verifies the last stage's copy equals the embedding
+    back = dict(mcore_to_hf(pipeline_states(trained), cfg, "llama"))  # verifies the last stage's copy equals the embedding
     assert torch.equal(back["model.embed_tokens.weight"], e0[:24])

@@ -8,7 +8,7 @@ megatron's own exactly), and run:
   chunk's stage with ``collectives.send/recv``): the last chunk's logits equal HF's within 1e-4 (max abs);
 - response log-probs: the project's pipeline pass (``policy.pipeline.pipeline_logprobs``, megatron's forward-only
   schedule, interleaved for virtual PP) equal HF's within 1e-4;
-- export: every chunk's parameters gathered back (``mcore_to_hf({(pp_rank, vp_stage): state})``) equal the HF
+- export: every chunk's parameters gathered back (``mcore_to_hf(pipeline_states({(pp_rank, vp_stage): state}))``) equal the HF
   checkpoint bit for bit; with tied embeddings the last stage's ``output_layer.weight`` is the HF embedding.
 
 Layouts: pp=2 for all four and pp=2 × virtual_pp=2 (4 chunks of one layer) for the tied Llama-3.2 and Qwen3 (one
@@ -119,6 +119,7 @@ def _check(results, layouts, dirs, refs):
     from safetensors.torch import load_file
 
     from oar_megatron.convert import hf_model_config, mcore_to_hf
+    from oar_megatron.convert.mapping import pipeline_states
     from oar_megatron.convert.config import architecture, read_hf_config
 
     for layout, (tp, _, vpp, cases) in layouts.items():
@@ -141,7 +142,7 @@ def _check(results, layouts, dirs, refs):
                     states.setdefault(k, []).append(st)
             assert len(states) == 2 * (vpp or 1) and all(len(v) == tp for v in states.values())
             ref = load_file(f"{d}/model.safetensors")
-            back = dict(mcore_to_hf(states, cfg, arch))
+            back = dict(mcore_to_hf(pipeline_states(states), cfg, arch))
             assert set(back) == set(ref) and all(torch.equal(back[n], ref[n]) for n in ref), key
             head = torch.cat([st["output_layer.weight"] for st in states[(1, None if vpp is None else vpp - 1)]])
             want = ref["model.embed_tokens.weight" if case == "llama3.2" else "lm_head.weight"]
