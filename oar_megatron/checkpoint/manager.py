@@ -344,12 +344,17 @@ def _optimizer_mismatch(saved: dict, actor) -> str | None:
 class CheckpointManager:
     """Atomic, keep-last-k checkpoints of a ``PolicyActor`` under ``root`` (module docstring for the layout).
 
-    Call ``save``/``load`` on every rank (they are collective). ``keep_last <= 0`` keeps every checkpoint."""
+    Call ``save``/``load`` on every rank (they are collective). ``keep_last <= 0`` keeps every checkpoint.
+    ``readonly``: a reader of another process's checkpoints (``oar-convert``): the root is neither created nor
+    cleaned of ``.tmp-*`` directories (a run may be saving into it right now), and ``save`` is refused."""
 
-    def __init__(self, root: str | os.PathLike, *, keep_last: int = 2, groups) -> None:
+    def __init__(self, root: str | os.PathLike, *, keep_last: int = 2, groups, readonly: bool = False) -> None:
         self.root = Path(root)
         self.keep_last = int(keep_last)
         self.groups = groups
+        self.readonly = bool(readonly)
+        if readonly:
+            return
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             self._clean_tmp()
@@ -383,6 +388,8 @@ class CheckpointManager:
         it has one, goes to ``dist/`` with the weights."""
         from megatron.core import dist_checkpointing
 
+        if self.readonly:
+            raise CheckpointError(f"{self.root}: opened read-only; cannot save")
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step: must be a non-negative int, got {step!r}")
         rank = _rank()

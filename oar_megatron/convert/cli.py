@@ -106,10 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="the run's config.yaml (default: CKPT root's parent's config.yaml)")
     p.add_argument("--hf-config", help="the HF directory whose config.json describes the model (default: the run's "
                                        "model.pretrained)")
+    from .launch import RankError
+    from .subcommands import add_logprobs, add_verify
+
+    add_logprobs(sub)
+    add_verify(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command != "mcore-to-hf":
+            return args.run(args)
         out = mcore_to_hf_dir(args.ckpt_dir, args.out_dir, config=args.config, hf_config=args.hf_config)
-    except ValueError as exc:
+    except (ValueError, RankError) as exc:
         print(f"oar-convert: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
