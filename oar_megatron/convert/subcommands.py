@@ -47,6 +47,8 @@ def add_verify(sub) -> None:
     p.add_argument("--num", type=int, default=4, help="number of random sequences (default 4)")
     p.add_argument("--length", type=int, default=16, help="longest sequence length (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sequences")
+    p.add_argument("--mcore", default=None, help="check this existing megatron checkpoint against HF_DIR instead of "
+                                                 "converting (e.g. a run's checkpoint against its mcore-to-hf export)")
     p.set_defaults(run=_run_verify)
 
 
@@ -54,6 +56,7 @@ def _run_verify(args) -> int:
     from .verify import verify
 
     res = verify(args.hf_dir, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype, tol=args.tol, num=args.num,
-                 length=args.length, seed=args.seed, timeout=args.timeout, echo=lambda s: print(s, flush=True))
+                 length=args.length, seed=args.seed, mcore=args.mcore, timeout=args.timeout,
+                 echo=lambda s: print(s, flush=True))
     sys.stdout.flush()
     return 0 if res.passed else 1

@@ -1,7 +1,8 @@
 """``oar-convert verify HF_DIR [--tp N] [--pp N] [--ep N] [--dtype fp32|bf16] [--tol X]``: check a conversion end to
 end on this machine.
 
-1. Conversion into a temporary directory (removed at the end). This build reads the HF directory through the
+1. Conversion into a temporary directory (removed at the end), or ``--mcore CKPT_DIR``: an existing megatron
+   checkpoint (converted, or a run's) checked against HF_DIR instead. This build reads the HF directory through the
    streaming import (``hf_to_mcore`` into each rank's shard: the trainer's ``model.pretrained`` path); where
    ``oar-convert hf-to-mcore`` is available the megatron side is the converted checkpoint instead (see
    ``_megatron_source``).
@@ -89,6 +90,18 @@ def _megatron_source(source: ModelSource, tmp: Path) -> tuple[ModelSource, str]:
     return source, f"streaming import of {source.hf_dir} (hf_to_mcore into each rank's shard)"
 
 
+def _same_architecture(hf: ModelSource, mcore: ModelSource) -> None:
+    """``--mcore``'s model must compute as the HF directory's (``convert.config.check_pretrained``)."""
+    import dataclasses
+
+    from .config import check_pretrained
+
+    try:
+        check_pretrained(dataclasses.replace(mcore.model, pretrained=str(hf.hf_dir)))
+    except ValueError as exc:
+        raise ValueError(f"--mcore: {mcore.path}: {str(exc).removeprefix('model.pretrained: ')}") from None
+
+
 def _hf_logits(hf_dir: Path, sequences: list[list[int]]):
     """``transformers`` logits [L, V] (fp32, eval) of each sequence, one at a time (no padding)."""
     import torch
@@ -100,9 +113,11 @@ def _hf_logits(hf_dir: Path, sequences: list[list[int]]):
 
 
 def verify(hf_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, dtype: str = "fp32",
-           tol: float | None = None, num: int = 4, length: int = 16, seed: int = 0,
+           tol: float | None = None, num: int = 4, length: int = 16, seed: int = 0, mcore: str | Path | None = None,
            timeout: float = 3600.0, echo=print) -> VerifyResult:
-    """Run the check (module docstring), print its lines with ``echo`` and return the result."""
+    """Run the check (module docstring), print its lines with ``echo`` and return the result. ``mcore``: check
+    this existing megatron checkpoint (converted, or a trainer checkpoint) against ``hf_dir`` instead of converting
+    (e.g. a run's checkpoint against its ``mcore-to-hf`` export)."""
     import torch
 
     from .launch import run_local
@@ -118,7 +133,14 @@ def verify(hf_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, dtype: 
     echo(f"oar-convert verify {hf_dir} ({source.arch}, tp={tp} pp={pp} ep={ep}, {dtype}, {len(seqs)} sequences of "
          f"{', '.join(str(len(s)) for s in seqs)} tokens)")
     with tempfile.TemporaryDirectory(prefix="oar-verify-") as tmp:
-        mcore, route = _megatron_source(source, Path(tmp))
+        if mcore is None:
+            mcore, route = _megatron_source(source, Path(tmp))
+        else:
+            mcore = resolve_model_source(mcore)
+            route = f"the megatron checkpoint {mcore.step_dir} (CheckpointManager.load)"
+            if mcore.kind != "megatron":
+                raise ValueError(f"--mcore: {mcore.path} is not a megatron checkpoint")
+            _same_architecture(source, mcore)
         mcore = mcore.with_dtype(DTYPES[dtype])
         supported_layout(mcore, tp=tp, pp=pp, ep=ep)
         got = run_local(policy_outputs, tp * pp * ep, mcore, seqs, (tp, pp, ep), ("logprobs", "logits", "export"),
