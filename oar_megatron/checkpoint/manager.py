@@ -386,10 +386,10 @@ class CheckpointManager:
         position, shared counters; tensors and plain Python). ``per_rank``: this rank's own state (e.g. its engine's
         seed), returned by ``load`` to the same rank when the layout matches. The actor's KL reference policy, when
         it has one, goes to ``dist/`` with the weights."""
-        from megatron.core import dist_checkpointing
-
         if self.readonly:
             raise CheckpointError(f"{self.root}: opened read-only; cannot save")
+        from megatron.core import dist_checkpointing
+
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step: must be a non-negative int, got {step!r}")
         rank = _rank()

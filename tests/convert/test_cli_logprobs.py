@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.convert.hf_tiny import make_hf_model
+from tests.convert.hf_tiny import make_hf_model, make_synthetic_qwen3
 
 TOL = 1e-4
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,3 +183,76 @@ def test_run_local_returns_rank0_names_a_failing_rank_and_times_out():
     with pytest.raises(RankError, match=r"^timed out after 3 s \(2 of 2 ranks still running\)$"):
         run_local(_sleeps, 2, timeout=3)
     assert time.monotonic() - start < 50  # neither waited for the sleeping ranks
+
+
+def test_readonly_checkpoint_manager_leaves_the_root_alone(tmp_path):
+    """oar-convert reads checkpoints with ``CheckpointManager(readonly=True)``: a run saving into the same root
+    keeps its ``.tmp-*`` directory; a missing root is not created; saving is refused."""
+    from oar_megatron.checkpoint import CheckpointManager
+    from oar_megatron.checkpoint.manager import CheckpointError
+
+    (tmp_path / "ckpt" / ".tmp-step_00000003").mkdir(parents=True)
+    manager = CheckpointManager(tmp_path / "ckpt", groups=None, readonly=True)
+    assert (tmp_path / "ckpt" / ".tmp-step_00000003").is_dir()
+    CheckpointManager(tmp_path / "missing", groups=None, readonly=True)
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(CheckpointError, match="read-only"):
+        manager.save(3, None, common={})
+
+
+def _fake_checkpoint(root, step=1):
+    """A checkpoint root as the manager lays it out (only what resolution reads: latest, step_*/state.pt)."""
+    step_dir = root / f"step_{step:08d}"
+    step_dir.mkdir(parents=True)
+    (step_dir / "state.pt").write_bytes(b"")
+    (root / "latest").write_text(step_dir.name + "\n")
+    return step_dir
+
+
+def test_resolve_model_source_kinds_and_errors(hf, tmp_path):
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from oar_megatron.convert.source import resolve_model_source
+    from oar_megatron.trainer import compose_config
+
+    hf_dir, _ = hf
+    s = resolve_model_source(hf_dir)
+    assert (s.kind, s.arch, s.hf_dir, s.step_dir) == ("hf", "qwen3", hf_dir, None)
+    assert (s.model.kv_channels, s.model.qk_layernorm, s.model.vocab_size) == (24, True, 100)
+
+    # a converted checkpoint (hf-to-mcore): ROOT/hf/config.json describes the model
+    step = _fake_checkpoint(tmp_path / "conv")
+    (tmp_path / "conv" / "hf").mkdir()
+    shutil.copy(hf_dir / "config.json", tmp_path / "conv" / "hf")
+    for given in (tmp_path / "conv", step):
+        s = resolve_model_source(given)
+        assert (s.kind, s.arch, s.hf_dir, s.step_dir, s.converted) == ("megatron", "qwen3", tmp_path / "conv" / "hf",
+                                                                       step, True)
+
+    # a trainer checkpoint: the run's config.yaml (the root's parent's); HF config from model.pretrained
+    synth = tmp_path / "synth"
+    make_synthetic_qwen3(synth)
+    for pretrained, hf_want in ((synth, synth), (None, None)):
+        run = tmp_path / f"run-{pretrained is not None}"
+        step = _fake_checkpoint(run / "checkpoints", 7)
+        over = [f"model.pretrained={pretrained}"] if pretrained else []
+        (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(compose_config(over))))
+        s = resolve_model_source(run / "checkpoints")
+        assert (s.kind, s.arch, s.hf_dir, s.step_dir, s.converted) == ("megatron", "qwen3", hf_want, step, False)
+        assert (s.model.name, s.model.make_vocab_size_divisible_by) == ("tiny-synthetic", 8)  # the run's preset
+
+    # errors: one line naming the path
+    (tmp_path / "noweights").mkdir()
+    shutil.copy(hf_dir / "config.json", tmp_path / "noweights")
+    orphan = _fake_checkpoint(tmp_path / "orphan" / "ckpt")
+    (tmp_path / "badlatest").mkdir()
+    (tmp_path / "badlatest" / "latest").write_text("nonsense")
+    for path, match in ((tmp_path / "noweights", "config.json but no \\*.safetensors"),
+                        (orphan, "without a model description"),
+                        (tmp_path / "badlatest", "corrupt"),
+                        (hf_dir / "config.json", "not a directory")):
+        with pytest.raises(ValueError, match=match) as e:
+            resolve_model_source(path)
+        assert "\n" not in str(e.value)
