@@ -4,7 +4,8 @@ tiny random HF Qwen3 shaped as ``tiny-synthetic`` → ``oar-train model=tiny-syn
 steps, checkpointed) → ``oar-convert mcore-to-hf RUN/checkpoints OUT`` → ``transformers`` loads OUT, whose weights
 are the trained ones (they differ from HF's; ``oar-convert verify OUT --mcore RUN/checkpoints`` finds the
 checkpoint's parameters exported bit-identical to OUT's tensors and the logits equal) and whose log-probs equal
-``oar-convert logprobs RUN/checkpoints`` (a trainer checkpoint as the source) within 1e-4; and ``oar-convert verify
+``oar-convert logprobs RUN/checkpoints --pp 2`` (a trainer checkpoint as the source, resharded to two pipeline
+stages) within 1e-4; and ``oar-convert verify
 HF --mcore RUN/checkpoints`` FAILS (exit 1) naming a differing tensor: the trained weights are not HF's."""
 
 import json
@@ -50,7 +51,7 @@ def test_pretrained_run_exports_through_console_scripts(tmp_path):
 
     (tmp_path / "in.json").write_text(json.dumps({"sequences": SEQS}))
     _run([console("oar-convert"), "logprobs", str(run / "checkpoints"), "--tokens", str(tmp_path / "in.json"),
-          "--out", str(tmp_path / "lp.json")])
+          "--out", str(tmp_path / "lp.json"), "--pp", "2"])  # a TP1/PP1 checkpoint resharded to two stages
     got = json.loads((tmp_path / "lp.json").read_text())["logprobs"]
     assert max_diff(got, hf_logprobs(exported, SEQS)) < TOL
     assert max_diff(got, hf_logprobs(initial, SEQS)) > 1e-2
