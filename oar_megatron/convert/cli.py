@@ -73,7 +73,7 @@ def mcore_to_hf_dir(ckpt: str | Path, out: str | Path, *, config: str | Path | N
     try:
         actor = PolicyActor(model=cfg.model, parallel=ParallelConfig(), optim=cfg.optim, algorithm=cfg.algorithm,
                             groups=groups, reference=None)
-        manager = CheckpointManager(root, keep_last=0, groups=groups)
+        manager = CheckpointManager(root, keep_last=0, groups=groups, readonly=True)  # a live run may be saving
         manager.load(actor, step_dir, load_optimizer=False, load_rng=False, load_reference=False)
         state = {n: p.detach().float() for n, p in actor.models[0].named_parameters()}
         tensors = dict(mcore_to_hf(state, cfg.model, arch))
