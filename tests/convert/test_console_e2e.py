@@ -5,14 +5,16 @@ steps, checkpointed) → ``oar-convert mcore-to-hf RUN/checkpoints OUT`` → ``t
 are the trained ones (they differ from HF's; ``oar-convert verify OUT --mcore RUN/checkpoints`` finds the
 checkpoint's parameters exported bit-identical to OUT's tensors and the logits equal) and whose log-probs equal
 ``oar-convert logprobs RUN/checkpoints --pp 2`` (a trainer checkpoint as the source, resharded to two pipeline
-stages) within 1e-4; and ``oar-convert verify
-HF --mcore RUN/checkpoints`` FAILS (exit 1) naming a differing tensor: the trained weights are not HF's."""
+stages) within 1e-4; and a copy of OUT with one element of one tensor moved by 1e-3 FAILS ``oar-convert verify
+--mcore RUN/checkpoints`` (exit 1), naming that tensor."""
 
 import json
+import shutil
 import subprocess
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.convert.hf_tiny import make_synthetic_qwen3
 from tests.convert.test_cli_logprobs import TOL, _env, console, hf_logprobs, max_diff
@@ -24,6 +26,7 @@ TRAIN = ["model=tiny-synthetic", "trainer.steps=2", "rollout.prompts_per_step=2"
          "trainer.progress=false", "logging.tensorboard=false",
          # the synthetic reward is 0 for a random model: the entropy bonus makes sure the two steps move the weights
          "algorithm.entropy_coef=0.1", "optim.lr=1e-3"]
+TAMPERED = "model.layers.1.self_attn.o_proj.weight"
 SEQS = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
 
 
@@ -60,8 +63,12 @@ def test_pretrained_run_exports_through_console_scripts(tmp_path):
     text = _run([console("oar-convert"), "verify", str(out), "--mcore", str(run / "checkpoints"), "--num", "2",
                  "--length", "8"])
     assert "bit-identical (24 tensors)" in text and text.rstrip().endswith("PASS"), text
-    # ... and are not the HF weights the run started from: verify fails (exit 1) and names the first tensor
-    text = _run([console("oar-convert"), "verify", str(hf_dir), "--mcore", str(run / "checkpoints"), "--num", "2",
-                 "--length", "8"], expect=1)
-    assert "DIFFERS, first: model.embed_tokens.weight" in text and text.rstrip().endswith("FAIL"), text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "in.json", "lp.json", "out", "run"]
+    # a deliberately corrupted export (one element of one tensor moved by 1e-3): verify fails (exit 1), naming it
+    shutil.copytree(out, tmp_path / "bad")
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors[TAMPERED][3, 5] += 1e-3
+    save_file(tensors, str(tmp_path / "bad" / "model.safetensors"), metadata={"format": "pt"})
+    text = _run([console("oar-convert"), "verify", str(tmp_path / "bad"), "--mcore", str(run / "checkpoints"),
+                 "--num", "2", "--length", "8"], expect=1)
+    assert f"DIFFERS, first: {TAMPERED}" in text and text.rstrip().endswith("FAIL"), text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "hf", "in.json", "lp.json", "out", "run"]
