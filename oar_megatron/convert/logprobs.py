@@ -275,7 +275,7 @@ def policy_outputs(source: ModelSource, sequences: list[list[int]], layout: tupl
         algorithm.kl.coef = 0.0
         rows = _rows(sequences, min(MICRO_BATCH, len(sequences)))
         actor = PolicyActor(model=model, parallel=parallel, optim=OptimConfig(), algorithm=algorithm, groups=groups,
-                            micro_batch_size=min(MICRO_BATCH, len(rows)), reference=None)
+                            micro_batch_size=min(MICRO_BATCH, len(rows)), routing_replay=False, reference=None)
         _load_weights(actor, source, groups)
         batch = actor.pack([r[:1] for r in rows], [r[1:] for r in rows], torch.zeros(len(rows)), pad_id=0)
         out: dict[str, Any] = {}

@@ -22,6 +22,7 @@ Top-1 agreement is reported, not required (a near-tie may flip under any roundin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass
@@ -92,8 +93,6 @@ def _megatron_source(source: ModelSource, tmp: Path) -> tuple[ModelSource, str]:
 
 def _same_architecture(hf: ModelSource, mcore: ModelSource) -> None:
     """``--mcore``'s model must compute as the HF directory's (``convert.config.check_pretrained``)."""
-    import dataclasses
-
     from .config import check_pretrained
 
     try:
@@ -141,6 +140,7 @@ def verify(hf_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, dtype: 
             if mcore.kind != "megatron":
                 raise ValueError(f"--mcore: {mcore.path} is not a megatron checkpoint")
             _same_architecture(source, mcore)
+            mcore = dataclasses.replace(mcore, arch=source.arch)  # HF_DIR's table names the export
         mcore = mcore.with_dtype(DTYPES[dtype])
         supported_layout(mcore, tp=tp, pp=pp, ep=ep)
         got = run_local(policy_outputs, tp * pp * ep, mcore, seqs, (tp, pp, ep), ("logprobs", "logits", "export"),

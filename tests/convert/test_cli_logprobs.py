@@ -256,3 +256,19 @@ def test_resolve_model_source_kinds_and_errors(hf, tmp_path):
         with pytest.raises(ValueError, match=match) as e:
             resolve_model_source(path)
         assert "\n" not in str(e.value)
+
+
+def test_verify_mcore_of_another_architecture_is_one_line(hf, tmp_path, capsys):
+    """``verify HF --mcore CKPT``: a checkpoint whose model is not HF's is refused before any rank starts."""
+    from omegaconf import OmegaConf
+
+    from oar_megatron.convert.cli import main
+    from oar_megatron.trainer import compose_config
+
+    hf_dir, _ = hf
+    _fake_checkpoint(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(compose_config([]))))
+    rc = main(["verify", str(hf_dir), "--mcore", str(tmp_path / "run" / "checkpoints")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("oar-convert: --mcore:") and "config.json gives" in err, err
