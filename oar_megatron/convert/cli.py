@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     add_verify(sub)
     args = parser.parse_args(argv)
     try:
-        if args.command != "mcore-to-hf":
+        if getattr(args, "run", None) is not None:  # subcommands.py's parsers carry their own runner
             return args.run(args)
         out = mcore_to_hf_dir(args.ckpt_dir, args.out_dir, config=args.config, hf_config=args.hf_config)
     except (ValueError, RankError) as exc:
