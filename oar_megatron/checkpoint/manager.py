@@ -344,12 +344,17 @@ def _optimizer_mismatch(saved: dict, actor) -> str | None:
 class CheckpointManager:
     """Atomic, keep-last-k checkpoints of a ``PolicyActor`` under ``root`` (module docstring for the layout).
 
-    Call ``save``/``load`` on every rank (they are collective). ``keep_last <= 0`` keeps every checkpoint."""
+    Call ``save``/``load`` on every rank (they are collective). ``keep_last <= 0`` keeps every checkpoint.
+    ``readonly``: a reader of another process's checkpoints (``oar-convert``): the root is neither created nor
+    cleaned of ``.tmp-*`` directories (a run may be saving into it right now), and ``save`` is refused."""
 
-    def __init__(self, root: str | os.PathLike, *, keep_last: int = 2, groups) -> None:
+    def __init__(self, root: str | os.PathLike, *, keep_last: int = 2, groups, readonly: bool = False) -> None:
         self.root = Path(root)
         self.keep_last = int(keep_last)
         self.groups = groups
+        self.readonly = bool(readonly)
+        if readonly:
+            return
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             self._clean_tmp()
@@ -381,6 +386,8 @@ class CheckpointManager:
         position, shared counters; tensors and plain Python). ``per_rank``: this rank's own state (e.g. its engine's
         seed), returned by ``load`` to the same rank when the layout matches. The actor's KL reference policy, when
         it has one, goes to ``dist/`` with the weights."""
+        if self.readonly:
+            raise CheckpointError(f"{self.root}: opened read-only; cannot save")
         from megatron.core import dist_checkpointing
 
         if not isinstance(step, int) or step < 0:

@@ -73,7 +73,7 @@ def mcore_to_hf_dir(ckpt: str | Path, out: str | Path, *, config: str | Path | N
     try:
         actor = PolicyActor(model=cfg.model, parallel=ParallelConfig(), optim=cfg.optim, algorithm=cfg.algorithm,
                             groups=groups, reference=None)
-        manager = CheckpointManager(root, keep_last=0, groups=groups)
+        manager = CheckpointManager(root, keep_last=0, groups=groups, readonly=True)  # a live run may be saving
         manager.load(actor, step_dir, load_optimizer=False, load_rng=False, load_reference=False)
         state = {n: p.detach().float() for n, p in actor.models[0].named_parameters()}
         tensors = dict(mcore_to_hf(state, cfg.model, arch))
@@ -106,10 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="the run's config.yaml (default: CKPT root's parent's config.yaml)")
     p.add_argument("--hf-config", help="the HF directory whose config.json describes the model (default: the run's "
                                        "model.pretrained)")
+    from .launch import RankError
+    from .subcommands import add_logprobs, add_verify
+
+    add_logprobs(sub)
+    add_verify(sub)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "run", None) is not None:  # subcommands.py's parsers carry their own runner
+            return args.run(args)
         out = mcore_to_hf_dir(args.ckpt_dir, args.out_dir, config=args.config, hf_config=args.hf_config)
-    except ValueError as exc:
+    except (ValueError, RankError) as exc:
         print(f"oar-convert: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

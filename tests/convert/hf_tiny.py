@@ -56,3 +56,23 @@ def make_hf_model(case: str, directory: str | Path, seed: int = 0, **overrides):
                 p.mul_(4)
     model.save_pretrained(str(directory))
     return model
+
+
+def make_synthetic_qwen3(directory: str | Path, seed: int = 0):
+    """A tiny random Qwen3 with the ``tiny-synthetic`` preset's architecture (vocab 24 = the synthetic tokenizer's,
+    tied, QK-norm, fp32), norm weights perturbed off 1; saved with ``save_pretrained`` and returned."""
+    import transformers
+
+    config = transformers.Qwen3Config(vocab_size=24, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
+                                      tie_word_embeddings=True, initializer_range=0.2)
+    config.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(str(directory))
+    return model
