@@ -158,9 +158,11 @@ def megatron_source(path: str | Path, *, config: str | Path | None = None,
         raise ValueError(f"CKPT_DIR: {exc}") from None
     root = step_dir.parent
     if (state.get("common") or {}).get("converted") or (root / HF_SUBDIR / "config.json").is_file():
-        hf_dir = Path(hf_config) if hf_config else root / HF_SUBDIR
-        hf = read_hf_config(hf_dir)
-        return MegatronSource("converted", step_dir, hf_model_config(hf), architecture(hf), hf_dir)
+        hf = read_hf_config(root / HF_SUBDIR)
+        model, arch = hf_model_config(hf), architecture(hf)
+        if hf_config:  # another HF directory for config.json / carried files: must be the same model
+            check_architecture(model, hf_model_config(hf_config), f"{hf_config}/config.json", key="--hf-config")
+        return MegatronSource("converted", step_dir, model, arch, Path(hf_config) if hf_config else root / HF_SUBDIR)
     from omegaconf import OmegaConf
 
     from ..config.train import train_config_from
@@ -251,6 +253,37 @@ def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, root: str, parallel, c
         destroy_parallel()
 
 
+class _HeadersOnly:
+    """A safetensors source that answers names and shapes (file headers) and stops at the first tensor read."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self, src):
+        self.src = src
+
+    def names(self):
+        return self.src.names()
+
+    def shape(self, name):
+        return self.src.shape(name)
+
+    def get(self, name):
+        raise self.Stop
+
+
+def _check_hf_tensors(hf_dir: Path, cfg: ModelConfig, arch: str) -> None:
+    """``iter_hf_to_mcore``'s checks (missing / extra / mis-shaped tensors, unreadable files) on the headers only."""
+    from .io import SafetensorsReader
+    from .mapping import iter_hf_to_mcore
+
+    with SafetensorsReader(hf_dir) as src:
+        try:
+            next(iter_hf_to_mcore(_HeadersOnly(src), cfg, arch), None)
+        except _HeadersOnly.Stop:
+            pass
+
+
 def _tmp_next_to(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -280,6 +313,7 @@ def hf_to_mcore_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
     parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
     world = tp * pp * ep
     parallel.validate(world, cfg)  # heads / groups / layers / experts against the layout: one line
+    _check_hf_tensors(hf_dir, cfg, arch)  # before any rank starts: names, shapes, readable files
     tmp = _tmp_next_to(out)
     try:
         launch(_hf_to_mcore_rank, world, str(hf_dir), str(tmp), parallel, cfg, arch, quiet)
@@ -346,6 +380,28 @@ def _dist_slices(metadata: Mapping[str, Any], cfg: ModelConfig) -> dict[str, _Sl
     return out
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    # torch DCP's CheckpointException derives from BaseException; a corrupt file raises many types
+    try:
+        from torch.distributed.checkpoint import CheckpointException
+    except ImportError:  # pragma: no cover
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+_READ_ERRORS = _read_errors()
+
+
+def _why(exc: BaseException) -> str:
+    """One line for a read failure: DCP's ``CheckpointException`` wraps each rank's error in ``failures``."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))
+        exc = getattr(exc, "exc", exc) if not isinstance(exc, BaseException) else exc
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 class _DistReader:
     """Reads global slices from a dist checkpoint directory: one ``dist_checkpointing.load`` per batch of slices
     (consecutive in ``order``, up to ``budget`` bytes), each slice handed out once."""
@@ -373,10 +429,9 @@ class _DistReader:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 loaded = dist_checkpointing.load(sd, str(self.dir))
-        except Exception as exc:  # noqa: BLE001 - torch DCP / megatron raise many types for a bad file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except _READ_ERRORS as exc:
             raise ConversionError(f"convert: dist checkpoint {self.dir}: cannot read {self.slices[names[0]].key!r}"
-                                  f"{f' (and {len(names) - 1} more)' if len(names) > 1 else ''}: {first}") from None
+                                  f"{f' (and {len(names) - 1} more)' if len(names) > 1 else ''}: {_why(exc)}") from None
         self.cache.update(loaded)
         self.read.update(names)
 
@@ -517,6 +572,8 @@ def mcore_to_hf_checkpoint(ckpt: str | Path, out_dir: str | Path, *, config: str
     src = megatron_source(ckpt, config=config, hf_config=hf_config)
     cfg, arch = src.model, src.arch
     dist_dir = src.step_dir / "dist"
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise RuntimeError("mcore_to_hf_checkpoint: runs in one process (no process group, or a one-rank one)")
     owns_group = not dist.is_initialized()
     if owns_group:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -530,9 +587,9 @@ def mcore_to_hf_checkpoint(ckpt: str | Path, out_dir: str | Path, *, config: str
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 metadata = dist_checkpointing.load_tensors_metadata(str(dist_dir))
-        except Exception as exc:  # noqa: BLE001 - a corrupt metadata file raises many types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConversionError(f"convert: dist checkpoint {dist_dir}: cannot read its metadata: {first}") from None
+        except _READ_ERRORS as exc:
+            raise ConversionError(f"convert: dist checkpoint {dist_dir}: cannot read its metadata: {_why(exc)}"
+                                  ) from None
         slices = _dist_slices(metadata, cfg)
         padded = cfg.padded_vocab_size(1)
         dry = _LazyState(slices, None, cfg.vocab_size, padded)
