@@ -134,6 +134,49 @@ def test_converted_checkpoint_loads_under_any_tp_and_exports_bit_identical(conve
             assert (exp / "generation_config.json").is_file()
 
 
+def _resave_pp2(rank, world, cases, out_root):
+    """Load each converted checkpoint into this PP stage's model and save it again under PP=2 (weights only)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from oar_megatron.checkpoint import CheckpointManager, load_model_weights
+    from oar_megatron.config import ParallelConfig
+    from oar_megatron.convert import hf_model_config
+    from oar_megatron.policy import build_model, destroy_parallel, init_parallel
+
+    groups, layers = None, {}
+    for name, (hf_dir, ckpt) in cases.items():
+        cfg = hf_model_config(hf_dir, make_vocab_size_divisible_by=8)
+        if groups is None:
+            groups = init_parallel(ParallelConfig(pp=2), cfg, seed=1)
+        gpt = build_model(cfg, groups)
+        load_model_weights([gpt], ckpt)
+        layers[name] = sorted(n for n, _ in gpt.named_parameters())
+        CheckpointManager(f"{out_root}/{name}", keep_last=0, groups=groups).save_weights(
+            0, [gpt], common={"step": 0, "converted": True})
+    destroy_parallel(process_group=False)
+    return layers
+
+
+def test_pp2_saved_checkpoint_exports_bit_identical(converted, tmp_path):
+    """A PP=2-saved checkpoint (each stage its layers; tied embeddings: the output layer on the last stage shares the
+    embedding's key) exports to the original HF tensors."""
+    from safetensors.torch import load_file
+
+    from oar_megatron.convert.cli import main
+
+    base, cases, _, _ = converted
+    cases = {k: v for k, v in cases.items() if k != "qwen3_tp1"}
+    first, last = run_ranks(_resave_pp2, 2, cases, str(tmp_path / "pp2"))
+    for name, (hf_dir, _) in cases.items():
+        assert "embedding.word_embeddings.weight" in first[name] and "decoder.layers.0.mlp.linear_fc1.weight" in first[name]
+        assert "decoder.final_layernorm.weight" in last[name] and "decoder.layers.1.mlp.linear_fc1.weight" not in last[name]
+        shutil.copytree(base / cases[name][1] / "hf", tmp_path / "pp2" / name / "hf")
+        assert main(["mcore-to-hf", str(tmp_path / "pp2" / name), str(tmp_path / name), "--quiet"]) == 0
+        got, ref = load_file(str(tmp_path / name / "model.safetensors")), load_file(f"{hf_dir}/model.safetensors")
+        assert set(got) == set(ref) and all(torch.equal(got[n], ref[n]) for n in ref), name
+
+
 @pytest.mark.parametrize("case", ["qwen3", "llama3.2", "qwen2", "llama3"])
 def test_generated_config_round_trip(tmp_path, case):
     """config.json generated from the ModelConfig (a run without an HF directory) reads back to the same config,
