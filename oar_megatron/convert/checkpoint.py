@@ -348,8 +348,9 @@ class _Slice:
 
 def _dist_slices(metadata: Mapping[str, Any], cfg: ModelConfig) -> dict[str, _Slice]:
     """TP=1 / PP=1 / EP=1 module names (the local spec's, as ``mapping`` uses) → the global slice holding them.
-    Layers are prepended axis 0 of every ``decoder.layers.*`` key; experts axis 1 of ``decoder.layers.mlp.experts.*``
-    (megatron's ``SequentialMLP`` keys); the fused-norm keys (``…linear_qkv.layer_norm_weight``) are the local spec's
+    Layers are prepended axis 0 of every ``decoder.layers.*`` key; experts axis 1 of
+    ``decoder.layers.mlp.experts.experts.*`` (megatron's ``SequentialMLP`` / ``TEGroupedMLP`` keys → the local spec's
+    ``mlp.experts.local_experts.{e}.*``); the fused-norm keys (``…linear_qkv.layer_norm_weight``) are the local spec's
     ``input_layernorm`` / ``pre_mlp_layernorm``."""
     out: dict[str, _Slice] = {}
     for key, meta in metadata.items():
@@ -360,8 +361,8 @@ def _dist_slices(metadata: Mapping[str, Any], cfg: ModelConfig) -> dict[str, _Sl
             out[key] = _Slice(key, (), shape, meta.dtype)
             continue
         rest = key[len("decoder.layers."):]
-        if rest.startswith("mlp.experts."):
-            sub = rest[len("mlp.experts."):]
+        if rest.startswith("mlp.experts.experts."):  # SequentialMLP and TEGroupedMLP alike
+            sub = rest[len("mlp.experts.experts."):]
             if len(shape) < 3:
                 raise ConversionError(f"convert: dist checkpoint tensor {key!r} has shape {list(shape)}, expected "
                                       f"[layers, experts, ...]")

@@ -177,6 +177,38 @@ def test_pp2_saved_checkpoint_exports_bit_identical(converted, tmp_path):
         assert set(got) == set(ref) and all(torch.equal(got[n], ref[n]) for n in ref), name
 
 
+def test_dist_keys_map_to_local_module_names():
+    """The global dist-checkpointing keys of a MoE GPTModel (as megatron-core 0.16 saves them: fused-norm key names,
+    layers and experts as prepended axes) map to the local spec's TP1 parameter names."""
+    from types import SimpleNamespace
+
+    from oar_megatron.config.model import ModelConfig
+    from oar_megatron.convert.checkpoint import _dist_slices
+
+    saved = {"embedding.word_embeddings.weight": (56, 32), "decoder.layers.self_attention.linear_qkv.layer_norm_weight":
+             (2, 32), "decoder.layers.self_attention.linear_proj.weight": (2, 32, 32),
+             "decoder.layers.self_attention.linear_qkv.weight": (2, 96, 32),
+             "decoder.layers.mlp.linear_fc1.layer_norm_weight": (2, 32), "decoder.layers.mlp.router.weight": (2, 4, 32),
+             "decoder.layers.mlp.experts.experts.linear_fc1.weight": (2, 4, 96, 32),
+             "decoder.layers.mlp.experts.experts.linear_fc2.weight": (2, 4, 32, 48),
+             "decoder.final_layernorm.weight": (32,), "output_layer.weight": (56, 32),
+             "optimizer.state.exp_avg.output_layer.weight": (56, 32), "reference.output_layer.weight": (56, 32)}
+    meta = {k: SimpleNamespace(global_shape=v, dtype=torch.float32) for k, v in saved.items()}
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=50,
+                      num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48).validate()
+    slices = _dist_slices(meta, cfg)
+    layer = ["input_layernorm.weight", "pre_mlp_layernorm.weight", "mlp.router.weight",
+             "self_attention.linear_proj.weight", "self_attention.linear_qkv.weight",
+             *(f"mlp.experts.local_experts.{e}.linear_fc{k}.weight" for e in range(4) for k in (1, 2))]
+    want = {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight",
+            *(f"decoder.layers.{i}.{n}" for i in range(2) for n in layer)}
+    assert set(slices) == want
+    s = slices["decoder.layers.1.mlp.experts.local_experts.2.linear_fc2.weight"]
+    assert (s.key, s.index, s.shape) == ("decoder.layers.mlp.experts.experts.linear_fc2.weight", (1, 2), (32, 48))
+    s = slices["decoder.layers.0.input_layernorm.weight"]
+    assert (s.key, s.index, s.shape) == ("decoder.layers.self_attention.linear_qkv.layer_norm_weight", (0,), (32,))
+
+
 @pytest.mark.parametrize("case", ["qwen3", "llama3.2", "qwen2", "llama3"])
 def test_generated_config_round_trip(tmp_path, case):
     """config.json generated from the ModelConfig (a run without an HF directory) reads back to the same config,
@@ -273,3 +305,23 @@ def test_mcore_to_hf_bad_checkpoint_is_one_line(converted, tmp_path, capsys):
     assert "metadata" in run(ckpt, out)
     (tmp_path / "empty").mkdir()
     assert "CKPT_DIR" in run(tmp_path / "empty", out)
+
+
+def test_bf16_sharded_hf_round_trip(tmp_path):
+    """A bf16 HF checkpoint saved in several shards (with its index) converts in bf16 (its own dtype, the default)
+    and exports back bit-identical, in bf16, with config.json's dtype bf16."""
+    from oar_megatron.convert.cli import main
+    from oar_megatron.convert.io import SafetensorsReader
+
+    model = make_hf_model("llama3", tmp_path / "fp32")
+    model.to(torch.bfloat16).save_pretrained(str(tmp_path / "hf"), max_shard_size="60KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert main(["hf-to-mcore", str(tmp_path / "hf"), str(tmp_path / "conv"), "--quiet"]) == 0
+    assert main(["mcore-to-hf", str(tmp_path / "conv"), str(tmp_path / "out"), "--quiet"]) == 0
+    with SafetensorsReader(tmp_path / "hf") as ref, SafetensorsReader(tmp_path / "out") as got:
+        assert set(ref.names()) == set(got.names())
+        for n in ref.names():
+            a, b = ref.get(n), got.get(n)
+            assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), n
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
