@@ -1,7 +1,7 @@
 """Megatron distributed checkpoints in and out (``oar-convert hf-to-mcore`` / ``mcore-to-hf``; docs/convert.md).
 
-**hf-to-mcore** (:func:`hf_to_mcore_checkpoint`): N = tp·pp·ep local ranks (``convert.launch``; gloo on CPU, NCCL on
-GPU) each build their megatron model chunks (``policy.build_model``, no random init), stream their shard of the HF
+**hf-to-mcore** (:func:`hf_to_mcore_checkpoint`): N = tp·pp·ep local ranks (``convert.launch.run_local``; gloo on
+CPU, NCCL on GPU) each build their megatron model chunks (``policy.build_model``, no random init), stream their shard of the HF
 safetensors into them one tensor at a time (``mapping.iter_hf_to_mcore``) and save the chunks' ``sharded_state_dict``
 with dist-checkpointing (``CheckpointManager.save_weights``). The result, the **converted checkpoint**, is a
 trainer-format checkpoint root::
@@ -148,8 +148,25 @@ def megatron_source(path: str | Path, *, config: str | Path | None = None,
     """Resolve a megatron checkpoint (root: its latest step, or a step directory). Converted: the model from
     ``ROOT/hf/config.json``. Trainer: the model from the run's ``config.yaml`` (``config``, default the checkpoint
     root's parent's), the HF directory from ``hf_config`` or the run's ``model.pretrained`` (an HF directory, or a
-    converted checkpoint's ``hf/``), checked against the model. One-line ``ValueError`` on any problem."""
+    converted checkpoint's ``hf/``), checked against the model. One-line ``ValueError`` on any problem.
+    Without ``config`` / ``hf_config`` this is ``convert.source.resolve_model_source`` (megatron checkpoints only)."""
     from ..checkpoint.manager import CheckpointError, _read_state, resolve_checkpoint
+
+    if config is None and hf_config is None:
+        from .source import resolve_model_source
+
+        try:
+            src = resolve_model_source(path)
+            if src.kind != "megatron":
+                raise ValueError(f"{path} is an HF directory, not a megatron checkpoint")
+            resolve_checkpoint(src.step_dir)  # complete (dist/metadata.json)
+        except (ValueError, CheckpointError) as exc:
+            raise ValueError(f"CKPT_DIR: {exc}") from None
+        if src.arch is None:
+            raise ValueError(f"CKPT_DIR: {path}: the HF architecture of a MoE model without an HF config.json cannot "
+                             f"be told; name the HF directory (--hf-config)")
+        return MegatronSource("converted" if src.converted else "trainer", src.step_dir, src.model, src.arch,
+                              src.hf_dir)
 
     try:
         step_dir = resolve_checkpoint(path)
@@ -210,8 +227,7 @@ def _layout_kwargs(groups, vp_stage: int | None) -> dict[str, Any]:
     return kw
 
 
-def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, root: str, parallel, cfg: ModelConfig, arch: str,
-                      quiet: bool) -> int:
+def _hf_to_mcore_rank(hf_dir: str, root: str, parallel, cfg: ModelConfig, arch: str, quiet: bool) -> int:
     """One rank of :func:`hf_to_mcore_checkpoint`; returns the number of tensors it copied."""
     from ..checkpoint import CheckpointManager
     from ..metrics.progress import Progress
@@ -224,7 +240,7 @@ def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, root: str, parallel, c
     try:
         built = build_model(cfg, groups, config_overrides={"perform_initialization": False})
         chunks = built if isinstance(built, list) else [built]
-        progress = Progress(enabled=rank == 0 and not quiet)
+        progress = Progress(enabled=groups.rank == 0 and not quiet)
         copied = 0
         with SafetensorsReader(hf_dir) as src, torch.no_grad():
             for vp, chunk in enumerate(chunks):
@@ -297,7 +313,7 @@ def hf_to_mcore_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
     checkpoint's). Returns ``out_dir``. Bad input: one-line ``ValueError``, nothing left at ``out_dir``."""
     from ..config import ParallelConfig
     from .cli import CARRIED
-    from .launch import launch
+    from .launch import check_world_size, run_local
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if out.exists():
@@ -313,10 +329,11 @@ def hf_to_mcore_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, tp: int =
     parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
     world = tp * pp * ep
     parallel.validate(world, cfg)  # heads / groups / layers / experts against the layout: one line
+    check_world_size(world)  # one GPU per rank when CUDA is available
     _check_hf_tensors(hf_dir, cfg, arch)  # before any rank starts: names, shapes, readable files
     tmp = _tmp_next_to(out)
     try:
-        launch(_hf_to_mcore_rank, world, str(hf_dir), str(tmp), parallel, cfg, arch, quiet)
+        run_local(_hf_to_mcore_rank, world, str(hf_dir), str(tmp), parallel, cfg, arch, quiet, timeout=7 * 24 * 3600.0)
         (tmp / HF_SUBDIR).mkdir()
         shutil.copy2(hf_dir / "config.json", tmp / HF_SUBDIR / "config.json")
         for name in CARRIED:

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    from .launch import RankError
+
     try:
         if args.command == "hf-to-mcore":
             from .checkpoint import hf_to_mcore_checkpoint
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = mcore_to_hf_dir(args.ckpt_dir, args.out_dir, config=args.config, hf_config=args.hf_config,
                                   max_shard_size=args.max_shard_size, quiet=args.quiet)
-    except ValueError as exc:
+    except (ValueError, RankError) as exc:
         print(f"oar-convert: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
