@@ -24,6 +24,7 @@ tensor by tensor (header first, then the data in order), so peak memory is one r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -588,7 +589,10 @@ def mcore_to_hf_checkpoint(ckpt: str | Path, out_dir: str | Path, *, config: str
         raise ValueError(f"OUT_DIR: {out} exists")
     max_bytes = parse_size(max_shard_size)
     src = megatron_source(ckpt, config=config, hf_config=hf_config)
-    cfg, arch = src.model, src.arch
+    # the dist-checkpoint keys are the same under the local and the Transformer Engine layer specs (megatron maps
+    # the local names onto TE's): read them as the local spec's names
+    cfg = dataclasses.replace(src.model, transformer_impl="local", moe_grouped_gemm=False)
+    arch = src.arch
     dist_dir = src.step_dir / "dist"
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise RuntimeError("mcore_to_hf_checkpoint: runs in one process (no process group, or a one-rank one)")

@@ -61,9 +61,11 @@ def test_pretrained_from_converted_checkpoint(tmp_path):
     # export the TP2 trainer checkpoint: config.json via model.pretrained -> conv/hf
     ckpts = tmp_path / "run" / "checkpoints"
     assert main(["mcore-to-hf", str(ckpts), str(tmp_path / "export"), "--quiet"]) == 0
-    # and with config.json generated from the run's model config (no HF directory known)
+    # and with config.json generated from the run's model config (no HF directory known), the run described as
+    # a Transformer Engine one
     run_cfg = OmegaConf.load(tmp_path / "run" / "config.yaml")
     run_cfg.model.pretrained = None
+    run_cfg.model.transformer_impl = "transformer_engine"  # same dist-checkpoint keys: the export reads them alike
     OmegaConf.save(run_cfg, tmp_path / "bare.yaml")
     assert main(["mcore-to-hf", str(ckpts), str(tmp_path / "export_gen"), "--config", str(tmp_path / "bare.yaml"),
                  "--quiet"]) == 0
