@@ -1,10 +1,10 @@
 """Megatron distributed checkpoints in and out (``oar-convert hf-to-mcore`` / ``mcore-to-hf``; docs/convert.md).
 
-**hf-to-mcore** (:func:`hf_to_mcore_checkpoint`): N = tp·pp·ep local ranks (``convert.launch.run_local``; gloo on
-CPU, NCCL on GPU) each build their megatron model chunks (``policy.build_model``, no random init), stream their shard of the HF
-safetensors into them one tensor at a time (``mapping.iter_hf_to_mcore``) and save the chunks' ``sharded_state_dict``
-with dist-checkpointing (``CheckpointManager.save_weights``). The result, the **converted checkpoint**, is a
-trainer-format checkpoint root::
+**hf-to-mcore** (:func:`hf_to_mcore_checkpoint`): N = tp·pp·ep local ranks (``convert.launch.run_local``; gloo
+on CPU, NCCL on GPU) each build their megatron model chunks (``policy.build_model``, no random init), stream their
+shard of the HF safetensors into them one tensor at a time (``mapping.iter_hf_to_mcore``) and save the chunks'
+``sharded_state_dict`` with dist-checkpointing (``CheckpointManager.save_weights``). The result, the **converted
+checkpoint**, is a trainer-format checkpoint root::
 
     OUT_DIR/latest                 "step_00000000"
     OUT_DIR/step_00000000/         dist/ (model weights only), state.pt (common: step 0, converted: True), rank_*.pt
@@ -42,9 +42,10 @@ import torch
 from ..config.model import ModelConfig
 from .config import ARCHITECTURES, architecture, check_architecture, hf_model_config, read_hf_config
 from .mapping import ConversionError
+from .source import ModelSource, arch_of_model
 
-__all__ = ["HF_SUBDIR", "MegatronSource", "hf_config_from_model", "hf_to_mcore_checkpoint", "is_megatron_checkpoint",
-           "mcore_to_hf_checkpoint", "megatron_source", "model_architecture", "parse_size"]
+__all__ = ["HF_SUBDIR", "hf_config_from_model", "hf_to_mcore_checkpoint", "is_megatron_checkpoint",
+           "mcore_to_hf_checkpoint", "megatron_source", "parse_size"]
 
 HF_SUBDIR = "hf"  # the converted checkpoint's HF config.json and carried files
 CONVERTED_STEP = 0
@@ -75,20 +76,11 @@ def parse_size(size: str | int) -> int:
 # ---------------------------------------------------------------------------------------------- HF config.json
 
 
-def model_architecture(cfg: ModelConfig) -> str:
-    """The mapping table a dense :class:`ModelConfig` computes as (QK-norm: Qwen3; QKV bias: Qwen2; else Llama)."""
-    if cfg.is_moe:
-        raise ValueError("config.json: the HF architecture of a MoE model cannot be inferred from the model config; "
-                         "name the HF directory (--hf-config)")
-    if cfg.qk_layernorm:
-        return "qwen3"
-    return "qwen2" if cfg.add_qkv_bias else "llama"
-
-
 def hf_config_from_model(cfg: ModelConfig, arch: str | None = None, *, dtype: str = "float32") -> dict[str, Any]:
-    """An HF ``config.json`` dict for ``cfg`` (the inverse of :func:`convert.config.hf_model_config`:
-    ``hf_model_config(hf_config_from_model(cfg))`` equals ``cfg`` up to the name, dtype and vocabulary padding)."""
-    arch = arch or model_architecture(cfg)
+    """An HF ``config.json`` dict for ``cfg`` (``arch`` default: ``source.arch_of_model``; the inverse of
+    :func:`convert.config.hf_model_config`: ``hf_model_config(hf_config_from_model(cfg))`` equals ``cfg`` up to the
+    name, dtype and vocabulary padding)."""
+    arch = arch or arch_of_model(cfg)
     if arch not in _MODEL_TYPE:
         raise ValueError(f"config.json: cannot generate a config for architecture {arch!r}; name the HF directory "
                          f"(--hf-config)")
@@ -123,19 +115,6 @@ def _default_dtype(hf: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- sources
 
 
-@dataclass
-class MegatronSource:
-    """A megatron checkpoint resolved: ``kind`` "converted" (``oar-convert hf-to-mcore``) or "trainer" (a run's);
-    the step directory to load; the model it holds; its mapping table; the HF directory giving ``config.json`` and the
-    carried files (None: a trainer run started from scratch: the config is generated)."""
-
-    kind: str
-    step_dir: Path
-    model: ModelConfig
-    arch: str
-    hf_dir: Path | None
-
-
 def is_megatron_checkpoint(path: str | Path) -> bool:
     """A checkpoint root (``latest``) or a ``step_*`` directory (``state.pt``): no megatron import, no reading."""
     from ..checkpoint.manager import LATEST, STATE_FILE
@@ -145,63 +124,46 @@ def is_megatron_checkpoint(path: str | Path) -> bool:
 
 
 def megatron_source(path: str | Path, *, config: str | Path | None = None,
-                    hf_config: str | Path | None = None) -> MegatronSource:
-    """Resolve a megatron checkpoint (root: its latest step, or a step directory). Converted: the model from
-    ``ROOT/hf/config.json``. Trainer: the model from the run's ``config.yaml`` (``config``, default the checkpoint
-    root's parent's), the HF directory from ``hf_config`` or the run's ``model.pretrained`` (an HF directory, or a
-    converted checkpoint's ``hf/``), checked against the model. One-line ``ValueError`` on any problem.
-    Without ``config`` / ``hf_config`` this is ``convert.source.resolve_model_source`` (megatron checkpoints only)."""
-    from ..checkpoint.manager import CheckpointError, _read_state, resolve_checkpoint
-
-    if config is None and hf_config is None:
-        from .source import resolve_model_source
-
-        try:
-            src = resolve_model_source(path)
-            if src.kind != "megatron":
-                raise ValueError(f"{path} is an HF directory, not a megatron checkpoint")
-            resolve_checkpoint(src.step_dir)  # complete (dist/metadata.json)
-        except (ValueError, CheckpointError) as exc:
-            raise ValueError(f"CKPT_DIR: {exc}") from None
-        if src.arch is None:
-            raise ValueError(f"CKPT_DIR: {path}: the HF architecture of a MoE model without an HF config.json cannot "
-                             f"be told; name the HF directory (--hf-config)")
-        return MegatronSource("converted" if src.converted else "trainer", src.step_dir, src.model, src.arch,
-                              src.hf_dir)
+                    hf_config: str | Path | None = None) -> ModelSource:
+    """Resolve a megatron checkpoint (root: its latest step, or a step directory) to a ``convert.source.ModelSource``
+    (kind "megatron"): ``resolve_model_source`` (converted: the model from ``ROOT/hf/config.json``; trainer: from the
+    run's ``config.yaml``, the HF directory from its ``model.pretrained``), with ``mcore-to-hf``'s overrides: the
+    run config ``config`` instead of the root's parent's; the HF directory ``hf_config`` (checked against the model).
+    The checkpoint must be complete (``dist/metadata.json``). One-line ``ValueError`` (``CKPT_DIR: …``) otherwise."""
+    from ..checkpoint.manager import CheckpointError, resolve_checkpoint
+    from .source import ModelSource, _run_model, resolve_model_source
 
     try:
         step_dir = resolve_checkpoint(path)
-        state = _read_state(step_dir)
+        if config is None:
+            src = resolve_model_source(step_dir)
+            if src.kind != "megatron":
+                raise ValueError(f"{path} is an HF directory, not a megatron checkpoint")
+        else:
+            if not Path(config).is_file():
+                raise ValueError(f"--config: no run config at {config} (the run directory's config.yaml)")
+            model = _run_model(Path(config))
+            hf_dir = None
+            if model.pretrained and Path(model.pretrained).is_dir():
+                hf_dir = resolve_model_source(model.pretrained).hf_dir
+            src = ModelSource(kind="megatron", model=model, arch=arch_of_model(model), hf_dir=hf_dir,
+                              step_dir=step_dir, path=Path(path))
+            if hf_dir is not None:
+                src = dataclasses.replace(src, arch=architecture(read_hf_config(hf_dir)))
+                check_architecture(model, hf_model_config(hf_dir), f"{hf_dir}/config.json", key="--config")
     except CheckpointError as exc:
         raise ValueError(f"CKPT_DIR: {exc}") from None
-    root = step_dir.parent
-    if (state.get("common") or {}).get("converted") or (root / HF_SUBDIR / "config.json").is_file():
-        hf = read_hf_config(root / HF_SUBDIR)
-        model, arch = hf_model_config(hf), architecture(hf)
-        if hf_config:  # another HF directory for config.json / carried files: must be the same model
-            check_architecture(model, hf_model_config(hf_config), f"{hf_config}/config.json", key="--hf-config")
-        return MegatronSource("converted", step_dir, model, arch, Path(hf_config) if hf_config else root / HF_SUBDIR)
-    from omegaconf import OmegaConf
-
-    from ..config.train import train_config_from
-
-    config = Path(config) if config else root.parent / "config.yaml"
-    if not config.is_file():
-        raise ValueError(f"--config: no run config at {config} (the run directory's config.yaml)")
-    model = train_config_from(OmegaConf.load(config)).model
-    hf_dir = Path(hf_config) if hf_config else None
-    if hf_dir is None and model.pretrained:
-        pre = Path(model.pretrained)
-        if is_megatron_checkpoint(pre):
-            hf_dir = megatron_source(pre).hf_dir
-        elif (pre / "config.json").is_file():
-            hf_dir = pre
-    if hf_dir is None:
-        return MegatronSource("trainer", step_dir, model, model_architecture(model), None)
-    hf = read_hf_config(hf_dir)
-    arch = architecture(hf)
-    check_architecture(model, hf_model_config(hf), f"{hf_dir}/config.json", key="--hf-config")
-    return MegatronSource("trainer", step_dir, model, arch, hf_dir)
+    except ValueError as exc:
+        msg = str(exc)
+        raise ValueError(msg if msg.startswith("--") else f"CKPT_DIR: {msg}") from None
+    if hf_config:  # config.json and the carried files from there: it must describe the same model
+        hf = read_hf_config(hf_config)
+        check_architecture(src.model, hf_model_config(hf), f"{hf_config}/config.json", key="--hf-config")
+        src = dataclasses.replace(src, hf_dir=Path(hf_config), arch=architecture(hf))
+    if src.arch is None:
+        raise ValueError(f"CKPT_DIR: {path}: the HF architecture of a MoE model without an HF config.json cannot be "
+                         f"told; name the HF directory (--hf-config)")
+    return src
 
 
 # ---------------------------------------------------------------------------------------------- HF → megatron

@@ -126,17 +126,17 @@ def check_architecture(model: ModelConfig, want: ModelConfig, source: str, *, ke
 def check_pretrained(model: ModelConfig) -> str:
     """``model.pretrained`` must describe the composed preset's architecture (:func:`check_architecture`): an HF
     directory's ``config.json``, or a megatron checkpoint's model (a converted checkpoint's ``hf/config.json``, a
-    trainer checkpoint's run ``config.yaml``; ``convert.checkpoint.megatron_source``). Returns the mapping table
-    name (``architecture``)."""
-    from .checkpoint import is_megatron_checkpoint, megatron_source
+    trainer checkpoint's run ``config.yaml``; ``convert.source.resolve_model_source``). Returns the mapping table
+    name (``architecture``; None for a MoE trainer checkpoint without an HF config.json)."""
+    from .checkpoint import is_megatron_checkpoint
+    from .source import resolve_model_source
 
     src = model.pretrained
     try:
         if is_megatron_checkpoint(src):
-            found = megatron_source(src)
+            found = resolve_model_source(src)
             want, arch = found.model, found.arch
-            where = (f"{found.hf_dir}/config.json" if found.kind == "converted"
-                     else f"{src} (its run's config.yaml)")
+            where = f"{found.hf_dir}/config.json" if found.converted else f"{src} (its run's config.yaml)"
         else:
             hf = read_hf_config(src)
             arch = architecture(hf)

@@ -104,7 +104,8 @@ def test_converted_checkpoint_loads_under_any_tp_and_exports_bit_identical(conve
     base, cases, refs, ids = converted
     for name, (_, ckpt) in cases.items():  # the converted-checkpoint format
         assert (base / ckpt / "latest").read_text().strip() == "step_00000000"
-        assert (base / ckpt / "hf" / "config.json").is_file() and (base / ckpt / "hf" / "generation_config.json").is_file()
+        hf = base / ckpt / "hf"
+        assert (hf / "config.json").is_file() and (hf / "generation_config.json").is_file()
         assert not list(base.glob(f".{name}.tmp-*"))
     out = run_ranks(_load, world, cases, ids, str(base / "export"))[0]
     for name, (hf_dir, _) in cases.items():
@@ -169,8 +170,8 @@ def test_pp2_saved_checkpoint_exports_bit_identical(converted, tmp_path):
     cases = {k: v for k, v in cases.items() if k != "qwen3_tp1"}
     first, last = run_ranks(_resave_pp2, 2, cases, str(tmp_path / "pp2"))
     for name, (hf_dir, _) in cases.items():
-        assert "embedding.word_embeddings.weight" in first[name] and "decoder.layers.0.mlp.linear_fc1.weight" in first[name]
-        assert "decoder.final_layernorm.weight" in last[name] and "decoder.layers.1.mlp.linear_fc1.weight" not in last[name]
+        assert "embedding.word_embeddings.weight" in first[name] and "output_layer.weight" not in first[name]
+        assert "decoder.final_layernorm.weight" in last[name] and "embedding.word_embeddings.weight" not in last[name]
         shutil.copytree(base / cases[name][1] / "hf", tmp_path / "pp2" / name / "hf")
         assert main(["mcore-to-hf", str(tmp_path / "pp2" / name), str(tmp_path / name), "--quiet"]) == 0
         got, ref = load_file(str(tmp_path / name / "model.safetensors")), load_file(f"{hf_dir}/model.safetensors")
@@ -216,11 +217,12 @@ def test_generated_config_round_trip(tmp_path, case):
     import transformers
 
     from oar_megatron.convert import hf_model_config
-    from oar_megatron.convert.checkpoint import hf_config_from_model, model_architecture
+    from oar_megatron.convert.checkpoint import hf_config_from_model
+    from oar_megatron.convert.source import arch_of_model
 
     model = make_hf_model(case, tmp_path)
     cfg = hf_model_config(tmp_path)
-    gen = hf_config_from_model(cfg, model_architecture(cfg))
+    gen = hf_config_from_model(cfg, arch_of_model(cfg))
     assert hf_model_config(gen) == cfg
     assert gen["architectures"] == json.loads((tmp_path / "config.json").read_text())["architectures"]
     config = transformers.AutoConfig.for_model(gen["model_type"], **{k: v for k, v in gen.items() if k != "model_type"})

@@ -1,9 +1,10 @@
 """The trainer's ``model.pretrained`` from a megatron checkpoint: a tiny random HF Qwen3 shaped as ``tiny-synthetic``
 (vocab 24) is converted with ``oar-convert hf-to-mcore`` at TP1 (vocabulary padded to 128 rows) and the trainer
 starts from the converted checkpoint under TP2 (32 rows): the first π_old log-probs equal HF's within 1e-4, the
-warm-up is skipped and the KL reference is the loaded model. After moving the weights and one step, the run's checkpoint (a TP2 trainer checkpoint) exports with ``mcore-to-hf`` — config.json from the converted checkpoint's ``hf/`` (found through the
-run's ``model.pretrained``), and once generated from the run's model config — and the export, loaded in
-transformers, computes the trained actor's log-probs."""
+warm-up is skipped and the KL reference is the loaded model. After moving the weights and one step, the run's
+checkpoint (a TP2 trainer checkpoint) exports with ``mcore-to-hf`` — config.json from the converted checkpoint's
+``hf/`` (found through the run's ``model.pretrained``), and once generated from the run's model config — and the
+export, loaded in transformers, computes the trained actor's log-probs."""
 
 import json
 
@@ -74,3 +75,26 @@ def test_pretrained_from_converted_checkpoint(tmp_path):
         exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / d)).float().eval()
         got = _hf_logprobs(exported, r["ids"])
         assert (got - r["trained"].double())[r["mask"]].abs().max().item() < TOL, d
+
+
+def test_pretrained_megatron_checkpoint_is_checked_and_allows_pp(tmp_path):
+    """Validation only (no process): a converted checkpoint's hf/config.json is compared with the preset (one line
+    naming the field); PP > 1 is accepted for a megatron checkpoint (dist-checkpointing reshards), not for HF."""
+    import shutil
+
+    from oar_megatron.trainer import compose_config
+
+    _hf_qwen3(tmp_path / "hf")
+    conv = tmp_path / "conv"  # the converted-checkpoint layout (weights not needed to validate)
+    (conv / "step_00000000").mkdir(parents=True)
+    (conv / "step_00000000" / "state.pt").write_bytes(b"")
+    (conv / "latest").write_text("step_00000000\n")
+    (conv / "hf").mkdir()
+    shutil.copy(tmp_path / "hf" / "config.json", conv / "hf" / "config.json")
+    with pytest.raises(ValueError) as e:
+        compose_config(["model=tiny", f"model.pretrained={conv}"]).validate(1)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("model.pretrained:") and "num_layers" in msg and "hf/config.json" in msg
+    compose_config([f"model.pretrained={conv}", "parallel.pp=2", "rollout=sglang"]).validate(2)
+    with pytest.raises(ValueError, match=r"^model.pretrained: .*pipeline"):
+        compose_config([f"model.pretrained={tmp_path / 'hf'}", "parallel.pp=2", "rollout=sglang"]).validate(2)
