@@ -187,6 +187,8 @@ def _layout_kwargs(groups, vp_stage: int | None) -> dict[str, Any]:
         if "ep" not in params:
             raise ValueError("--ep: this build's mapping has no expert-parallel layout (convert.mapping ep=)")
         kw.update(ep=lay.ep, ep_rank=groups.ep_rank)
+        if "etp" in params:
+            kw.update(etp=lay.etp, etp_rank=groups.etp_rank)
     return kw
 
 
@@ -535,7 +537,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def mcore_to_hf_checkpoint(ckpt: str | Path, out_dir: str | Path, *, config: str | Path | None = None,
                            hf_config: str | Path | None = None, max_shard_size: str | int = "5GB",
-                           read_budget: int = 1 << 30, quiet: bool = False) -> Path:
+                           read_budget: int = 256 << 20, quiet: bool = False) -> Path:
     """Export the megatron checkpoint ``ckpt`` (converted or a trainer run's; a root: its latest step) to the HF
     directory ``out_dir``: sharded safetensors (+ index when more than one file), ``config.json`` (the HF
     directory's, or generated from the model config), ``generation_config.json`` and tokenizer files carried over.
