@@ -16,8 +16,8 @@ written into a temporary directory next to OUT_DIR and renamed at the end.
 TP/PP/EP it was saved with) → sharded safetensors, without building a model: dist-checkpointing's metadata gives
 every global tensor (the TP=1 layout: ``linear_fc1`` = ``[gate; up]``, the grouped QKV; layers — and experts — a
 prepended axis; the vocabulary padded for the saved TP), and single layer slices are read with partial sharded state
-dicts (``ShardedTensor.from_rank_offsets``, ``replica_id=0``), in batches of ``read_budget`` bytes in the order the
-export consumes them. ``mapping.mcore_to_hf`` maps them at TP=1 (first a dry run on ``meta`` tensors: every name,
+dicts (``ShardedTensor.from_rank_offsets`` with the layer / expert axes as size-1 axes, ``replica_id=0``), in
+batches of ``read_budget`` bytes in the order the export consumes them. ``mapping.mcore_to_hf`` maps them at TP=1 (first a dry run on ``meta`` tensors: every name,
 shape and dtype checked and the output shards planned before a byte is written); the safetensors files are written
 tensor by tensor (header first, then the data in order), so peak memory is one read batch plus one HF tensor.
 """
@@ -404,18 +404,21 @@ class _DistReader:
         sd = {}
         for n in names:
             s = self.slices[n]
-            full = torch.empty(s.shape, dtype=s.dtype)
+            # the layer (and expert) axes as real size-1 axes, not megatron's prepend_axis_num: with prepended axes
+            # megatron builds a legacy torch ShardedTensor that assumes the other slices live on other ranks (a
+            # one-rank group reading some layers of a key fails); plain offsets read any part of the global tensor
+            part = torch.empty((1,) * len(s.index) + s.shape, dtype=s.dtype)
             offsets = [(axis, idx, self.global_shapes[s.key][axis]) for axis, idx in enumerate(s.index)]
-            sd[n] = ShardedTensor.from_rank_offsets(s.key, full, *offsets, replica_id=0,
-                                                    prepend_axis_num=len(s.index))
+            sd[n] = ShardedTensor.from_rank_offsets(s.key, part, *offsets, replica_id=0)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                loaded = dist_checkpointing.load(sd, str(self.dir))
+                # a batch is a deliberate part of the checkpoint (some layers of a key): no whole-tensor coverage
+                loaded = dist_checkpointing.load(sd, str(self.dir), validate_access_integrity=False)
         except _READ_ERRORS as exc:
             raise ConversionError(f"convert: dist checkpoint {self.dir}: cannot read {self.slices[names[0]].key!r}"
                                   f"{f' (and {len(names) - 1} more)' if len(names) > 1 else ''}: {_why(exc)}") from None
-        self.cache.update(loaded)
+        self.cache.update({n: loaded[n].reshape(self.slices[n].shape) for n in names})
         self.read.update(names)
 
     def get(self, name: str) -> torch.Tensor:

@@ -312,6 +312,7 @@ def test_mcore_to_hf_bad_checkpoint_is_one_line(converted, tmp_path, capsys):
 def test_bf16_sharded_hf_round_trip(tmp_path):
     """A bf16 HF checkpoint saved in several shards (with its index) converts in bf16 (its own dtype, the default)
     and exports back bit-identical, in bf16, with config.json's dtype bf16."""
+    from oar_megatron.convert.checkpoint import mcore_to_hf_checkpoint
     from oar_megatron.convert.cli import main
     from oar_megatron.convert.io import SafetensorsReader
 
@@ -327,3 +328,7 @@ def test_bf16_sharded_hf_round_trip(tmp_path):
             assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), n
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    # read in many small batches (a few layer slices each, as a model larger than the read budget is)
+    mcore_to_hf_checkpoint(tmp_path / "conv", tmp_path / "out_small", read_budget=20_000, quiet=True)
+    with SafetensorsReader(tmp_path / "out") as a, SafetensorsReader(tmp_path / "out_small") as b:
+        assert all(torch.equal(a.get(n), b.get(n)) for n in a.names())
