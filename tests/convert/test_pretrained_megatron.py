@@ -4,7 +4,8 @@ starts from the converted checkpoint under TP2 (32 rows): the first π_old log-p
 warm-up is skipped and the KL reference is the loaded model. After moving the weights and one step, the run's
 checkpoint (a TP2 trainer checkpoint) exports with ``mcore-to-hf`` — config.json from the converted checkpoint's
 ``hf/`` (found through the run's ``model.pretrained``), and once generated from the run's model config — and the
-export, loaded in transformers, computes the trained actor's log-probs."""
+export, loaded in transformers, computes the trained actor's log-probs; a new run with ``model.pretrained`` = that
+run's checkpoint root (a trainer checkpoint) starts from the trained weights."""
 
 import json
 
@@ -40,6 +41,14 @@ def _ranks(rank, world, ckpt, tmp, parallel):
         out["trained"] = t.actor.compute_old_logprobs(batch)
     finally:
         Trainer.close(t)
+    # a new run whose model.pretrained is that run's (trainer) checkpoint root: starts from the trained weights
+    t = Trainer(compose_config(SMALL + [parallel, f"model.pretrained={tmp}/run/checkpoints",
+                                        f"logging.run_dir={tmp}/run_from_run"]))
+    try:
+        out["from_run_warmed_up"] = t.warmed_up
+        out["from_run_old"] = t.actor.compute_old_logprobs(batch)
+    finally:
+        Trainer.close(t)
     return out
 
 
@@ -58,6 +67,8 @@ def test_pretrained_from_converted_checkpoint(tmp_path):
         for key in ("old", "ref"):
             assert (r[key].double() - want)[r["mask"]].abs().max().item() < TOL, key
     r = res[0]
+    for q in res:  # model.pretrained = a trainer checkpoint: the new run starts from the trained weights
+        assert q["from_run_warmed_up"] and (q["from_run_old"] - q["trained"])[q["mask"]].abs().max().item() < 1e-6
     assert (r["trained"].double() - _hf_logprobs(hf, r["ids"]))[r["mask"]].abs().max().item() > 1e-4  # it trained
     # export the TP2 trainer checkpoint: config.json via model.pretrained -> conv/hf
     ckpts = tmp_path / "run" / "checkpoints"
