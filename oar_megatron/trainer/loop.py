@@ -147,34 +147,47 @@ class Trainer:
         return self.ckpt.latest() if mode == "auto" else Path(mode)
 
     def _load_pretrained(self) -> None:
-        """``model.pretrained``: an HF directory — each rank reads its TP shard of the HF safetensors (one tensor at a
-        time, ``convert.hf_to_mcore``) into the actor's model (PP > 1 is refused by ``TrainConfig.validate``); or a
-        megatron checkpoint (``oar-convert hf-to-mcore``'s, or a trainer run's: its latest step) — its weights load
-        with dist-checkpointing under this run's layout, whatever the saved one (``load_model_weights``; no
-        optimizer, RNG or reference). Then the optimizer's main weights are refreshed from the model (mixed
-        precision keeps fp32 copies). The format warm-up (which stands in for pretraining) is skipped, so ``fit``
-        takes the loaded model as the KL reference."""
-        from ..checkpoint import load_model_weights
-        from ..convert import SafetensorsReader, hf_to_mcore
+        """``model.pretrained``: each rank reads its TP shard of the HF safetensors (one tensor at a time,
+        ``convert.hf_to_mcore``) into the actor's model, then refreshes the optimizer's main weights from it
+        (mixed precision keeps fp32 copies). PP > 1 is refused by ``TrainConfig.validate``. The format warm-up
+        (which stands in for pretraining) is skipped, so ``fit`` takes the loaded model as the KL reference."""
         from ..convert.checkpoint import is_megatron_checkpoint
+
+        if is_megatron_checkpoint(self.cfg.model.pretrained):
+            self._load_pretrained_checkpoint()
+            return
+        from ..convert import SafetensorsReader, hf_to_mcore
         from ..convert.config import check_pretrained
         from ..convert.mapping import copy_into_module
 
         g, path = self.groups, self.cfg.model.pretrained
         arch = check_pretrained(self.cfg.model)
-        if is_megatron_checkpoint(path):
-            load_model_weights(self.actor.models, path)
-            kind = "megatron checkpoint"
-        else:
-            with SafetensorsReader(path) as src:
-                state = hf_to_mcore(src, self.cfg.model, arch, tp=g.tp, tp_rank=g.tp_rank)
-            (model,) = self.actor.models  # pp == 1 without virtual stages: one chunk
-            copy_into_module(model, state)
-            del state
-            kind = "HF"
+        with SafetensorsReader(path) as src:
+            state = hf_to_mcore(src, self.cfg.model, arch, tp=g.tp, tp_rank=g.tp_rank)
+        (model,) = self.actor.models  # pp == 1 without virtual stages: one chunk
+        copy_into_module(model, state)
+        del state
         self.actor.optimizer.reload_model_params()
         self.warmed_up = True
-        self._print(f"loaded pretrained weights from {path} ({kind}, {arch}, tp={g.tp}, pp={g.pp})")
+        self._print(f"loaded pretrained weights from {path} ({arch}, tp={g.tp})")
+
+    def _load_pretrained_checkpoint(self) -> None:
+        """``model.pretrained`` naming a megatron checkpoint (``oar-convert hf-to-mcore``'s converted checkpoint, or a
+        trainer run's checkpoint root / step directory): its model weights load with dist-checkpointing under this
+        run's layout, whatever the saved one — any TP / PP / EP, another vocabulary padding (``load_model_weights``:
+        no optimizer, RNG or reference); the architecture was checked against the checkpoint's ``hf/config.json``
+        or run ``config.yaml`` (``check_pretrained``). Then as for an HF directory: the optimizer's main weights are
+        refreshed, the format warm-up is skipped and ``fit`` takes the loaded model as the KL reference."""
+        from ..checkpoint import load_model_weights
+        from ..convert.config import check_pretrained
+
+        g, path = self.groups, self.cfg.model.pretrained
+        arch = check_pretrained(self.cfg.model)
+        load_model_weights(self.actor.models, path)
+        self.actor.optimizer.reload_model_params()
+        self.warmed_up = True
+        self._print(f"loaded pretrained weights from megatron checkpoint {path} ({arch}, tp={g.tp}, pp={g.pp}, "
+                    f"ep={g.ep})")
 
     def save(self) -> Path:
         """Checkpoint: ``common`` (written once) holds what every rank shares: the step, the global prompt
