@@ -61,6 +61,22 @@ def _load(rank, world, cases, ids, export_dir):
             logp, _ = response_logprobs(gpt, ids, pos, mask, tp_group=tp_group)
         out[f"{name}/logits"] = logits[..., : cfg.vocab_size].clone()
         out[f"{name}/logp"] = logp
+        if name == "qwen3_tp1":  # the trainer's API on a weights-only checkpoint: CheckpointManager.load(actor)
+            from oar_megatron.checkpoint import CheckpointManager
+            from oar_megatron.config.algorithm import AlgorithmConfig
+            from oar_megatron.config.optim import OptimConfig
+            from oar_megatron.policy.actor import PolicyActor
+
+            algorithm = AlgorithmConfig()
+            algorithm.kl.coef = 0.0
+            actor = PolicyActor(model=cfg, parallel=ParallelConfig(tp=world), optim=OptimConfig(),
+                                algorithm=algorithm, groups=groups, reference=None)
+            got = CheckpointManager(ckpt, keep_last=0, groups=groups).load(
+                actor, load_optimizer=False, load_rng=False, load_reference=False)
+            mine = dict(gpt.named_parameters())
+            out["actor_load_step"] = got["step"]
+            out["actor_load_equal"] = all(torch.equal(p, mine[n]) for n, p in actor.models[0].named_parameters())
+            del actor
         del gpt
     destroy_parallel(process_group=False)
     if world == 1:  # one process: export every converted checkpoint (mcore-to-hf uses the one-rank group)
@@ -82,6 +98,7 @@ def converted(tmp_path_factory):
     refs = {}
     for case in ("qwen3", "llama3.2"):
         model = make_hf_model(case, base / case)
+        (base / case / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128, "case": case}))
         with torch.no_grad():
             logits = model(input_ids=ids).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
@@ -105,9 +122,10 @@ def test_converted_checkpoint_loads_under_any_tp_and_exports_bit_identical(conve
     for name, (_, ckpt) in cases.items():  # the converted-checkpoint format
         assert (base / ckpt / "latest").read_text().strip() == "step_00000000"
         hf = base / ckpt / "hf"
-        assert (hf / "config.json").is_file() and (hf / "generation_config.json").is_file()
+        assert all((hf / f).is_file() for f in ("config.json", "generation_config.json", "tokenizer_config.json"))
         assert not list(base.glob(f".{name}.tmp-*"))
     out = run_ranks(_load, world, cases, ids, str(base / "export"))[0]
+    assert out["actor_load_step"] == 0 and out["actor_load_equal"]
     for name, (hf_dir, _) in cases.items():
         case = "qwen3" if name.startswith("qwen3") else "llama3.2"
         logits, logp = refs[case]
@@ -133,6 +151,7 @@ def test_converted_checkpoint_loads_under_any_tp_and_exports_bit_identical(conve
             assert json.loads((exp / "config.json").read_text())["architectures"] == \
                 json.loads((base / hf_dir / "config.json").read_text())["architectures"]
             assert (exp / "generation_config.json").is_file()
+            assert (exp / "tokenizer_config.json").read_text() == (base / hf_dir / "tokenizer_config.json").read_text()
 
 
 def _resave_pp2(rank, world, cases, out_root):
