@@ -86,7 +86,12 @@ class Trainer:
         self.warmed_up = False
         resume = self._resume_path()
         if cfg.model.pretrained and resume is None:  # a resumed run's checkpoint wins
-            self._load_pretrained()
+            from ..convert.checkpoint import is_megatron_checkpoint
+
+            if is_megatron_checkpoint(cfg.model.pretrained):
+                self._load_pretrained_checkpoint()
+            else:
+                self._load_pretrained()
         resumed = self._maybe_resume(resume, evaluating)
         tb = {"auto": "auto", "true": True, "false": False}.get(str(cfg.logging.tensorboard).lower(), "auto")
         wandb = {"project": cfg.logging.wandb_project} if cfg.logging.wandb_project else None
@@ -139,38 +144,6 @@ class Trainer:
         self._print(f"resumed from {path} at step {self.step}")
         return True
 
-    def _resume_path(self) -> Path | None:
-        """The checkpoint ``checkpoint.resume`` names (``auto``: the latest in the checkpoint directory), or None."""
-        mode = self.cfg.checkpoint.resume
-        if mode == "never":
-            return None
-        return self.ckpt.latest() if mode == "auto" else Path(mode)
-
-    def _load_pretrained(self) -> None:
-        """``model.pretrained``: each rank reads its TP shard of the HF safetensors (one tensor at a time,
-        ``convert.hf_to_mcore``) into the actor's model, then refreshes the optimizer's main weights from it
-        (mixed precision keeps fp32 copies). PP > 1 is refused by ``TrainConfig.validate``. The format warm-up
-        (which stands in for pretraining) is skipped, so ``fit`` takes the loaded model as the KL reference."""
-        from ..convert.checkpoint import is_megatron_checkpoint
-
-        if is_megatron_checkpoint(self.cfg.model.pretrained):
-            self._load_pretrained_checkpoint()
-            return
-        from ..convert import SafetensorsReader, hf_to_mcore
-        from ..convert.config import check_pretrained
-        from ..convert.mapping import copy_into_module
-
-        g, path = self.groups, self.cfg.model.pretrained
-        arch = check_pretrained(self.cfg.model)
-        with SafetensorsReader(path) as src:
-            state = hf_to_mcore(src, self.cfg.model, arch, tp=g.tp, tp_rank=g.tp_rank)
-        (model,) = self.actor.models  # pp == 1 without virtual stages: one chunk
-        copy_into_module(model, state)
-        del state
-        self.actor.optimizer.reload_model_params()
-        self.warmed_up = True
-        self._print(f"loaded pretrained weights from {path} ({arch}, tp={g.tp})")
-
     def _load_pretrained_checkpoint(self) -> None:
         """``model.pretrained`` naming a megatron checkpoint (``oar-convert hf-to-mcore``'s converted checkpoint, or a
         trainer run's checkpoint root / step directory): its model weights load with dist-checkpointing under this
@@ -188,6 +161,33 @@ class Trainer:
         self.warmed_up = True
         self._print(f"loaded pretrained weights from megatron checkpoint {path} ({arch}, tp={g.tp}, pp={g.pp}, "
                     f"ep={g.ep})")
+
+    def _resume_path(self) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` names (``auto``: the latest in the checkpoint directory), or None."""
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return None
+        return self.ckpt.latest() if mode == "auto" else Path(mode)
+
+    def _load_pretrained(self) -> None:
+        """``model.pretrained``: each rank reads its TP shard of the HF safetensors (one tensor at a time,
+        ``convert.hf_to_mcore``) into the actor's model, then refreshes the optimizer's main weights from it
+        (mixed precision keeps fp32 copies). PP > 1 is refused by ``TrainConfig.validate``. The format warm-up
+        (which stands in for pretraining) is skipped, so ``fit`` takes the loaded model as the KL reference."""
+        from ..convert import SafetensorsReader, hf_to_mcore
+        from ..convert.config import check_pretrained
+        from ..convert.mapping import copy_into_module
+
+        g, path = self.groups, self.cfg.model.pretrained
+        arch = check_pretrained(self.cfg.model)
+        with SafetensorsReader(path) as src:
+            state = hf_to_mcore(src, self.cfg.model, arch, tp=g.tp, tp_rank=g.tp_rank)
+        (model,) = self.actor.models  # pp == 1 without virtual stages: one chunk
+        copy_into_module(model, state)
+        del state
+        self.actor.optimizer.reload_model_params()
+        self.warmed_up = True
+        self._print(f"loaded pretrained weights from {path} ({arch}, tp={g.tp})")
 
     def save(self) -> Path:
         """Checkpoint: ``common`` (written once) holds what every rank shares: the step, the global prompt

@@ -90,7 +90,7 @@ def test_pretrained_from_converted_checkpoint(tmp_path):
 
 def test_pretrained_megatron_checkpoint_is_checked_and_allows_pp(tmp_path):
     """Validation only (no process): a converted checkpoint's hf/config.json is compared with the preset (one line
-    naming the field); PP > 1 is accepted for a megatron checkpoint (dist-checkpointing reshards), not for HF."""
+    naming the field); PP > 1 is accepted for a megatron checkpoint (dist-checkpointing reshards)."""
     import shutil
 
     from oar_megatron.trainer import compose_config
@@ -107,5 +107,3 @@ def test_pretrained_megatron_checkpoint_is_checked_and_allows_pp(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("model.pretrained:") and "num_layers" in msg and "hf/config.json" in msg
     compose_config([f"model.pretrained={conv}", "parallel.pp=2", "rollout=sglang"]).validate(2)
-    with pytest.raises(ValueError, match=r"^model.pretrained: .*pipeline"):
-        compose_config([f"model.pretrained={tmp_path / 'hf'}", "parallel.pp=2", "rollout=sglang"]).validate(2)
