@@ -240,11 +240,12 @@ class TrainConfig:
         self.model.validate()
         layout = self.parallel.validate(world_size, self.model)
         if self.model.pretrained:
-            from ..convert.checkpoint import is_megatron_checkpoint
+            from ..convert.checkpoint import check_pretrained_checkpoint, is_megatron_checkpoint
             from ..convert.config import check_pretrained  # pure: reads config.json / config.yaml only
 
-            check_pretrained(self.model)
-            if layout.pp > 1 and not is_megatron_checkpoint(self.model.pretrained):  # dist-ckpt reshards any PP
+            megatron = is_megatron_checkpoint(self.model.pretrained)
+            (check_pretrained_checkpoint if megatron else check_pretrained)(self.model)
+            if layout.pp > 1 and not megatron:  # a megatron checkpoint loads under any PP (dist-checkpointing)
                 raise ValueError(f"model.pretrained: loading HF weights under pipeline parallelism is not supported "
                                  f"yet (parallel.pp={layout.pp}); use pp=1")
         self.algorithm.validate()

@@ -17,9 +17,9 @@ TP/PP/EP it was saved with) → sharded safetensors, without building a model: d
 every global tensor (the TP=1 layout: ``linear_fc1`` = ``[gate; up]``, the grouped QKV; layers — and experts — a
 prepended axis; the vocabulary padded for the saved TP), and single layer slices are read with partial sharded state
 dicts (``ShardedTensor.from_rank_offsets`` with the layer / expert axes as size-1 axes, ``replica_id=0``), in
-batches of ``read_budget`` bytes in the order the export consumes them. ``mapping.mcore_to_hf`` maps them at TP=1 (first a dry run on ``meta`` tensors: every name,
-shape and dtype checked and the output shards planned before a byte is written); the safetensors files are written
-tensor by tensor (header first, then the data in order), so peak memory is one read batch plus one HF tensor.
+batches of ``read_budget`` bytes in the order the export consumes them. ``mapping.mcore_to_hf`` maps them at TP=1
+(first a dry run on ``meta`` tensors: every name, shape and dtype checked and the output shards planned before a
+byte is written); the safetensors files are written tensor by tensor (header first, then the data in order), so peak memory is one read batch plus one HF tensor.
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ from typing import Any
 import torch
 
 from ..config.model import ModelConfig
-from .config import ARCHITECTURES, architecture, check_architecture, hf_model_config, read_hf_config
+from .config import (ARCHITECTURE_FIELDS, ARCHITECTURES, architecture, check_pretrained, hf_model_config,
+                     read_hf_config)
 from .mapping import ConversionError
 from .source import ModelSource, arch_of_model
 
-__all__ = ["HF_SUBDIR", "hf_config_from_model", "hf_to_mcore_checkpoint", "is_megatron_checkpoint",
-           "mcore_to_hf_checkpoint", "megatron_source", "parse_size"]
+__all__ = ["HF_SUBDIR", "check_architecture", "check_pretrained_checkpoint", "hf_config_from_model",
+           "hf_to_mcore_checkpoint", "is_megatron_checkpoint", "mcore_to_hf_checkpoint", "megatron_source",
+           "parse_size"]
 
 HF_SUBDIR = "hf"  # the converted checkpoint's HF config.json and carried files
 CONVERTED_STEP = 0
@@ -121,6 +123,37 @@ def is_megatron_checkpoint(path: str | Path) -> bool:
 
     path = Path(path)
     return path.is_dir() and ((path / LATEST).is_file() or (path / STATE_FILE).is_file())
+
+
+def check_architecture(model: ModelConfig, want: ModelConfig, source: str, *, key: str = "model.pretrained") -> None:
+    """``model`` must compute what ``want`` (read from ``source``) does — ``convert.config.check_pretrained``'s
+    comparison (``ARCHITECTURE_FIELDS``, plus ``rope_scaling_factor`` under llama3 scaling) for two model configs;
+    the first difference is a one-line ``ValueError`` starting with ``key``."""
+    fields = ARCHITECTURE_FIELDS + ((("rope_scaling_factor", "rope_scaling_factor"),)
+                                    if want.rope_scaling != "none" else ())
+    for attr, name in fields:
+        got, need = getattr(model, attr), getattr(want, attr)
+        if got != need:
+            raise ValueError(f"{key}: {source} gives {name}={need!r}, the model preset "
+                             f"{model.name or '(unnamed)'!r} has {got!r}; compose the matching model= preset or "
+                             f"override model.{name}")
+
+
+def check_pretrained_checkpoint(model: ModelConfig) -> str | None:
+    """``model.pretrained`` naming a megatron checkpoint must hold the composed preset's architecture: with an HF
+    ``config.json`` known (a converted checkpoint's ``hf/``, or the HF directory a trainer run started from) that file
+    is checked as for an HF directory (``convert.config.check_pretrained``); otherwise the run's ``config.yaml`` model
+    is compared field by field. Returns the mapping table name (None: a MoE run without an HF config). One line."""
+    from .source import resolve_model_source
+
+    try:
+        src = resolve_model_source(model.pretrained)
+    except ValueError as exc:
+        raise ValueError(f"model.pretrained: {model.pretrained}: {exc}") from None
+    if src.hf_dir is not None:
+        return check_pretrained(dataclasses.replace(model, pretrained=str(src.hf_dir)))
+    check_architecture(model, src.model, f"{model.pretrained} (its run's config.yaml)")
+    return src.arch
 
 
 def megatron_source(path: str | Path, *, config: str | Path | None = None,

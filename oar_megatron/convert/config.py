@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config.model import ModelConfig
 
-__all__ = ["ARCHITECTURES", "check_architecture", "check_pretrained", "hf_model_config", "read_hf_config"]
+__all__ = ["ARCHITECTURES", "check_pretrained", "hf_model_config", "read_hf_config"]
 
 # HF ``architectures[0]`` → the table name in ``convert.mapping.TABLES``
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -109,40 +109,23 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-def check_architecture(model: ModelConfig, want: ModelConfig, source: str, *, key: str = "model.pretrained") -> None:
-    """``model`` must compute what ``want`` (read from ``source``) does: the fields of ``ARCHITECTURE_FIELDS`` (plus
-    ``rope_scaling_factor`` under llama3 scaling); the first difference is a one-line ``ValueError`` starting with
-    ``key`` and naming the field."""
-    fields = ARCHITECTURE_FIELDS + ((("rope_scaling_factor", "rope_scaling_factor"),)
-                                    if want.rope_scaling != "none" else ())
-    for attr, name in fields:
-        got, need = getattr(model, attr), getattr(want, attr)
-        if got != need:
-            raise ValueError(f"{key}: {source} gives {name}={need!r}, the model preset "
-                             f"{model.name or '(unnamed)'!r} has {got!r}; compose the matching model= preset or "
-                             f"override model.{name}")
-
-
 def check_pretrained(model: ModelConfig) -> str:
-    """``model.pretrained`` must describe the composed preset's architecture (:func:`check_architecture`): an HF
-    directory's ``config.json``, or a megatron checkpoint's model (a converted checkpoint's ``hf/config.json``, a
-    trainer checkpoint's run ``config.yaml``; ``convert.source.resolve_model_source``). Returns the mapping table
-    name (``architecture``; None for a MoE trainer checkpoint without an HF config.json)."""
-    from .checkpoint import is_megatron_checkpoint
-    from .source import resolve_model_source
-
+    """``model.pretrained``'s ``config.json`` must describe the composed preset's architecture (the fields of
+    ``ARCHITECTURE_FIELDS``; plus ``rope_scaling_factor`` under llama3 scaling): the first difference is a one-line
+    ``ValueError`` naming the field. Returns the mapping table name (``architecture``)."""
     src = model.pretrained
     try:
-        if is_megatron_checkpoint(src):
-            found = resolve_model_source(src)
-            want, arch = found.model, found.arch
-            where = f"{found.hf_dir}/config.json" if found.converted else f"{src} (its run's config.yaml)"
-        else:
-            hf = read_hf_config(src)
-            arch = architecture(hf)
-            want = hf_model_config(hf)
-            where = f"{src}/config.json"
+        hf = read_hf_config(src)
+        arch = architecture(hf)
+        want = hf_model_config(hf)
     except ValueError as exc:
         raise ValueError(f"model.pretrained: {src}: {exc}") from None
-    check_architecture(model, want, where)
+    fields = ARCHITECTURE_FIELDS + ((("rope_scaling_factor", "rope_scaling_factor"),)
+                                    if want.rope_scaling != "none" else ())
+    for attr, key in fields:
+        got, need = getattr(model, attr), getattr(want, attr)
+        if got != need:
+            raise ValueError(f"model.pretrained: {src}/config.json gives {key}={need!r}, the model preset "
+                             f"{model.name or '(unnamed)'!r} has {got!r}; compose the matching model= preset or "
+                             f"override model.{key}")
     return arch

@@ -149,13 +149,14 @@ class Trainer:
         trainer run's checkpoint root / step directory): its model weights load with dist-checkpointing under this
         run's layout, whatever the saved one — any TP / PP / EP, another vocabulary padding (``load_model_weights``:
         no optimizer, RNG or reference); the architecture was checked against the checkpoint's ``hf/config.json``
-        or run ``config.yaml`` (``check_pretrained``). Then as for an HF directory: the optimizer's main weights are
-        refreshed, the format warm-up is skipped and ``fit`` takes the loaded model as the KL reference."""
+        or run ``config.yaml`` (``check_pretrained_checkpoint``). Then as for an HF directory: the optimizer's main
+        weights are refreshed, the format warm-up is skipped and ``fit`` takes the loaded model as the KL
+        reference."""
         from ..checkpoint import load_model_weights
-        from ..convert.config import check_pretrained
+        from ..convert.checkpoint import check_pretrained_checkpoint
 
         g, path = self.groups, self.cfg.model.pretrained
-        arch = check_pretrained(self.cfg.model)
+        arch = check_pretrained_checkpoint(self.cfg.model)
         load_model_weights(self.actor.models, path)
         self.actor.optimizer.reload_model_params()
         self.warmed_up = True
