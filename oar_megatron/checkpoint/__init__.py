@@ -2,6 +2,8 @@
 
 Importing this package does not import megatron; ``CheckpointManager.save``/``load`` do."""
 
-from .manager import FAULT_EXIT_CODE, CheckpointError, CheckpointManager, list_checkpoints, read_latest
+from .manager import (FAULT_EXIT_CODE, CheckpointError, CheckpointManager, list_checkpoints, load_model_weights,
+                      read_latest, resolve_checkpoint)
 
-__all__ = ["FAULT_EXIT_CODE", "CheckpointError", "CheckpointManager", "list_checkpoints", "read_latest"]
+__all__ = ["FAULT_EXIT_CODE", "CheckpointError", "CheckpointManager", "list_checkpoints", "load_model_weights",
+           "read_latest", "resolve_checkpoint"]

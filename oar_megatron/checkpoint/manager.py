@@ -30,6 +30,10 @@ reference policy is saved like the weights (the model's own sharded tensors, hol
 prefixed ``reference.``), so it reshards to any layout; ``load`` restores it when the actor needs one
 (``kl.coef > 0``) and refuses a checkpoint without it.
 
+Weights-only checkpoints (:meth:`CheckpointManager.save_weights`, written by ``oar-convert hf-to-mcore``): the
+same layout with only the model chunks in ``dist/``; ``state.pt`` has ``weights_only: True`` and no scheduler. They
+load with ``load(..., load_optimizer=False)`` or :func:`load_model_weights` (read only, any layout).
+
 Files outside ``dist/`` are read with ``torch.load(..., weights_only=True)``: ``common`` and ``per_rank`` must hold
 tensors, numbers, strings, None and lists/tuples/dicts of them.
 
@@ -54,7 +58,8 @@ import torch.distributed as dist
 
 from .. import collectives
 
-__all__ = ["FAULT_EXIT_CODE", "CheckpointError", "CheckpointManager", "list_checkpoints", "read_latest"]
+__all__ = ["FAULT_EXIT_CODE", "CheckpointError", "CheckpointManager", "list_checkpoints", "load_model_weights",
+           "read_latest", "resolve_checkpoint"]
 
 FORMAT = 2  # 2: the reference policy lives in dist/ ("reference." keys), no longer in the rank files
 LATEST = "latest"
@@ -217,8 +222,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------ megatron state dicts
 
 
+def _chunk_keys(n: int) -> list[str]:
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
 def _model_keys(actor) -> list[str]:
-    return ["model"] if len(actor.models) == 1 else [f"model{i}" for i in range(len(actor.models))]
+    return _chunk_keys(len(actor.models))
 
 
 def _is_distributed_optimizer(optimizer) -> bool:
@@ -338,6 +347,53 @@ def _optimizer_mismatch(saved: dict, actor) -> str | None:
     return "; ".join(diffs) or None
 
 
+def _read_state(path: Path) -> dict:
+    """``path/state.pt`` (format checked); an unreadable file is a :class:`CheckpointError` naming it."""
+    try:
+        state = torch.load(path / STATE_FILE, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
+        raise CheckpointError(f"{path / STATE_FILE}: cannot read ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+                              ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: checkpoint format {got!r}, this code reads {FORMAT}")
+    return state
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A ``step_*`` directory, or a checkpoint root (its ``latest``) → the complete step directory; one-line
+    :class:`CheckpointError` otherwise. No process group needed."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    if not (path / STATE_FILE).exists():
+        found = read_latest(path)
+        if found is None:
+            raise CheckpointError(f"{path}: neither a checkpoint (no {STATE_FILE}) nor a checkpoint root (no {LATEST})")
+        path = found
+    if not (path / DIST_DIR / "metadata.json").is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {DIST_DIR}/metadata.json)")
+    return path
+
+
+def load_model_weights(models: list, path: str | os.PathLike) -> dict:
+    """Load the model weights of checkpoint ``path`` (a step directory or a root: its latest) into ``models``
+    (this rank's bare model chunks) under the current layout, whatever the saved one (dist-checkpointing reshards
+    TP/PP/EP; the embedding/output rows' vocabulary padding may differ); collective. Reads only (no cleanup of the
+    checkpoint's root, unlike :class:`CheckpointManager`). Returns the checkpoint's ``state.pt`` dict."""
+    from megatron.core import dist_checkpointing
+
+    path = resolve_checkpoint(path)
+    state = _read_state(path)
+    keys = _chunk_keys(len(models))
+    sd = {key: model.sharded_state_dict() for key, model in zip(keys, models)}
+    loaded = dist_checkpointing.load(sd, str(path / DIST_DIR))
+    for key, model in zip(keys, models):
+        model.load_state_dict(loaded[key], strict=True)
+    _barrier()
+    return state
+
+
 # ------------------------------------------------------------------------------------------------- manager
 
 
@@ -388,10 +444,48 @@ class CheckpointManager:
         it has one, goes to ``dist/`` with the weights."""
         if self.readonly:
             raise CheckpointError(f"{self.root}: opened read-only; cannot save")
-        from megatron.core import dist_checkpointing
-
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step: must be a non-negative int, got {step!r}")
+
+        def build() -> tuple[dict, dict]:
+            sd = _sharded_state_dict(actor, with_optimizer=True, is_loading=False)
+            with_reference = bool(getattr(actor, "has_reference", False))
+            if with_reference:
+                sd["reference"] = _reference_sharded_state_dict(actor, is_loading=False)
+            state = {"format": FORMAT, "step": step, "common": common, "scheduler": actor.scheduler.state_dict(),
+                     "layout": _layout_of(self.groups),
+                     "distributed_optimizer": _is_distributed_optimizer(actor.optimizer),
+                     "model_keys": _model_keys(actor), "reference": with_reference}
+            return sd, state
+
+        return self._write(step, build, per_rank)
+
+    def save_weights(self, step: int, models: list, *, common: dict) -> Path:
+        """Write checkpoint ``step`` holding the model weights only (collective): ``models`` are this rank's model
+        chunks (bare ``GPTModel`` s, one per virtual stage), saved under the same dist-checkpointing keys as
+        :meth:`save` (so the weights load into any layout with :meth:`load` ``(load_optimizer=False)`` or
+        :func:`load_model_weights`); no optimizer, scheduler or reference; ``state.pt`` has ``weights_only: True``.
+        Same atomic publication as :meth:`save`. Used by ``oar-convert hf-to-mcore`` (``convert.checkpoint``)."""
+        if self.readonly:
+            raise CheckpointError(f"{self.root}: opened read-only; cannot save")
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step: must be a non-negative int, got {step!r}")
+
+        def build() -> tuple[dict, dict]:
+            keys = _chunk_keys(len(models))
+            sd = {key: model.sharded_state_dict() for key, model in zip(keys, models)}
+            state = {"format": FORMAT, "step": step, "common": common, "scheduler": None,
+                     "layout": _layout_of(self.groups), "distributed_optimizer": None, "model_keys": keys,
+                     "reference": False, "weights_only": True}
+            return sd, state
+
+        return self._write(step, build, None)
+
+    def _write(self, step: int, build, per_rank: dict | None) -> Path:
+        """The atomic save: ``build()`` → (sharded state dict, ``state.pt`` dict) into ``.tmp-step_*``, published
+        by rank 0 after every rank's files are complete."""
+        from megatron.core import dist_checkpointing
+
         rank = _rank()
         name = step_dirname(step)
         tmp = self.root / f"{TMP_PREFIX}{name}"
@@ -402,20 +496,13 @@ class CheckpointManager:
             (tmp / DIST_DIR).mkdir(parents=True)
         _barrier()
 
-        sd = _sharded_state_dict(actor, with_optimizer=True, is_loading=False)
-        with_reference = bool(getattr(actor, "has_reference", False))
-        if with_reference:
-            sd["reference"] = _reference_sharded_state_dict(actor, is_loading=False)
+        sd, state = build()
         dist_checkpointing.save(sd, str(tmp / DIST_DIR))
         _fault("after_model")
 
         mine: dict[str, Any] = {"rng": rng_state(), "per_rank": per_rank}
         _write_atomic(tmp / rank_filename(rank), lambda p: torch.save(mine, p))
         if rank == 0:
-            state = {"format": FORMAT, "step": step, "common": common, "scheduler": actor.scheduler.state_dict(),
-                     "layout": _layout_of(self.groups),
-                     "distributed_optimizer": _is_distributed_optimizer(actor.optimizer),
-                     "model_keys": _model_keys(actor), "reference": with_reference}
             _write_atomic(tmp / STATE_FILE, lambda p: torch.save(state, p))
         _barrier()  # every rank's files are complete
         _fault("before_rename")
@@ -495,10 +582,12 @@ class CheckpointManager:
         from megatron.core import dist_checkpointing
 
         path = self.resolve(path)
-        state = torch.load(path / STATE_FILE, weights_only=True)
-        if state.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: checkpoint format {state.get('format')!r}, this code reads {FORMAT}")
-        if state["model_keys"] != _model_keys(actor):
+        state = _read_state(path)
+        if load_optimizer and state.get("weights_only"):
+            raise CheckpointError(f"{path}: holds model weights only (no optimizer state; e.g. a converted "
+                                  f"checkpoint); load with load_optimizer=False")
+        # the weights' dist-checkpointing keys are global (any chunking loads them); the optimizer's are not
+        if load_optimizer and state["model_keys"] != _model_keys(actor):
             raise CheckpointError(f"{path}: saved with model chunks {state['model_keys']}, the actor has "
                                   f"{_model_keys(actor)} (virtual pipeline size differs); build the actor with the "
                                   f"saved virtual_pp")
@@ -535,8 +624,9 @@ class CheckpointManager:
                 _restore_adam_steps(actor.optimizer, steps)
             else:
                 actor.optimizer.reload_model_params()  # main (fp32) params from the loaded model params
-        actor.scheduler.num_steps = 0  # megatron's load_state_dict adds the saved steps to the current count
-        actor.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scheduler") is not None:  # None: a weights-only checkpoint (save_weights)
+            actor.scheduler.num_steps = 0  # megatron's load_state_dict adds the saved steps to the current count
+            actor.scheduler.load_state_dict(state["scheduler"])
 
         per_rank = None
         if same_ranks:

@@ -240,9 +240,11 @@ class TrainConfig:
         self.model.validate()
         layout = self.parallel.validate(world_size, self.model)
         if self.model.pretrained:
-            from ..convert.config import check_pretrained  # pure: reads config.json only
+            from ..convert.checkpoint import check_pretrained_checkpoint, is_megatron_checkpoint
+            from ..convert.config import check_pretrained  # pure: reads config.json / config.yaml only
 
-            check_pretrained(self.model)
+            megatron = is_megatron_checkpoint(self.model.pretrained)
+            (check_pretrained_checkpoint if megatron else check_pretrained)(self.model)
         self.algorithm.validate()
         self.optim.validate()
         resolve_precision(self.model.params_dtype, self.optim)  # optim settings that contradict the model dtype

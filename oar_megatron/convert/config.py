@@ -160,6 +160,22 @@ MOE_FIELDS = (
 )
 
 
+def compare_architecture(model: ModelConfig, want: ModelConfig, source: str, *, key: str = "model.pretrained") -> None:
+    """``model`` must compute what ``want`` (read from ``source``) does: the fields of ``ARCHITECTURE_FIELDS`` (plus
+    ``rope_scaling_factor`` under llama3 scaling; for MoE ``MOE_FIELDS`` and not the unused dense FFN size). The
+    first difference is a one-line ``ValueError`` starting with ``key`` and naming the field."""
+    fields = ARCHITECTURE_FIELDS + ((("rope_scaling_factor", "rope_scaling_factor"),)
+                                    if want.rope_scaling != "none" else ())
+    if want.is_moe:
+        fields = tuple(f for f in fields if f[0] != "ffn_size") + MOE_FIELDS
+    for attr, name in fields:
+        got, need = getattr(model, attr), getattr(want, attr)
+        if got != need:
+            raise ValueError(f"{key}: {source} gives {name}={need!r}, the model preset "
+                             f"{model.name or '(unnamed)'!r} has {got!r}; compose the matching model= preset or "
+                             f"override model.{name}")
+
+
 def check_pretrained(model: ModelConfig) -> str:
     """``model.pretrained``'s ``config.json`` must describe the composed preset's architecture (the fields of
     ``ARCHITECTURE_FIELDS``; plus ``rope_scaling_factor`` under llama3 scaling, ``MOE_FIELDS`` for MoE): the first
@@ -171,14 +187,5 @@ def check_pretrained(model: ModelConfig) -> str:
         want = hf_model_config(hf)
     except ValueError as exc:
         raise ValueError(f"model.pretrained: {src}: {exc}") from None
-    fields = ARCHITECTURE_FIELDS + ((("rope_scaling_factor", "rope_scaling_factor"),)
-                                    if want.rope_scaling != "none" else ())
-    if want.is_moe:
-        fields = tuple(f for f in fields if f[0] != "ffn_size") + MOE_FIELDS
-    for attr, key in fields:
-        got, need = getattr(model, attr), getattr(want, attr)
-        if got != need:
-            raise ValueError(f"model.pretrained: {src}/config.json gives {key}={need!r}, the model preset "
-                             f"{model.name or '(unnamed)'!r} has {got!r}; compose the matching model= preset or "
-                             f"override model.{key}")
+    compare_architecture(model, want, f"{src}/config.json")
     return arch

@@ -124,7 +124,7 @@ def compute_logprobs(source: ModelSource, sequences: list[list[int]], *, tp: int
 
 def _load_weights(actor, source: ModelSource, groups) -> None:
     """HF directory: this rank's shard streamed with ``hf_to_mcore``; megatron checkpoint: ``CheckpointManager``."""
-    from .mapping import copy_into_module, hf_to_mcore
+    from .mapping import load_hf_chunks
 
     if source.kind == "megatron":
         from ..checkpoint import CheckpointManager
@@ -135,12 +135,7 @@ def _load_weights(actor, source: ModelSource, groups) -> None:
     from .io import SafetensorsReader
 
     with SafetensorsReader(source.hf_dir) as src:
-        for v, chunk in enumerate(actor.models):  # chunk v of this stage (megatron's vp_stage)
-            state = hf_to_mcore(src, source.model, source.arch, tp=groups.tp, tp_rank=groups.tp_rank, pp=groups.pp,
-                                pp_rank=groups.pp_rank, vpp=groups.vpp, vp_stage=None if groups.vpp is None else v,
-                                ep=groups.ep, ep_rank=groups.ep_rank, etp=groups.etp, etp_rank=groups.etp_rank)
-            copy_into_module(chunk, state)
-            del state
+        load_hf_chunks(src, source.model, source.arch, actor.models, groups)
     actor.optimizer.reload_model_params()
 
 

@@ -47,7 +47,8 @@ import torch
 from ..config.model import ModelConfig
 
 __all__ = ["TABLES", "ConversionError", "copy_into_module", "hf_names", "hf_shapes", "hf_to_mcore",
-           "iter_hf_to_mcore", "mcore_to_hf", "pipeline_states", "table_for", "te_name"]
+           "iter_hf_to_mcore", "load_hf_chunks", "mcore_to_hf", "pipeline_states", "rank_layout", "table_for",
+           "te_name"]
 
 
 class ConversionError(ValueError):
@@ -512,3 +513,42 @@ def copy_into_module(module: torch.nn.Module, state: Mapping[str, torch.Tensor])
                 raise ConversionError(f"convert: converted tensor {name!r} has shape {list(state[name].shape)}, the "
                                       f"model's is {list(p.shape)}")
             p.copy_(state[name])
+
+
+def rank_layout(groups: Any, vp_stage: int | None = None) -> dict[str, Any]:
+    """The layout keyword arguments of :func:`iter_hf_to_mcore` for this rank: ``groups`` is the
+    ``policy.parallel.ParallelGroups`` of the run (read by attribute), ``vp_stage`` the model chunk (None without
+    virtual pipeline stages)."""
+    return dict(tp=groups.tp, tp_rank=groups.tp_rank, pp=groups.pp, pp_rank=groups.pp_rank, vpp=groups.vpp,
+                vp_stage=vp_stage if groups.vpp is not None else None, ep=groups.ep, ep_rank=groups.ep_rank,
+                etp=groups.etp, etp_rank=groups.etp_rank)
+
+
+def load_hf_chunks(src: Any, cfg: ModelConfig, arch: str, chunks: list[torch.nn.Module], groups: Any, *,
+                   advance: Any = None) -> int:
+    """Stream this rank's shard of the HF checkpoint ``src`` into its model ``chunks`` (one per virtual stage), one
+    tensor at a time, in place (so DDP buffers keep the weights): each converted tensor is copied into the parameter
+    of the same name and dropped, so memory stays near the largest tensor. Every parameter must be filled exactly
+    once (one-line :class:`ConversionError` otherwise). ``advance(n)``: optional progress callback. Returns the
+    number of tensors copied."""
+    copied = 0
+    with torch.no_grad():
+        for v, chunk in enumerate(chunks):
+            params = dict(chunk.named_parameters())
+            done: set[str] = set()
+            for name, tensor in iter_hf_to_mcore(src, cfg, arch, **rank_layout(groups, v)):
+                param = params.get(name)
+                if param is None:
+                    raise ConversionError(f"convert: converted tensor {name!r} is no parameter of the model")
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ConversionError(f"convert: converted tensor {name!r} has shape {list(tensor.shape)}, the "
+                                          f"model's is {list(param.shape)}")
+                param.copy_(tensor)
+                done.add(name)
+                if advance is not None:
+                    advance(1)
+            missing = sorted(set(params) - done)
+            if missing:
+                raise ConversionError(f"convert: model parameter {missing[0]!r} has no converted tensor")
+            copied += len(done)
+    return copied

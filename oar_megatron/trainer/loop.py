@@ -86,7 +86,12 @@ class Trainer:
         self.warmed_up = False
         resume = self._resume_path()
         if cfg.model.pretrained and resume is None:  # a resumed run's checkpoint wins
-            self._load_pretrained()
+            from ..convert.checkpoint import is_megatron_checkpoint
+
+            if is_megatron_checkpoint(cfg.model.pretrained):
+                self._load_pretrained_checkpoint()
+            else:
+                self._load_pretrained()
         resumed = self._maybe_resume(resume, evaluating)
         tb = {"auto": "auto", "true": True, "false": False}.get(str(cfg.logging.tensorboard).lower(), "auto")
         wandb = {"project": cfg.logging.wandb_project} if cfg.logging.wandb_project else None
@@ -139,6 +144,25 @@ class Trainer:
         self._print(f"resumed from {path} at step {self.step}")
         return True
 
+    def _load_pretrained_checkpoint(self) -> None:
+        """``model.pretrained`` naming a megatron checkpoint (``oar-convert hf-to-mcore``'s converted checkpoint, or a
+        trainer run's checkpoint root / step directory): its model weights load with dist-checkpointing under this
+        run's layout, whatever the saved one — any TP / PP / EP, another vocabulary padding (``load_model_weights``:
+        no optimizer, RNG or reference); the architecture was checked against the checkpoint's ``hf/config.json``
+        or run ``config.yaml`` (``check_pretrained_checkpoint``). Then as for an HF directory: the optimizer's main
+        weights are refreshed, the format warm-up is skipped and ``fit`` takes the loaded model as the KL
+        reference."""
+        from ..checkpoint import load_model_weights
+        from ..convert.checkpoint import check_pretrained_checkpoint
+
+        g, path = self.groups, self.cfg.model.pretrained
+        arch = check_pretrained_checkpoint(self.cfg.model)
+        load_model_weights(self.actor.models, path)
+        self.actor.optimizer.reload_model_params()
+        self.warmed_up = True
+        self._print(f"loaded pretrained weights from megatron checkpoint {path} ({arch}, tp={g.tp}, pp={g.pp}, "
+                    f"ep={g.ep})")
+
     def _resume_path(self) -> Path | None:
         """The checkpoint ``checkpoint.resume`` names (``auto``: the latest in the checkpoint directory), or None."""
         mode = self.cfg.checkpoint.resume
@@ -149,24 +173,19 @@ class Trainer:
     def _load_pretrained(self) -> None:
         """``model.pretrained``: each rank reads, for each of its model chunks (one, or ``virtual_pp`` when
         interleaved), that chunk's layers of its TP (MoE: and EP / expert-TP) shard of the HF safetensors (one tensor
-        at a time, ``convert.hf_to_mcore`` with the stage / virtual stage) into the actor's model, then refreshes the
+        at a time, ``convert.mapping.load_hf_chunks``) into the actor's model, then refreshes the
         optimizer's main weights from it (mixed precision keeps fp32 copies). With tied embeddings under PP > 1 the
         last stage's ``output_layer.weight`` (megatron's copy of the embedding, kept in sync by all-reducing its
         gradient with the first stage's over the embedding group) gets the same HF embedding rows. The format warm-up
         (which stands in for pretraining) is skipped, so ``fit`` takes the loaded model as the KL reference."""
-        from ..convert import SafetensorsReader, hf_to_mcore
+        from ..convert import SafetensorsReader
         from ..convert.config import check_pretrained
-        from ..convert.mapping import copy_into_module
+        from ..convert.mapping import load_hf_chunks
 
         g, path = self.groups, self.cfg.model.pretrained
         arch = check_pretrained(self.cfg.model)
         with SafetensorsReader(path) as src:
-            for v, model in enumerate(self.actor.models):  # chunk v of this stage (megatron's vp_stage)
-                state = hf_to_mcore(src, self.cfg.model, arch, tp=g.tp, tp_rank=g.tp_rank, pp=g.pp, pp_rank=g.pp_rank,
-                                    vpp=g.vpp, vp_stage=None if g.vpp is None else v, ep=g.ep, ep_rank=g.ep_rank,
-                                    etp=g.etp, etp_rank=g.etp_rank)
-                copy_into_module(model, state)
-                del state
+            load_hf_chunks(src, self.cfg.model, arch, self.actor.models, g)
         self.actor.optimizer.reload_model_params()
         self.warmed_up = True
         layout = (f"tp={g.tp}" + (f", pp={g.pp}" if g.pp > 1 else "") + (f", vpp={g.vpp}" if g.vpp else "")

@@ -84,7 +84,7 @@ def _expert_params(cfg: TrainConfig) -> int:
 def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     """Validate ``cfg`` for ``world_size`` ranks and derive the plan (module docstring)."""
     layout = cfg.validate(world_size)
-    r, t, m = cfg.rollout, cfg.trainer, cfg.model
+    r, t = cfg.rollout, cfg.trainer
     rows = r.prompts_per_step * r.n_samples
     per_rank = rows // layout.dp
     micro = per_rank // t.micro_batch_size
