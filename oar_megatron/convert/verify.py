@@ -2,10 +2,8 @@
 end on this machine.
 
 1. Conversion into a temporary directory (removed at the end), or ``--mcore CKPT_DIR``: an existing megatron
-   checkpoint (converted, or a run's) checked against HF_DIR instead. This build reads the HF directory through the
-   streaming import (``hf_to_mcore`` into each rank's shard: the trainer's ``model.pretrained`` path); where
-   ``oar-convert hf-to-mcore`` is available the megatron side is the converted checkpoint instead (see
-   ``_megatron_source``).
+   checkpoint (converted, or a run's) checked against HF_DIR instead. The conversion is ``oar-convert hf-to-mcore``
+   under the layout being checked (``_megatron_source``); the ranks then load that checkpoint.
 2. A few fixed random token sequences (seeded; lengths differ, so padding is exercised) go through the megatron
    policy under the layout (``logprobs.policy_outputs`` on tp·pp·ep local ranks: the trainer's π_old log-probs and
    the vocab-gathered logits) and through ``transformers.AutoModelForCausalLM`` (fp32, eval, one sequence at a time:
@@ -81,14 +79,17 @@ def verify_sequences(model, num: int = 4, length: int = 16, seed: int = 0) -> li
     return [torch.randint(0, model.vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _megatron_source(source: ModelSource, tmp: Path) -> tuple[ModelSource, str]:
-    """The megatron side of the check. ``oar-convert hf-to-mcore`` (writing a megatron checkpoint into ``tmp``) is
-    not part of this build: the HF directory is the megatron source, read through the streaming import
-    (``hf_to_mcore`` into each rank's shard, the trainer's ``model.pretrained`` path). Where hf-to-mcore exists,
-    convert into ``tmp / "mcore"`` here and return ``resolve_model_source`` of it (weights through
-    ``CheckpointManager.load``, resharded to the layout)."""
-    del tmp
-    return source, f"streaming import of {source.hf_dir} (hf_to_mcore into each rank's shard)"
+def _megatron_source(source: ModelSource, tmp: Path, *, tp: int, pp: int, ep: int, dtype: str,
+                     quiet: bool) -> tuple[ModelSource, str]:
+    """The megatron side of the check: ``oar-convert hf-to-mcore`` of the HF directory into ``tmp / "mcore"``
+    under the layout being checked (a converted checkpoint: its ranks stream their shards into megatron models and
+    save them with dist-checkpointing), then that checkpoint as the source (weights through
+    ``CheckpointManager.load``), so the whole path a user takes — convert, load, compute, export — is checked."""
+    from .checkpoint import hf_to_mcore_checkpoint
+
+    out = tmp / "mcore"
+    hf_to_mcore_checkpoint(source.hf_dir, out, tp=tp, pp=pp, ep=ep, dtype=dtype, quiet=quiet)
+    return resolve_model_source(out), f"hf-to-mcore into {out} (tp={tp} pp={pp} ep={ep}), loaded by CheckpointManager"
 
 
 def _same_architecture(hf: ModelSource, mcore: ModelSource) -> None:
@@ -133,7 +134,7 @@ def verify(hf_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, dtype: 
          f"{', '.join(str(len(s)) for s in seqs)} tokens)")
     with tempfile.TemporaryDirectory(prefix="oar-verify-") as tmp:
         if mcore is None:
-            mcore, route = _megatron_source(source, Path(tmp))
+            mcore, route = _megatron_source(source, Path(tmp), tp=tp, pp=pp, ep=ep, dtype=dtype, quiet=True)
         else:
             mcore = resolve_model_source(mcore)
             route = f"the megatron checkpoint {mcore.step_dir} (CheckpointManager.load)"
