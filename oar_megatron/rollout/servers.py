@@ -10,7 +10,8 @@ environment's interpreter. Nothing here imports sglang.
         s.router_url  # "http://127.0.0.1:PORT"  (/generate, /health, /get_model_info)
 
 Each server gets a free loopback port (``host`` to change), its own process group, its log in ``run_dir``
-(``sglang-server-<i>.log``, ``sglang-router.log``). ``start()`` returns once every ``/health`` answers 200; a server
+(``sglang-server-<i>.log``, ``sglang-router.log``). ``start()`` returns once every ``/health`` answers 200 (and the
+router's ``/workers`` lists every server healthy: it adds them in the background and answers 503 until then); a server
 that exits or stays unhealthy past ``startup_timeout`` raises :class:`ServerStartError` with the tail of its log.
 ``stop()`` sends SIGTERM to each process group, then SIGKILL after ``stop_grace`` s; it also runs at context-manager
 exit and at interpreter exit. ``kill(i)`` SIGKILLs server ``i`` at once (fault tests).
@@ -109,15 +110,16 @@ def server_command(python: str, model_path: str | os.PathLike, *, port: int, hos
 
 
 def router_command(python: str, worker_urls: Sequence[str], *, port: int, metrics_port: int,
-                   host: str = "127.0.0.1", policy: str = "round_robin",
+                   host: str = "127.0.0.1", policy: str = "round_robin", api_key: str | None = None,
                    extra_args: Sequence[str] = ()) -> list[str]:
     """The argv of ``sglang_router.launch_router``; its Prometheus endpoint is bound to ``host`` (its default,
     0.0.0.0:29000, would expose it and collide between runs)."""
     if not worker_urls:
         raise ValueError("sglang router: needs at least one worker URL")
     return [python, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-            "--worker-urls", *worker_urls, "--policy", policy,
-            "--prometheus-host", host, "--prometheus-port", str(metrics_port), *[str(a) for a in extra_args]]
+            "--worker-urls", *worker_urls, "--policy", policy, "--prometheus-host", host,
+            "--prometheus-port", str(metrics_port), *(["--api-key", api_key] if api_key else []),
+            *[str(a) for a in extra_args]]
 
 
 def _log_tail(path: Path, n_lines: int = 40) -> str:
@@ -153,9 +155,15 @@ class _Proc:
 
 
 def _stop_procs(procs: list[_Proc], grace: float) -> None:
-    """SIGTERM every group, wait up to ``grace`` s, SIGKILL what remains. Safe to call twice."""
+    """SIGTERM every leader, wait up to ``grace`` s, then SIGKILL each whole process group. Safe to call twice.
+
+    The leader alone gets SIGTERM: an SGLang server then shuts its scheduler and detokenizer down itself (a group-wide
+    SIGTERM makes it report a crashed child and sleep 5 s for diagnostics). The final group SIGKILL ends whatever
+    is left, the children of a leader that ignored SIGTERM or died first included."""
     for p in procs:
-        p.signal_group(signal.SIGTERM)
+        if p.alive():
+            with contextlib.suppress(ProcessLookupError):
+                p.popen.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -263,7 +271,8 @@ class SGLangServers:
             self._wait_healthy(self.servers, t0)
             if self.use_router:
                 cmd = router_command(self.python, self.urls, port=ports[self.n], metrics_port=ports[self.n + 1],
-                                     host=self.host, policy=self.router_policy, extra_args=self.router_args)
+                                     host=self.host, policy=self.router_policy, api_key=self.api_key,
+                                     extra_args=self.router_args)
                 self.router = _Proc("sglang router", cmd, _url(self.host, ports[self.n]),
                                     self.run_dir / "sglang-router.log", self._env())
                 self._wait_healthy([self.router], time.monotonic())
@@ -318,6 +327,20 @@ class SGLangServers:
         self._atexit = _cleanup
         atexit.register(_cleanup)
 
+    def _ready(self, client: httpx.Client, p: _Proc) -> bool:
+        if client.get(p.url + "/health").status_code != 200:
+            return False
+        if p is not self.router:
+            return True
+        # The router answers /health at once and adds its workers in the background (503 until then): ready when
+        # /workers lists every server as healthy (a router without /workers: /health alone).
+        r = client.get(p.url + "/workers")
+        if r.status_code == 404:
+            return True
+        workers = r.json().get("workers", []) if r.status_code == 200 else []
+        healthy = {w.get("url") for w in workers if w.get("is_healthy", True)}
+        return healthy >= set(self.urls)
+
     def _wait_healthy(self, procs: list[_Proc], t0: float) -> None:
         pending = list(procs)
         with httpx.Client(timeout=httpx.Timeout(5.0), headers=self.headers(), trust_env=False) as client:
@@ -328,9 +351,9 @@ class SGLangServers:
                             f"{p.name} exited with code {p.popen.returncode} before it was healthy "
                             f"(log {p.log_path}); last lines:\n{_log_tail(p.log_path)}")
                     try:
-                        if client.get(p.url + "/health").status_code == 200:
+                        if self._ready(client, p):
                             pending.remove(p)
-                    except httpx.HTTPError:
+                    except (httpx.HTTPError, ValueError):
                         pass
                 if not pending:
                     break

@@ -15,7 +15,7 @@ from oar_megatron.rollout.servers import SGLangServers, ServerStartError, router
 
 FAKE = textwrap.dedent(f"""\
     #!{sys.executable}
-    import http.server, os, sys, time
+    import http.server, json, os, sys, time
     argv = sys.argv[1:]
     print("fake", " ".join(argv), flush=True)
     mode = os.environ.get("FAKE_MODE", "serve")
@@ -31,6 +31,9 @@ FAKE = textwrap.dedent(f"""\
             ok = not key or self.headers.get("Authorization") == "Bearer " + key
             body = (argv[1] + " " + os.environ.get("CUDA_VISIBLE_DEVICES", "-") + " "
                     + os.environ.get("SGLANG_USE_CPU_ENGINE", "-")).encode()
+            if self.path == "/workers":  # the router's worker list: the --worker-urls, healthy
+                urls = argv[argv.index("--worker-urls") + 1:argv.index("--policy")]
+                body = json.dumps({{"workers": [{{"url": u, "is_healthy": True}} for u in urls]}}).encode()
             self.send_response(200 if ok else 401); self.end_headers(); self.wfile.write(body)
         def log_message(self, *a): pass
     # a child in the same process group, as the real server's scheduler is: stop() must end it too
@@ -166,8 +169,8 @@ def test_server_that_never_serves_times_out_and_is_stopped(fake_python, tmp_path
 
 def test_sigterm_ignored_falls_back_to_sigkill(tmp_path):
     stubborn = tmp_path / "stubborn"
-    stubborn.write_text(FAKE.replace("import http.server, os, sys, time",
-                                     "import http.server, os, sys, time, signal\n"
+    stubborn.write_text(FAKE.replace("import http.server, json, os, sys, time",
+                                     "import http.server, json, os, sys, time, signal\n"
                                      "signal.signal(signal.SIGTERM, signal.SIG_IGN)"))
     stubborn.chmod(0o755)
     s = SGLangServers("/m", 1, python=str(stubborn), run_dir=tmp_path, stop_grace=0.5).start()
