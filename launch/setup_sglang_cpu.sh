@@ -19,6 +19,9 @@ STAMP="$VENV/.oar_sglang_stamp"
 FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
 say() { echo "setup_sglang_cpu: $*"; }
+# pip's one-line warnings about this machine's index locations that lack a package are noise (pipefail keeps pip's
+# exit status).
+quiet_pip() { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 hash_files() { (cd "$ROOT" && for f in "$@"; do echo "== $f"; cat "$f"; done) | sha256sum | cut -d' ' -f1; }
 base_py="$("$PYTHON" -c 'import sys; print(sys.version.split()[0])')"
@@ -69,10 +72,10 @@ if [ $rebuild = 1 ]; then
   nodeps=$(grep -E '#[[:space:]]*no-deps' "$REQ" | sed 's/#.*//' | xargs)
   grep -vE '#[[:space:]]*no-deps' "$REQ" | sed 's/#.*//' | grep -v '^[[:space:]]*$' >"$VENV/.oar_requirements_deps.txt"
   say "installing torch (CPU, pinned) and sglang's pure-Python dependencies"
-  "${PIP[@]}" install -c "$CON" -r "$VENV/.oar_requirements_deps.txt"
+  "${PIP[@]}" install -c "$CON" -r "$VENV/.oar_requirements_deps.txt" 2>&1 | quiet_pip
   say "installing with --no-deps: $nodeps"
   # shellcheck disable=SC2086
-  "${PIP[@]}" install --no-deps -c "$CON" $nodeps
+  "${PIP[@]}" install --no-deps -c "$CON" $nodeps 2>&1 | quiet_pip
   "$VENV/bin/python" -c 'import torch; v = torch.__version__; assert v.endswith("+cpu"), f"not a CPU torch: {v}"'
 fi
 

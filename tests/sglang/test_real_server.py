@@ -142,3 +142,15 @@ def test_update_weights_from_disk_on_each_worker(servers, models, tmp_path):
     print(f"[sglang] after the update: max |server - megatron(new)| = {diff_new:.2e}; vs the old model (transformers) "
           f"{diff_old:.2f}")
     assert diff_new <= TOL and diff_old > 0.1
+
+
+def test_shims_in_the_sglang_venv(sglang_python):
+    """tests/sglang_shims as installed by the setup script: torchvision imports beside the CPU torch, and the stub
+    ``sgl_kernel`` lets imports pass but raises, naming the kernel, when anything calls it."""
+    code = ("import torch, torchvision, sgl_kernel\n"
+            "from sgl_kernel import copy_all_layer_kv_cache_cpu as f\n"
+            "assert torch.__version__.endswith('+cpu'), torch.__version__\n"
+            "try:\n    f(1)\nexcept sgl_kernel.SglKernelStubCalled as e:\n    print('raised:', e)\n")
+    r = subprocess.run([sglang_python, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("raised: sgl_kernel.copy_all_layer_kv_cache_cpu was called, but this is the oar_megatron")
