@@ -1,5 +1,6 @@
 """Two real SGLang servers (CPU, fp32, ``--skip-tokenizer-init``) behind a real ``sglang-router``, serving a tiny
-random Qwen2 saved by the project's own test tooling (tests/convert/hf_tiny.py), started once for the module by
+random Qwen2 made by tests/convert/hf_tiny.py and exported through the conversion mapping (``hf_to_mcore`` →
+``mcore_to_hf``, as a from-disk weight sync writes it; the second model from TP2 shards), started once for the module by
 ``oar_megatron.rollout.servers.SGLangServers``:
 
 - ``/generate`` with ``input_ids`` and ``return_logprob`` through the router reaches both workers; every answer has
@@ -34,12 +35,36 @@ PROMPTS = [[1, 5, 7, 9, 3], [4, 8, 15, 16, 23, 42], [2, 2], [98, 97, 3, 60]]
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 12}
 
 
+def export_through_mapping(hf_dir: Path, out: Path, tp: int) -> Path:
+    """What a from-disk weight sync writes: HF → megatron state of ``tp`` TP ranks (``hf_to_mcore``, vocabulary
+    padded) → HF names and full shapes (``mcore_to_hf``, padding trimmed) → ``out`` (safetensors + config.json)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from oar_megatron.convert.config import architecture, hf_model_config, read_hf_config
+    from oar_megatron.convert.mapping import hf_to_mcore, mcore_to_hf
+
+    hf = read_hf_config(hf_dir)
+    arch, cfg = architecture(hf), hf_model_config(hf)
+    original = load_file(str(hf_dir / "model.safetensors"))
+    shards = [hf_to_mcore(original, cfg, arch, tp=tp, tp_rank=r) for r in range(tp)]
+    tensors = {k: v.contiguous() for k, v in mcore_to_hf(shards, cfg, arch)}
+    assert tensors.keys() == original.keys() and all(torch.equal(tensors[k], original[k]) for k in tensors)
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy2(hf_dir / "config.json", out / "config.json")
+    return out
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    """Two tiny random Qwen2 (seeds 0, 1), each exported through the conversion mapping (the second from TP2)."""
     d = tmp_path_factory.mktemp("sglang_models")
-    make_hf_model("qwen2", d / "m0", seed=0)
-    make_hf_model("qwen2", d / "m1", seed=1)
-    return d / "m0", d / "m1"
+    make_hf_model("qwen2", d / "hf0", seed=0)
+    make_hf_model("qwen2", d / "hf1", seed=1)
+    return export_through_mapping(d / "hf0", d / "m0", tp=1), export_through_mapping(d / "hf1", d / "m1", tp=2)
 
 
 @pytest.fixture(scope="module")
