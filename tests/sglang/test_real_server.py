@@ -179,3 +179,34 @@ def test_shims_in_the_sglang_venv(sglang_python):
     r = subprocess.run([sglang_python, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("raised: sgl_kernel.copy_all_layer_kv_cache_cpu was called, but this is the oar_megatron")
+
+
+def test_kill_one_server(servers):
+    """``kill(1)`` ends server 1's whole process group (scheduler and detokenizer children too); server 0 keeps
+    serving, and the router retries requests it sent to the dead worker on the live one."""
+
+    pgid = servers.servers[1].popen.pid
+    servers.kill(1)
+    assert not servers.alive(1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("server 1's process group survived kill(1)")
+    body = {"input_ids": PROMPTS[0], "sampling_params": SAMPLING, "return_logprob": True}
+    with httpx.Client(timeout=30, trust_env=False) as client:
+        assert client.post(servers.urls[0] + "/generate", json=body).status_code == 200
+        codes = []
+        t0 = time.monotonic()
+        for _ in range(6):
+            try:
+                codes.append(client.post(servers.router_url + "/generate", json=body).status_code)
+            except httpx.HTTPError as e:
+                codes.append(type(e).__name__)
+        print(f"[sglang] router after kill(1): {codes} in {time.monotonic() - t0:.2f} s")
+    # sglang-router 0.3.2 retries a refused connection on the other worker: no request fails
+    assert codes == [200] * 6, codes
