@@ -133,14 +133,25 @@ def _log_tail(path: Path, n_lines: int = 40) -> str:
     return "\n".join(lines[-n_lines:])
 
 
+def _shown(cmd: Sequence[str]) -> str:
+    """The command for the log, shell-quoted, with the ``--api-key`` value masked."""
+    import shlex
+
+    return shlex.join("REDACTED" if i and cmd[i - 1] == "--api-key" else a for i, a in enumerate(cmd))
+
+
 class _Proc:
     def __init__(self, name: str, cmd: list[str], url: str, log_path: Path, env: Mapping[str, str]):
         self.name, self.cmd, self.url, self.log_path = name, cmd, url, log_path
         self._log = open(log_path, "ab")
-        self._log.write(("$ " + " ".join(cmd) + "\n").encode())
+        self._log.write(("$ " + _shown(cmd) + "\n").encode())
         self._log.flush()
-        self.popen = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=dict(env), start_new_session=True)
+        try:
+            self.popen = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=dict(env), start_new_session=True)
+        except BaseException:
+            self._log.close()
+            raise
 
     def alive(self) -> bool:
         return self.popen.poll() is None

@@ -132,7 +132,8 @@ def test_start_health_router_logs_kill_and_stop(fake_python, tmp_path, monkeypat
                                                          "sglang-server-1.log"]
         log0 = (run / "sglang-server-0.log").read_text()
         assert log0.startswith(f"$ {fake_python} -m sglang.launch_server --model-path /models/tiny")
-        assert "--api-key sekret" in log0 and "fake -m sglang.launch_server" in log0
+        assert "--api-key REDACTED" in log0 and "sekret" not in log0.split("\n")[0]  # the key is not logged
+        assert "fake -m sglang.launch_server" in log0
         rlog = (run / "sglang-router.log").read_text()
         assert " ".join(["--worker-urls", *s.urls]) in rlog and "--prometheus-host 127.0.0.1" in rlog
         assert s.startup_seconds >= 0.7
