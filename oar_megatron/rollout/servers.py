@@ -268,7 +268,7 @@ class SGLangServers:
         t0 = time.monotonic()
         self._register_atexit()
         try:
-            ports = _free_ports(self.host, self.n + (2 if self.use_router else 0))
+            ports = _free_ports(self.host, self.n)
             for i in range(self.n):
                 cmd = server_command(self.python, self.model_path, port=ports[i], host=self.host, device=self.device,
                                      dtype=self.dtype, skip_tokenizer_init=self.skip_tokenizer_init,
@@ -281,10 +281,11 @@ class SGLangServers:
                                           self.run_dir / f"sglang-server-{i}.log", env))
             self._wait_healthy(self.servers, t0)
             if self.use_router:
-                cmd = router_command(self.python, self.urls, port=ports[self.n], metrics_port=ports[self.n + 1],
+                port, metrics_port = _free_ports(self.host, 2)  # picked now: nothing took them meanwhile
+                cmd = router_command(self.python, self.urls, port=port, metrics_port=metrics_port,
                                      host=self.host, policy=self.router_policy, api_key=self.api_key,
                                      extra_args=self.router_args)
-                self.router = _Proc("sglang router", cmd, _url(self.host, ports[self.n]),
+                self.router = _Proc("sglang router", cmd, _url(self.host, port),
                                     self.run_dir / "sglang-router.log", self._env())
                 self._wait_healthy([self.router], time.monotonic())
         except BaseException:
