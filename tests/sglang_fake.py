@@ -53,10 +53,13 @@ class TableModel:
 class HFModel:
     """An HF causal LM directory run with ``transformers`` in fp32 (whole prefix each step: tiny models only)."""
 
-    def __init__(self, path: str | Path):
-        from transformers import AutoModelForCausalLM
+    _import_lock = threading.Lock()  # transformers' lazy imports are not thread-safe (two workers load at once)
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    def __init__(self, path: str | Path):
+        with HFModel._import_lock:
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         self.vocab_size = self.model.config.vocab_size
 
     @torch.no_grad()
@@ -251,7 +254,10 @@ class FakeSGLang:
             return 400, {"success": False, "message": f"Failed to get weights iterator: {path} (fake refusal)",
                          "num_paused_requests": 0}
         if (Path(path) / "config.json").is_file():
-            self.model = HFModel(path)
+            try:
+                self.model = HFModel(path)
+            except Exception as exc:  # noqa: BLE001 - sglang answers a failed load with success: false
+                return 400, {"success": False, "message": f"Failed to load {path}: {exc}", "num_paused_requests": 0}
         self.model_path = path
         if body.get("weight_version") is not None:
             self.weight_version = str(body["weight_version"])

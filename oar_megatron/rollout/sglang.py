@@ -181,7 +181,8 @@ class SGLangEngine(RolloutEngine):
                  max_concurrency: int = 64, max_retries: int = 3, min_valid_frac: float = 1.0,
                  backoff_s: float = 0.5, backoff_max_s: float = 8.0, sync_dir: str | Path | None = None,
                  model: Any = None, arch: str | None = None, hf_config: dict | None = None,
-                 carried_from: str | Path | None = None, load_format: str | None = None, seed: int = 0):
+                 carried_from: str | Path | None = None, load_format: str | None = None, weight_sync: str = "disk",
+                 seed: int = 0):
         self.workers = [normalize_url(u) for u in server_urls]
         self.router_url = normalize_url(router_url) if router_url else None
         if not self.workers and not self.router_url:
@@ -190,6 +191,8 @@ class SGLangEngine(RolloutEngine):
             raise ValueError(f"rollout.min_valid_frac: need 0 < min_valid_frac <= 1, got {min_valid_frac}")
         if max_retries < 0 or max_concurrency < 1:
             raise ValueError("rollout.max_retries / rollout.max_concurrency: need max_retries >= 0, max_concurrency >= 1")
+        if weight_sync != "disk":  # the distributed (NCCL) path is a separate work item
+            raise ValueError(f"rollout.weight_sync: {weight_sync!r} is not implemented yet; use disk")
         self.vocab_size = int(vocab_size)
         self.api_key = api_key
         self.timeout_s = float(timeout_s)
@@ -461,6 +464,9 @@ class SGLangEngine(RolloutEngine):
 
         if self.sync_dir is None or self.model is None or self.arch is None:
             raise ValueError("SGLangEngine: weight sync needs sync_dir, model and arch")
+        if not self.workers:
+            raise RolloutError("sglang: weight updates go to every worker (a router answers 404 for them); set "
+                               "rollout.server_urls to the worker URLs")
         t0 = time.perf_counter()
         tensors = gather_hf_state(actor, groups, self.model, self.arch)
         if groups.rank != 0:

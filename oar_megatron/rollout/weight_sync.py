@@ -12,8 +12,8 @@
   same architecture (tested).
 * :class:`SyncDir` — versioned directories ``<root>/v{N}``: written as ``v{N}.tmp`` (safetensors + config.json +
   carried tokenizer files), renamed to ``v{N}`` when complete (an atomic directory swap: a server never sees a
-  partial version), then every older version removed except the previous one (a server that has not finished
-  loading it may still read it).
+  partial version; a version directory left by a crash or a failed update is replaced), then every older version
+  removed except the previous one (a server that has not finished loading it may still read it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +112,6 @@ class SyncDir:
         from safetensors.torch import save_file
 
         final = self.path(version)
-        if final.exists():
-            raise ValueError(f"rollout.sync_dir: {final} exists already (another run writes the same directory?)")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"v{version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
@@ -133,6 +130,11 @@ class SyncDir:
                 for name in CARRIED:
                     if (Path(carried_from) / name).is_file():
                         shutil.copy2(Path(carried_from) / name, tmp / name)
+            if final.exists():  # written before a crash or a failed update (a resumed run pushes it again)
+                stale = self.root / f"v{version}.tmp-stale"
+                shutil.rmtree(stale, ignore_errors=True)
+                final.rename(stale)
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.rename(final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -144,12 +146,7 @@ class SyncDir:
         gone = [v for v in self.versions() if v < keep - 1]
         for v in gone:
             shutil.rmtree(self.path(v), ignore_errors=True)
-        for p in self.root.glob("v*.tmp"):  # a crash's leftovers
+        for p in [*self.root.glob("v*.tmp"), *self.root.glob("v*.tmp-stale")]:  # a crash's leftovers
             shutil.rmtree(p, ignore_errors=True)
         return gone
 
-
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
