@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import math
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -478,15 +479,24 @@ class SGLangEngine(RolloutEngine):
         path, nbytes = syncdir.write(version, tensors, hf, self.carried_from)
         del tensors
         t2 = time.perf_counter()
-        payload = {"model_path": str(path.resolve()), "weight_version": str(version), "flush_cache": True,
-                   "load_format": self.load_format}
-        payload = {k: v for k, v in payload.items() if k in needs.disk_update_fields and v is not None}
-        self._control("/update_weights_from_disk", payload, timeout_s=self.update_timeout_s)
+        try:
+            self._control("/update_weights_from_disk", self.update_payload(path, version, needs),
+                          timeout_s=self.update_timeout_s)
+        except RolloutError:
+            shutil.rmtree(path, ignore_errors=True)  # the next sync writes it again
+            raise
         t3 = time.perf_counter()
         syncdir.prune(keep=version)
         self.last_sync_stats = {"sync/gather_s": t1 - t0, "sync/write_s": t2 - t1, "sync/update_s": t3 - t2,
                                 "sync/bytes": float(nbytes),
                                 "sync/write_gb_per_s": nbytes / 1e9 / max(t2 - t1, 1e-9)}
+
+    def update_payload(self, path: str | Path, version: int, needs: VersionNeeds | None = None) -> dict[str, Any]:
+        """The ``/update_weights_from_disk`` body for weight directory ``path`` as version ``version``."""
+        needs = needs or needs_for_version(self.server_version or "0.5.23")
+        payload = {"model_path": str(Path(path).resolve()), "weight_version": str(version), "flush_cache": True,
+                   "load_format": self.load_format}
+        return {k: v for k, v in payload.items() if k in needs.disk_update_fields and v is not None}
 
     # ---------------------------------------------------------------------------------------- state
 
