@@ -4,8 +4,9 @@ speaks sglang 0.5.23's native JSON, generates from a tiny deterministic model an
 Endpoints (as sglang 0.5.23 with ``--skip-tokenizer-init``): ``POST /generate`` (``input_ids`` one list or a batch,
 ``sampling_params`` with ``n``, ``return_logprob``) answering ``{"output_ids", "meta_info": {"id", "finish_reason":
 {"type": "stop", "matched": id} | {"type": "length", "length": n}, "prompt_tokens", "completion_tokens",
-"cached_tokens", "output_token_logprobs": [[logprob, token_id, null], ...], "weight_version", "e2e_latency"}}`` (a
-list for a batch or n > 1); ``GET /health``, ``/get_model_info``, ``/server_info`` and ``/get_server_info`` (with
+"cached_tokens", "output_token_logprobs": [[logprob, token_id, null], ...], "weight_version", "weight_versions":
+[{"version", "start", "end"}], "e2e_latency", ...}}`` (field for field what a real 0.5.23 server answers; a list for
+a batch or n > 1); ``GET /health``, ``/get_model_info``, ``/server_info`` and ``/get_server_info`` (with
 ``version``); ``POST /update_weights_from_disk`` (loads ``model_path``, sets ``weight_version``), ``/flush_cache``,
 ``/pause_generation``, ``/continue_generation``. With an API key every path but ``/health`` needs ``Authorization:
 Bearer <key>`` (401 otherwise), as sglang's middleware does.
@@ -230,10 +231,11 @@ class FakeSGLang:
     # ------------------------------------------------------------------------------------------ endpoints
 
     def _model_info(self):
-        return 200, {"model_path": self.model_path, "tokenizer_path": None, "is_generation": True,
-                     "preferred_sampling_params": None, "weight_version": self.weight_version,
-                     "has_image_understanding": False, "has_audio_understanding": False,
-                     "model_type": None, "architectures": None}
+        return 200, {"model_path": self.model_path, "served_model_name": self.model_path,
+                     "tokenizer_path": self.model_path, "is_generation": True, "preferred_sampling_params": None,
+                     "weight_version": self.weight_version, "load_format": "auto", "reasoning_parser": None,
+                     "tool_call_parser": None, "disaggregation_mode": "null", "has_image_understanding": False,
+                     "has_audio_understanding": False, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
 
     def _server_info(self):
         return 200, {"model_path": self.model_path, "skip_tokenizer_init": True, "dtype": "float32",
@@ -333,10 +335,15 @@ class FakeSGLang:
         if fault == "empty":
             out, lps, out_lp_ids = [], [], []
         output_ids = out if sp.get("no_stop_trim") or finish["type"] != "stop" else out[:-1]
-        meta = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(prompt),
-                "weight_version": version, "completion_tokens": len(out), "cached_tokens": 0,
-                "e2e_latency": time.perf_counter() - t0}
+        # field order and extras as a real 0.5.23 server answers (recorded from one with --skip-tokenizer-init)
+        meta: dict[str, Any] = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(prompt),
+                                "weight_version": version, "num_retractions": 0}
         if body.get("return_logprob"):
-            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, out_lp_ids, strict=False)]
             meta["input_token_logprobs"] = []
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, out_lp_ids, strict=False)]
+            meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
+        meta.update({"reasoning_tokens": 0, "completion_tokens": len(out), "cached_tokens": 0,
+                     "weight_versions": [{"version": version, "start": 0, "end": len(out)}],
+                     "cached_tokens_details": None, "dp_rank": None, "e2e_latency": time.perf_counter() - t0,
+                     "response_sent_to_client_ts": time.time()})
         return {"output_ids": output_ids, "meta_info": meta}
