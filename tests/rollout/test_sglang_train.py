@@ -63,3 +63,50 @@ def test_train_against_two_fake_workers(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [x for x in lines if x["phase"] == "train"]
     assert [x["step"] for x in logged] == [1, 2, 3]
+
+
+def _train_layouts(rank, world, tmp, urls_by_layout):
+    out = {}
+    for layout, urls in urls_by_layout.items():
+        from oar_megatron.trainer import compose_config
+        from oar_megatron.trainer.loop import Trainer
+
+        cfg = compose_config(SMALL + ["trainer.steps=2", "algorithm=grpo", f"logging.run_dir={tmp}/{layout}",
+                                      "rollout=sglang", f"rollout.server_urls=[{','.join(urls)}]",
+                                      "rollout.max_new_tokens=7", "rollout.prompts_per_step=4",
+                                      "rollout.n_samples=4", "rollout.timeout_s=60"]
+                             + (["parallel.tp=2"] if layout == "tp" else []))  # else: dp = world / tp = 2
+        trainer = Trainer(cfg)
+        try:
+            hist = trainer.fit()
+        finally:
+            trainer.close()
+        out[layout] = [{k: v for k, v in m.items() if isinstance(v, float)} for m in hist]
+    return out
+
+
+def test_two_ranks_tp2_and_dp2(tmp_path):
+    """TP 2: the weights are gathered from both TP shards and one rank per replica generates (the other gets the
+    samples by broadcast); DP 2: each replica asks for its own prompts and counts are summed over replicas."""
+    fakes = {layout: [FakeSGLang(vocab_size=24, seed=i) for i in range(2)] for layout in ("tp", "dp")}
+    for pair in fakes.values():
+        for f in pair:
+            f.start()
+    try:
+        fakes["dp"][1].faults = ["http_500"]
+        res = run_ranks(_train_layouts, 2, str(tmp_path), {k: [f.url for f in v] for k, v in fakes.items()},
+                        timeout=900)
+    finally:
+        for pair in fakes.values():
+            for f in pair:
+                f.stop()
+    hist = res[0]
+    for layout in ("tp", "dp"):
+        for m in hist[layout]:
+            assert m["rollout/logp_diff_abs_max"] <= 1e-3 and m["rollout/samples"] == 16, (layout, m)
+        for f in fakes[layout]:
+            assert [u["weight_version"] for u in f.updates] == ["1", "2", "3"], layout
+    # TP 2: one request stream per replica (16 samples per step, not 32)
+    assert sum(len(f.requests) for f in fakes["tp"]) == 2 * 16
+    assert sum(len(f.requests) for f in fakes["dp"]) == 2 * 16 + 1
+    assert hist["dp"][0]["rollout/invalid_http"] == 1 and hist["dp"][0]["rollout/retries"] == 1
