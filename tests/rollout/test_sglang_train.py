@@ -1,7 +1,8 @@
 """``oar-train rollout=sglang`` end to end against two fake SGLang workers (tests/sglang_fake.py) that generate with
 ``transformers`` from the weights the trainer pushes (export → ``/update_weights_from_disk``): the servers' log-probs
 of the sampled tokens equal the trainer's π_old (fp32), every sync reaches both workers with the next version,
-injected faults are retried and counted in the step metrics, and no group is lost. One spawn (megatron imported
+injected faults are retried and counted in the step metrics, no group is lost, and the final evaluation runs through
+the same servers. One spawn (megatron imported
 once)."""
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def _train(rank, world, tmp, urls):
     from oar_megatron.trainer import compose_config
     from oar_megatron.trainer.loop import Trainer
 
-    cfg = compose_config(SMALL + ["trainer.steps=3", "algorithm=grpo", f"logging.run_dir={tmp}/run", "rollout=sglang",
+    small = [o for o in SMALL if o != "eval.at_end=false"] + ["eval.at_end=true", "eval.k=2", "eval.ks=[1,2]"]
+    cfg = compose_config(small + ["trainer.steps=3", "algorithm=grpo", f"logging.run_dir={tmp}/run", "rollout=sglang",
                                   f"rollout.server_urls=[{','.join(urls)}]", "rollout.max_new_tokens=7",
                                   "rollout.prompts_per_step=4", "rollout.n_samples=4", "rollout.timeout_s=60"])
     trainer = Trainer(cfg)
@@ -59,10 +61,12 @@ def test_train_against_two_fake_workers(tmp_path):
         assert [u["weight_version"] for u in f.updates] == ["1", "2", "3", "4"]
         assert all(u["model_path"].startswith(str(tmp_path / "run" / "weight_sync")) for u in f.updates)
     assert sorted(p.name for p in (tmp_path / "run" / "weight_sync").iterdir()) == ["v3", "v4"]
-    assert sum(len(f.requests) for f in fakes) == 3 * 16 + 2
+    assert sum(len(f.requests) for f in fakes) == 3 * 16 + 2 + 9 * 2  # + the final evaluation: 9 problems x k=2
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [x for x in lines if x["phase"] == "train"]
     assert [x["step"] for x in logged] == [1, 2, 3]
+    evals = [x for x in lines if x["phase"] == "eval"]
+    assert len(evals) == 1 and 0.0 <= evals[0]["modsum/avg@2"] <= 1.0
 
 
 def _train_layouts(rank, world, tmp, urls_by_layout):
