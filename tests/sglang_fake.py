@@ -138,7 +138,10 @@ class FakeSGLang:
             def do_POST(self):
                 fake._handle(self, "POST")
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # http.server's 5 drops connections under a burst of concurrent requests
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="fake-sglang")
         self._thread.start()
