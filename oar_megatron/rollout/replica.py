@@ -53,6 +53,22 @@ class ReplicaEngine(RolloutEngine):
         self.last_stats = stats
         return value
 
+    def check_servers(self) -> None:
+        """The inner engine's ``check_servers`` on global rank 0; its error raised on every rank."""
+        from .. import collectives
+        from .sglang import RolloutError
+
+        error = None
+        if self.groups.rank == 0:
+            try:
+                self.inner.check_servers()
+            except RolloutError as exc:
+                error = str(exc)
+        if self.groups.world_size > 1:
+            error = collectives.broadcast_object(error)
+        if error is not None:
+            raise RolloutError(error)
+
     def sync_weights(self, source: Any = None) -> None:
         self.inner.sync_weights(source)
 

@@ -406,6 +406,28 @@ class SGLangEngine(RolloutEngine):
         urls = list(dict.fromkeys(([self.router_url] if self.router_url else []) + self.workers))
         self._control("/health", urls=urls, method="GET", timeout_s=timeout_s)
 
+    def check_servers(self) -> str:
+        """Before the first step: every URL healthy, the workers' SGLang version known (``SGLANG_VERSIONS``), and
+        — when a worker's ``model_path`` is readable here (a shared filesystem) — its ``config.json`` vocabulary equal
+        to the trainer's. One-line :class:`RolloutError` naming the server otherwise. Returns a summary line."""
+        import json
+
+        self.health()
+        version = self.read_server_version()
+        for url in self.workers:
+            info = self._control("/get_model_info", urls=[url], method="GET", timeout_s=30.0)[url]
+            path = Path(str(info.get("model_path", ""))) / "config.json" if isinstance(info, dict) else None
+            if path is not None and path.is_file():
+                try:
+                    vocab = json.loads(path.read_text()).get("vocab_size")
+                except (OSError, ValueError):
+                    continue
+                if vocab is not None and int(vocab) != self.vocab_size:
+                    raise RolloutError(f"sglang: {url} serves {path.parent} with vocab_size {vocab}, the trainer's "
+                                       f"model has {self.vocab_size}")
+        gen = self.router_url or f"{len(self.workers)} worker(s)"
+        return f"sglang {version}: {len(self.workers)} worker(s), generation via {gen}"
+
     def model_info(self) -> dict[str, Any]:
         urls = [self.router_url] if self.router_url else self.workers[:1]
         return next(iter(self._control("/get_model_info", urls=urls, method="GET", timeout_s=30.0).values()))

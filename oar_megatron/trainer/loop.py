@@ -243,6 +243,7 @@ class Trainer:
         if not self.actor.has_reference:  # the KL reference is the policy RL starts from (loaded when resumed)
             self.actor.set_reference_from_current()
         if cfg.rollout.engine == "sglang":  # the servers sample from the trainer's weights from the first step on
+            self.engine.check_servers()
             self.engine.sync_weights(self.actor)
         if cfg.eval.at_start and self.step == 0:
             self.evaluate()

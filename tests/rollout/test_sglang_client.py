@@ -217,3 +217,13 @@ def test_model_info_and_health(servers):
     servers[1].stop()
     with pytest.raises(RolloutError, match=servers[1].url.replace(".", r"\.")):
         eng.health(timeout_s=1.0)
+
+
+def test_check_servers(servers, tmp_path):
+    eng = _engine([f.url for f in servers])
+    assert eng.check_servers().startswith("sglang 0.5.23: 2 worker(s)")
+    (tmp_path / "config.json").write_text('{"vocab_size": 32}')  # a worker serving another vocabulary
+    servers[1].model_path = str(tmp_path)
+    with pytest.raises(RolloutError) as err:
+        _engine([f.url for f in servers]).check_servers()
+    assert servers[1].url in str(err.value) and "vocab_size 32" in str(err.value)
