@@ -43,7 +43,7 @@ class RolloutConfig:
     top_k: int = -1  # -1: off
     max_new_tokens: int = 16
     max_batch_size: int = 64  # local engine: rows decoded together
-    max_gen_batches: int = 3  # generation rounds per step: dynamic sampling, and replacing groups the sglang engine rejected
+    max_gen_batches: int = 3  # generation rounds per step (dynamic sampling; replacing groups sglang rejected)
     # The SGLang client (engine: sglang; docs/sglang_client.md). Validation refuses these with the local engine, so
     # none is ever silently ignored.
     server_urls: list[str] = field(default_factory=list)  # sglang workers: generation (unless router_url) + weight sync

@@ -191,7 +191,8 @@ class SGLangEngine(RolloutEngine):
         if not 0 < min_valid_frac <= 1:
             raise ValueError(f"rollout.min_valid_frac: need 0 < min_valid_frac <= 1, got {min_valid_frac}")
         if max_retries < 0 or max_concurrency < 1:
-            raise ValueError("rollout.max_retries / rollout.max_concurrency: need max_retries >= 0, max_concurrency >= 1")
+            raise ValueError("rollout.max_retries / rollout.max_concurrency: need max_retries >= 0, "
+                             "max_concurrency >= 1")
         if weight_sync != "disk":  # the distributed (NCCL) path is a separate work item
             raise ValueError(f"rollout.weight_sync: {weight_sync!r} is not implemented yet; use disk")
         self.vocab_size = int(vocab_size)
@@ -408,8 +409,8 @@ class SGLangEngine(RolloutEngine):
 
     def check_servers(self) -> str:
         """Before the first step: every URL healthy, the workers' SGLang version known (``SGLANG_VERSIONS``), and
-        — when a worker's ``model_path`` is readable here (a shared filesystem) — its ``config.json`` vocabulary equal
-        to the trainer's. One-line :class:`RolloutError` naming the server otherwise. Returns a summary line."""
+        — when a worker's ``model_path`` is readable here (a shared filesystem) — its ``config.json`` vocabulary
+        equal to the trainer's. One-line :class:`RolloutError` naming the server otherwise. Returns a summary line."""
         import json
 
         self.health()
