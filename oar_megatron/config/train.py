@@ -35,7 +35,7 @@ RESUME_MODES = ("auto", "never")
 
 @dataclass(kw_only=True)
 class RolloutConfig:
-    engine: str = "local"  # local (in-process, the trainer's own weights) | sglang (a later issue)
+    engine: str = "local"  # local (in-process, the trainer's own weights) | sglang (SGLang servers over HTTP)
     prompts_per_step: int = 16  # global, over data-parallel ranks
     n_samples: int = 8  # responses per prompt (the GRPO group size)
     temperature: float = 1.0
@@ -43,11 +43,19 @@ class RolloutConfig:
     top_k: int = -1  # -1: off
     max_new_tokens: int = 16
     max_batch_size: int = 64  # local engine: rows decoded together
-    max_gen_batches: int = 3  # dynamic sampling (algorithm.advantage.filter_groups): generation rounds per step
-    # The SGLang client (engine: sglang) is a later work item: the dry-run plan shows these two, the trainer refuses
-    # the engine, and validation refuses them with the local engine, so neither is ever silently ignored.
-    server_urls: list[str] = field(default_factory=list)  # sglang servers or router
+    max_gen_batches: int = 3  # generation rounds per step (dynamic sampling; replacing groups sglang rejected)
+    # The SGLang client (engine: sglang; docs/sglang_client.md). Validation refuses these with the local engine, so
+    # none is ever silently ignored.
+    server_urls: list[str] = field(default_factory=list)  # sglang workers: generation (unless router_url) + weight sync
+    router_url: str | None = None  # sglang-router in front of the workers: generation goes through it
+    api_key: str | None = None  # sent as "Authorization: Bearer <key>" (the servers' --api-key)
     timeout_s: float | None = None  # sglang: per-request timeout in seconds (None: SGLANG_TIMEOUT_S)
+    update_timeout_s: float | None = None  # sglang: per-worker weight-update timeout (None: SGLANG_TIMEOUT_S)
+    max_concurrency: int | None = None  # sglang: requests in flight per data-parallel rank (None: SGLANG_CONCURRENCY)
+    max_retries: int | None = None  # sglang: retries per sample after a failed / invalid response (None: 3)
+    min_valid_frac: float | None = None  # sglang: fail the step when fewer of a call's groups are valid (None: 0.5)
+    weight_sync: str | None = None  # sglang: disk (export + /update_weights_from_disk; None: disk)
+    sync_dir: str | None = None  # sglang: where weight versions are written (None: <run_dir>/weight_sync)
 
     def validate(self) -> RolloutConfig:
         if self.engine not in ROLLOUT_ENGINES:
@@ -61,14 +69,36 @@ class RolloutConfig:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p: need 0 < top_p <= 1, got {self.top_p}")
         if self.engine == "sglang" and not self.server_urls:
-            raise ValueError("rollout.server_urls: the sglang engine needs at least one server or router URL")
-        for key in ("server_urls", "timeout_s"):
+            raise ValueError("rollout.server_urls: the sglang engine needs the worker URLs (weights are pushed to "
+                             "each worker; a router URL goes in rollout.router_url)")
+        for key in SGLANG_ONLY:
             if self.engine != "sglang" and getattr(self, key) not in (None, []):
                 raise ValueError(f"rollout.{key}: only rollout.engine=sglang reads it; the {self.engine} engine "
                                  "generates in-process (remove it or use rollout=sglang)")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ValueError(f"rollout.timeout_s: must be > 0, got {self.timeout_s}")
+        for key in ("timeout_s", "update_timeout_s"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"rollout.{key}: must be > 0, got {getattr(self, key)}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"rollout.max_concurrency: must be >= 1, got {self.max_concurrency}")
+        if self.max_retries is not None and self.max_retries < 0:
+            raise ValueError(f"rollout.max_retries: must be >= 0, got {self.max_retries}")
+        if self.min_valid_frac is not None and not 0 < self.min_valid_frac <= 1:
+            raise ValueError(f"rollout.min_valid_frac: need 0 < min_valid_frac <= 1, got {self.min_valid_frac}")
+        if self.weight_sync == "distributed":
+            raise ValueError("rollout.weight_sync: distributed (NCCL) sync is not implemented yet; use disk")
+        if self.weight_sync not in (None, "disk"):
+            raise ValueError(f"rollout.weight_sync: unknown {self.weight_sync!r}; known: disk")
+        for url in self.server_urls + ([self.router_url] if self.router_url else []):
+            if not str(url).startswith(("http://", "https://")):
+                raise ValueError(f"rollout.server_urls: {url!r} is not an http(s) URL")
         return self
+
+
+SGLANG_ONLY = ("server_urls", "router_url", "api_key", "timeout_s", "update_timeout_s", "max_concurrency",
+               "max_retries", "min_valid_frac", "weight_sync", "sync_dir")
+SGLANG_CONCURRENCY = 64  # rollout.max_concurrency default
+SGLANG_RETRIES = 3  # rollout.max_retries default
+SGLANG_MIN_VALID_FRAC = 0.5  # rollout.min_valid_frac default
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,8 @@
 """The rollout interface: sampling settings, one generated sample, and the engine every backend implements.
 
 Pure Python (no Megatron, no HTTP): the in-process engine (``rollout.local.LocalEngine``, sampling from the policy
-being trained) and the SGLang client (a later issue) both implement :class:`RolloutEngine`, so the trainer sees one
+being trained) and the SGLang client (``rollout.sglang.SGLangEngine``) both implement :class:`RolloutEngine`, so the
+trainer sees one
 ``generate`` / ``sync_weights`` / ``close`` surface whatever runs the model.
 
 Conventions shared by every engine:
@@ -73,6 +74,7 @@ class Sample:
     response_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" | "length"
+    weight_version: int | None = None  # the engine's weight_version that generated it (staleness); None: unknown
 
 
 class RolloutEngine(abc.ABC):

@@ -71,6 +71,8 @@ class LocalEngine(RolloutEngine):
         samples = generate(self.model, prompts, params, vocab_size=self.vocab_size, generator=generator,
                            tp_group=self.tp_group, max_batch_size=self.max_batch_size, pad_id=self.pad_id)
         seconds = time.perf_counter() - start
+        for s in samples:
+            s.weight_version = self.weight_version
         tokens = sum(len(s.response_ids) for s in samples)
         self.last_stats = {"samples": float(len(samples)), "tokens": float(tokens), "seconds": seconds,
                            "tokens_per_s": tokens / seconds if seconds > 0 else float("inf"),

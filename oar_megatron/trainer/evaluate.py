@@ -53,13 +53,17 @@ def evaluate(cfg: TrainConfig, *, engine, tokenizer, reward, groups, seed: int, 
             payload = None
             if reward is not None:
                 texts = [tokenizer.decode(response_content(s.response_ids, tokenizer.eos_token_ids)) for s in samples]
-                answers = [r.answer for r in mine for _ in range(ev.k)]
-                metas = [dict(r.meta) for r in mine for _ in range(ev.k)]
+                # by each sample's prompt: the sglang engine leaves out groups it rejected (docs/sglang_client.md)
+                answers = [mine[s.prompt_index].answer for s in samples]
+                metas = [dict(mine[s.prompt_index].meta) for s in samples]
                 result = reward(texts, answers, metas, lengths)
                 payload = [x >= cfg.reward.pass_threshold for x in result.raw]
             if groups.tp > 1:
                 payload = collectives.broadcast_object(payload, group=groups.tp_group)
-            verdicts = [payload[i * ev.k:(i + 1) * ev.k] for i in range(len(mine))]
+            by_prompt: dict[int, list[bool]] = {}
+            for s, verdict in zip(samples, payload, strict=True):
+                by_prompt.setdefault(s.prompt_index, []).append(verdict)
+            verdicts = [by_prompt[i] for i in sorted(by_prompt)]
         if dp > 1:
             gathered = collectives.all_gather_object((verdicts, lengths), group=groups.dp_group)
             verdicts = [v for part in gathered for v in part[0]]

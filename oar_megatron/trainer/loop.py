@@ -41,6 +41,12 @@ from .sources import build_dataset, build_reward, build_tokenizer, iterator_for
 COUNT_KEYS = ("reward/timeouts", "reward/errors", "rollout/filled_groups", "rollout/groups_all_correct",
               "rollout/groups_all_wrong", "rollout/groups_uninformative", "rollout/samples",
               "throughput/response_tokens", "throughput/total_tokens")
+# the sglang engine's per-call counts (rollout/invalid_<reason>: rejected responses by reason; the http_<code>
+# reasons folded into rollout/invalid_http), summed over generation rounds; always present so every rank logs them
+INVALID_REASONS = ("shape", "abort", "finish", "empty", "vocab", "logprob_len", "logprob_value", "length",
+                   "weight_version", "timeout", "connect", "transport", "json", "http")
+ENGINE_COUNT_KEYS = ("rollout/invalid_groups", "rollout/invalid_responses", "rollout/retries", "rollout/failovers",
+                     *(f"rollout/invalid_{r}" for r in INVALID_REASONS))
 # the reward's per-call counts (summed over dynamic-sampling rounds, and reported as rates over all samples under
 # the names given); every other per-call reward statistic is a rate, averaged over rounds weighted by samples
 REWARD_COUNTS = {"reward/timeouts": "reward/timeout_frac", "reward/errors": "reward/error_frac"}
@@ -73,13 +79,13 @@ class Trainer:
                                  recompute=cfg.trainer.recompute, routing_replay=cfg.trainer.routing_replay,
                                  temperature=cfg.rollout.temperature, saliency_seed=cfg.trainer.seed,
                                  reference=None)  # the KL reference: set in fit() or loaded by _maybe_resume
-        if cfg.rollout.engine != "local":
-            raise ValueError("rollout.engine: only the local engine is available in this build; the SGLang client "
-                             "is a separate work item (use rollout=local)")
-        self.engine = LocalEngine(self.actor.chunks, vocab_size=self.tokenizer.vocab_size,
-                                  tp_group=g.tp_group if g.tp > 1 else None,
-                                  max_batch_size=cfg.rollout.max_batch_size, pad_id=self.tokenizer.pad_token_id,
-                                  seed=cfg.trainer.seed * 1_000_003 + g.dp_rank)
+        if cfg.rollout.engine == "sglang":
+            self.engine = self._sglang_engine()
+        else:
+            self.engine = LocalEngine(self.actor.chunks, vocab_size=self.tokenizer.vocab_size,
+                                      tp_group=g.tp_group if g.tp > 1 else None,
+                                      max_batch_size=cfg.rollout.max_batch_size, pad_id=self.tokenizer.pad_token_id,
+                                      seed=cfg.trainer.seed * 1_000_003 + g.dp_rank)
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.ckpt = CheckpointManager(ckpt_dir, keep_last=cfg.checkpoint.keep_last, groups=g)
         self.step = 0
@@ -105,6 +111,34 @@ class Trainer:
         self.progress = Progress(enabled=self.is_logger and cfg.trainer.progress)
 
     # ------------------------------------------------------------------------------------------ lifecycle
+
+    def _sglang_engine(self):
+        """The SGLang client for this rank's replica (``rollout.sglang.SGLangEngine`` behind ``ReplicaEngine``):
+        generation on the replica's first rank, weights pushed from disk by global rank 0 (docs/sglang_client.md)."""
+        from ..config.train import SGLANG_CONCURRENCY, SGLANG_MIN_VALID_FRAC, SGLANG_RETRIES, SGLANG_TIMEOUT_S
+        from ..convert.config import check_pretrained, read_hf_config
+        from ..convert.source import arch_of_model
+        from ..rollout.replica import ReplicaEngine
+        from ..rollout.sglang import SGLangEngine
+
+        cfg, r, g = self.cfg, self.cfg.rollout, self.groups
+        if cfg.model.pretrained:
+            arch, hf_config, carried = check_pretrained(cfg.model), read_hf_config(cfg.model.pretrained), \
+                cfg.model.pretrained
+        else:
+            arch, hf_config, carried = arch_of_model(cfg.model), None, None
+        if arch is None:
+            raise ValueError("rollout.engine: weight sync of an MoE model to sglang needs model.pretrained (its "
+                             "config.json names the HF architecture)")
+        inner = SGLangEngine(
+            r.server_urls, vocab_size=cfg.model.vocab_size, router_url=r.router_url, api_key=r.api_key,
+            timeout_s=r.timeout_s or SGLANG_TIMEOUT_S, update_timeout_s=r.update_timeout_s or SGLANG_TIMEOUT_S,
+            max_concurrency=r.max_concurrency or SGLANG_CONCURRENCY,
+            max_retries=SGLANG_RETRIES if r.max_retries is None else r.max_retries,
+            min_valid_frac=r.min_valid_frac or SGLANG_MIN_VALID_FRAC,
+            sync_dir=r.sync_dir or self.run_dir / "weight_sync", model=cfg.model, arch=arch, hf_config=hf_config,
+            carried_from=carried, weight_sync=r.weight_sync or "disk", seed=cfg.trainer.seed * 1_000_003 + g.dp_rank)
+        return ReplicaEngine(inner, g)
 
     def _maybe_resume(self, path: Path | None, evaluating: bool = False) -> bool:
         """Load ``path`` (``_resume_path``: the checkpoint ``checkpoint.resume`` names; None: nothing to load) —
@@ -227,6 +261,9 @@ class Trainer:
             self.format_warmup()
         if not self.actor.has_reference:  # the KL reference is the policy RL starts from (loaded when resumed)
             self.actor.set_reference_from_current()
+        if cfg.rollout.engine == "sglang":  # the servers sample from the trainer's weights from the first step on
+            self.engine.check_servers()
+            self.engine.sync_weights(self.actor)
         if cfg.eval.at_start and self.step == 0:
             self.evaluate()
         while self.step < cfg.trainer.steps:
@@ -309,26 +346,37 @@ class Trainer:
         stats: dict[str, float] = {}
         reward_sums: dict[str, float] = {}  # counts summed; rates weighted by the round's samples
         gen_tokens, rounds, n_samples = 0, 0, 0
+        lags: list[int] = []
         t0 = time.perf_counter()
         for rounds in range(1, cfg.rollout.max_gen_batches + 1):
             records = self.iterator.next_batch()
             with self.progress.phase("rollout", total=len(records) * params.n) as advance:
                 samples = self.engine.generate([r.prompt_ids for r in records], params)
                 advance(len(samples))
+            _add_engine_counts(stats, getattr(self.engine, "last_stats", {}))
             gen_tokens += sum(len(s.response_ids) for s in samples)
             n_samples += len(samples)
-            pairs = [(rec, samples[i * params.n:(i + 1) * params.n]) for i, rec in enumerate(records)]
+            lags += [self.engine.weight_version - s.weight_version for s in samples if s.weight_version is not None]
+            by_prompt: dict[int, list] = {}
+            for s in samples:  # prompt-major; the sglang engine leaves out groups it rejected
+                by_prompt.setdefault(s.prompt_index, []).append(s)
+            pairs = [(records[i], by_prompt[i]) for i in sorted(by_prompt)]
             t_r = time.perf_counter()
             scored, rstats = self._score(pairs)
             stats["time/reward_s"] = stats.get("time/reward_s", 0.0) + time.perf_counter() - t_r
             for k, v in rstats.items():
                 reward_sums[k] = reward_sums.get(k, 0.0) + float(v) * (1 if k in REWARD_COUNTS else len(samples))
             candidates += scored
-            if not dynamic:
+            if not dynamic and cfg.rollout.engine == "local":
                 break
-            short = sum(c.informative for c in candidates) < want
+            # another round when dynamic sampling lacks informative groups, or rejected groups left the batch short
+            short = len(candidates) < want or (dynamic and sum(c.informative for c in candidates) < want)
             if not collectives.any_rank(short):
                 break
+        if len(candidates) < want:
+            raise RuntimeError(f"rollout: only {len(candidates)} valid groups of the {want} this rank needs after "
+                               f"{rounds} generation rounds (rollout.max_gen_batches); see the rollout/invalid_* "
+                               f"counts and the server logs")
         # per-round reward statistics over all samples of all rounds: counts stay counts, rates are rates (<= 1)
         for k, v in reward_sums.items():
             if k in REWARD_COUNTS:
@@ -350,6 +398,8 @@ class Trainer:
             "response/truncated_frac": _mean([float(f == "length") for c in first for f in c.finish]),
             "rollout/gen_rounds": float(rounds), "rollout/filled_groups": float(filled),
             "rollout/tokens_per_s": gen_tokens / max(time.perf_counter() - t0 - stats.get("time/reward_s", 0.0), 1e-9),
+            # staleness: versions between the weights being trained and those that generated the samples
+            "rollout/weight_version_lag": _mean(lags) if lags else 0.0,
         })
         return Experience(chosen, adv, filled, stats), stats
 
@@ -387,17 +437,19 @@ class Trainer:
         lap("update")
         self.engine.sync_weights(actor)
         lap("sync")
+        sync_stats = dict(getattr(self.engine, "last_sync_stats", {}))
         self.step += 1
 
         m = dict(stats)
         m.update(self._batch_metrics(batch))
+        m.update(sync_stats)
         # real tokens of this rank's training rows (no padding): responses, and prompts + responses
         m["throughput/response_tokens"] = float(sum(len(r) for r in exp.responses))
         m["throughput/total_tokens"] = m["throughput/response_tokens"] + float(sum(len(p) for p in exp.prompts))
         # MoE routing-replay drift (per update → the step's mean), averaged over ranks like the other statistics
         m.update({k: _mean(v) for k, v in upd.items() if k.startswith("routing/")})
         m = collectives.mean_over_ranks(m)  # rank-local statistics → replica mean (equal rows per rank); counts → totals
-        for key in COUNT_KEYS:
+        for key in COUNT_KEYS + ENGINE_COUNT_KEYS:
             if key in m:
                 m[key] *= g.dp
         m.update({
@@ -428,7 +480,9 @@ class Trainer:
             tok = mask.sum().clamp(min=1)
             out["entropy/mean"] = float(-(batch.old_logp * mask).sum() / tok)  # Monte-Carlo: E[−log π_old(y_t)]
             if batch.rollout_logp is not None:
-                out["rollout/logp_diff_abs_mean"] = float(((batch.old_logp - batch.rollout_logp).abs() * mask).sum() / tok)
+                diff = (batch.old_logp - batch.rollout_logp).abs() * mask
+                out["rollout/logp_diff_abs_mean"] = float(diff.sum() / tok)
+                out["rollout/logp_diff_abs_max"] = float(diff.max()) if diff.numel() else 0.0
             if batch.ref_logp is not None:
                 kl = kl_penalty(batch.old_logp, batch.ref_logp, self.cfg.algorithm.kl.kind)
                 out["kl/mean"] = float((kl * mask).sum() / tok)
@@ -456,6 +510,19 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _add_engine_counts(stats: dict[str, float], engine_stats: dict[str, float]) -> None:
+    """Sum the sglang engine's call counts into ``stats`` (ENGINE_COUNT_KEYS; nothing for the local engine)."""
+    if "rollout/invalid_groups" not in engine_stats:
+        return
+    for key in ENGINE_COUNT_KEYS:
+        stats.setdefault(key, 0.0)
+    for key, value in engine_stats.items():
+        if key.startswith("rollout/invalid_http_"):
+            key = "rollout/invalid_http"
+        if key in ENGINE_COUNT_KEYS:
+            stats[key] += float(value)
 
 
 def _step_dir(step: int) -> str:

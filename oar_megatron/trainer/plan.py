@@ -123,7 +123,9 @@ def _servers(r: RolloutConfig) -> str:
     if r.engine != "sglang":
         return ""
     timeout = r.timeout_s if r.timeout_s is not None else SGLANG_TIMEOUT_S
-    return f"; {len(r.server_urls)} server(s) {', '.join(r.server_urls)}, request timeout {timeout:g} s"
+    router = f" behind router {r.router_url}" if r.router_url else ""
+    return (f"; {len(r.server_urls)} server(s) {', '.join(r.server_urls)}{router}, request timeout {timeout:g} s, "
+            f"weight sync {r.weight_sync or 'disk'}")
 
 
 def format_plan(cfg: TrainConfig, plan: Plan) -> str:

@@ -224,14 +224,15 @@ def check_checkpoint(cfg: TrainConfig, groups, actor, root: Path) -> str:
 
 
 def check_rollout_servers(cfg: TrainConfig, timeout_s: float = 10.0) -> str:
-    """HTTP GET ``<url>/health`` of every rollout server (sglang engine); "skipped" for the local engine."""
+    """HTTP GET ``<url>/health`` of every rollout server and the router (sglang engine); "skipped" for the local
+    engine."""
     r = cfg.rollout
     if r.engine != "sglang":
         return f"skipped: {r.engine} engine"
     import httpx
 
     seen = []
-    for url in r.server_urls:
+    for url in r.server_urls + ([r.router_url] if r.router_url else []):
         t0 = time.perf_counter()
         try:
             resp = httpx.get(url.rstrip("/") + "/health", timeout=timeout_s)

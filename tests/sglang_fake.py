@@ -1,0 +1,352 @@
+"""A protocol-exact fake SGLang server for tests: a real HTTP server on loopback (``http.server`` in a thread) that
+speaks sglang 0.5.23's native JSON, generates from a tiny deterministic model and injects faults on demand.
+
+Endpoints (as sglang 0.5.23 with ``--skip-tokenizer-init``): ``POST /generate`` (``input_ids`` one list or a batch,
+``sampling_params`` with ``n``, ``return_logprob``) answering ``{"output_ids", "meta_info": {"id", "finish_reason":
+{"type": "stop", "matched": id} | {"type": "length", "length": n}, "prompt_tokens", "completion_tokens",
+"cached_tokens", "output_token_logprobs": [[logprob, token_id, null], ...], "weight_version", "weight_versions":
+[{"version", "start", "end"}], "e2e_latency", ...}}`` (field for field what a real 0.5.23 server answers; a list for
+a batch or n > 1); ``GET /health``, ``/get_model_info``, ``/server_info`` and ``/get_server_info`` (with
+``version``); ``POST /update_weights_from_disk`` (loads ``model_path``, sets ``weight_version``), ``/flush_cache``,
+``/pause_generation``, ``/continue_generation``. With an API key every path but ``/health`` needs ``Authorization:
+Bearer <key>`` (401 otherwise), as sglang's middleware does.
+
+Models: :class:`TableModel` (logits = a fixed random table indexed by the last token: instant) or :class:`HFModel`
+(an HF directory run with ``transformers`` in fp32: the trainer's exported weights, so the log-probs equal the
+trainer's π_old). ``update_weights_from_disk`` loads an HF directory when it holds ``config.json``.
+
+Log-probs follow the engine convention: log softmax(logits / T) of the drawn token before top-k / top-p.
+
+Faults: ``server.faults`` is a list consumed one per ``/generate`` request: ``"http_500"``, ``"json"`` (malformed
+body), ``"short_logprobs"``, ``"oov"`` (a token id = vocab size), ``"nan"``, ``"wrong_version"``, ``"abort"``,
+``"empty"``, ``"die"`` (the connection is closed without an answer), ``("delay", seconds)``. ``update_fault``:
+``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SGLANG_VERSION = "0.5.23"
+
+
+class TableModel:
+    """Next-token logits from a fixed random table of the last token (seeded): deterministic and instant."""
+
+    def __init__(self, vocab_size: int, seed: int = 0, scale: float = 2.0):
+        self.vocab_size = vocab_size
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(vocab_size, vocab_size, generator=g, dtype=torch.float64) * scale
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        return self.table[ids[-1] % self.vocab_size]
+
+
+class HFModel:
+    """An HF causal LM directory run with ``transformers`` in fp32 (whole prefix each step: tiny models only)."""
+
+    _import_lock = threading.Lock()  # transformers' lazy imports are not thread-safe (two workers load at once)
+
+    def __init__(self, path: str | Path):
+        with HFModel._import_lock:
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        self.vocab_size = self.model.config.vocab_size
+
+    @torch.no_grad()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        out = self.model(torch.tensor([ids]))
+        return out.logits[0, -1].double()
+
+
+def _draw(logits: torch.Tensor, sp: dict[str, Any], gen: torch.Generator) -> tuple[int, float]:
+    """(token, log-prob) under sglang's sampling params; the log-prob is before top-k / top-p (module docstring)."""
+    t = float(sp.get("temperature", 1.0))
+    scaled = logits / (t if t > 0 else 1.0)
+    logp = torch.log_softmax(scaled, -1)
+    if t <= 0:
+        tok = int(torch.argmax(logp))
+        return tok, float(logp[tok])
+    probs = logp.exp()
+    top_k = int(sp.get("top_k", -1))
+    if 0 < top_k < probs.numel():
+        kth = torch.topk(probs, top_k).values[-1]
+        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    top_p = float(sp.get("top_p", 1.0))
+    if top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p * sorted_p.sum()
+        mask = torch.zeros_like(probs, dtype=torch.bool)
+        mask[idx[keep]] = True
+        probs = torch.where(mask, probs, torch.zeros_like(probs))
+    tok = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+    return tok, float(logp[tok])
+
+
+class FakeSGLang:
+    """See the module docstring. ``start()`` → base URL; ``stop()``; ``kill()`` closes the socket at once."""
+
+    def __init__(self, model: Any = None, *, vocab_size: int = 24, api_key: str | None = None,
+                 weight_version: str = "default", version: str = SGLANG_VERSION, model_path: str = "fake-model",
+                 seed: int = 0, delay_per_token_s: float = 0.0):
+        self.model = model if model is not None else TableModel(vocab_size, seed)
+        self.api_key = api_key
+        self.weight_version = weight_version
+        self.version = version
+        self.model_path = model_path
+        self.seed = seed
+        self.delay_per_token_s = delay_per_token_s
+        self.faults: list[Any] = []
+        self.update_fault: str | None = None
+        self.requests: list[dict[str, Any]] = []  # every /generate payload received
+        self.headers: list[dict[str, str]] = []  # every request's headers
+        self.updates: list[dict[str, Any]] = []  # every /update_weights_from_disk payload received
+        self.calls: list[str] = []  # every path hit, in order
+        self.paused = False
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._lock = threading.Lock()
+        self._counter = 0
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.dead = False
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> str:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                fake._handle(self, "GET")
+
+            def do_POST(self):
+                fake._handle(self, "POST")
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # http.server's 5 drops connections under a burst of concurrent requests
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="fake-sglang")
+        self._thread.start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        if self._httpd is not None and not self.dead:
+            self.dead = True
+            self._httpd.shutdown()
+            self._httpd.server_close()
+
+    kill = stop
+
+    def __enter__(self) -> FakeSGLang:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------------------ HTTP
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        path = h.path.split("?")[0]
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        with self._lock:
+            self.calls.append(path)
+            self.headers.append({k.lower(): v for k, v in h.headers.items()})
+        if self.dead:
+            return self._close(h)
+        if self.api_key and not path.startswith("/health") and \
+                h.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return self._send(h, 401, {"error": "Unauthorized"})
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            return self._send(h, 400, {"error": {"message": "invalid JSON body"}})
+        routes = {("GET", "/health"): lambda: (200, None), ("GET", "/health_generate"): lambda: (200, None),
+                  ("GET", "/get_model_info"): self._model_info, ("GET", "/model_info"): self._model_info,
+                  ("GET", "/server_info"): self._server_info, ("GET", "/get_server_info"): self._server_info,
+                  ("POST", "/generate"): lambda: self._generate(body, h),
+                  ("POST", "/update_weights_from_disk"): lambda: self._update(body),
+                  ("POST", "/flush_cache"): lambda: (200, "Cache flushed.\nPlease check backend logs for more details. "
+                                                          "(When there are running or waiting requests, the operation "
+                                                          "will not be performed.)\n"),
+                  ("GET", "/flush_cache"): lambda: (200, "Cache flushed.\n"),
+                  ("POST", "/pause_generation"): lambda: self._pause(True),
+                  ("POST", "/continue_generation"): lambda: self._pause(False)}
+        fn = routes.get((method, path))
+        if fn is None:
+            return self._send(h, 404, {"detail": "Not Found"})
+        result = fn()
+        if result is None:  # the handler answered (or closed) itself
+            return None
+        status, payload = result
+        return self._send(h, status, payload)
+
+    def _send(self, h: BaseHTTPRequestHandler, status: int, payload: Any, raw: bytes | None = None) -> None:
+        if raw is None:
+            if payload is None:
+                raw = b""
+            elif isinstance(payload, str):
+                raw = payload.encode()
+            else:
+                raw = json.dumps(payload).encode()
+        try:
+            h.send_response(status)
+            h.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
+            h.send_header("Content-Length", str(len(raw)))
+            h.end_headers()
+            h.wfile.write(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _close(self, h: BaseHTTPRequestHandler) -> None:
+        import socket
+
+        h.close_connection = True
+        try:
+            h.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------------------------------ endpoints
+
+    def _model_info(self):
+        return 200, {"model_path": self.model_path, "served_model_name": self.model_path,
+                     "tokenizer_path": self.model_path, "is_generation": True, "preferred_sampling_params": None,
+                     "weight_version": self.weight_version, "load_format": "auto", "reasoning_parser": None,
+                     "tool_call_parser": None, "disaggregation_mode": "null", "has_image_understanding": False,
+                     "has_audio_understanding": False, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
+
+    def _server_info(self):
+        return 200, {"model_path": self.model_path, "skip_tokenizer_init": True, "dtype": "float32",
+                     "weight_version": self.weight_version, "internal_states": [{}], "version": self.version}
+
+    def _pause(self, paused: bool):
+        self.paused = paused
+        return 200, None
+
+    def _update(self, body: dict[str, Any]):
+        with self._lock:
+            self.updates.append(dict(body))
+        fault, self.update_fault = self.update_fault, None
+        if fault == "http_500":
+            return 500, {"error": {"message": "Internal Server Error"}}
+        path = body.get("model_path")
+        if fault == "fail" or not path:
+            return 400, {"success": False, "message": f"Failed to get weights iterator: {path} (fake refusal)",
+                         "num_paused_requests": 0}
+        if (Path(path) / "config.json").is_file():
+            try:
+                self.model = HFModel(path)
+            except Exception as exc:  # noqa: BLE001 - sglang answers a failed load with success: false
+                return 400, {"success": False, "message": f"Failed to load {path}: {exc}", "num_paused_requests": 0}
+        self.model_path = path
+        if body.get("weight_version") is not None:
+            self.weight_version = str(body["weight_version"])
+        return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+    def _generate(self, body: dict[str, Any], h: BaseHTTPRequestHandler):
+        with self._lock:
+            self.requests.append(body)
+            fault = self.faults.pop(0) if self.faults else None
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            while self.paused:
+                time.sleep(0.01)
+            if isinstance(fault, tuple) and fault[0] == "delay":
+                time.sleep(fault[1])
+                fault = None
+            if fault == "die":
+                self._close(h)
+                return None
+            if fault == "http_500":
+                return 500, {"error": {"message": "Internal Server Error", "type": "InternalServerError"}}
+            if fault == "json":
+                self._send(h, 200, None, raw=b'{"output_ids": [1, 2, ')
+                return None
+            ids = body.get("input_ids")
+            sp = dict(body.get("sampling_params") or {})
+            n = int(sp.get("n", 1))
+            batch = ids if ids and isinstance(ids[0], list) else [ids]
+            outs = [self._one(p, sp, body, fault) for p in batch for _ in range(n)]
+            return 200, outs if (len(outs) > 1 or isinstance(ids[0], list)) else outs[0]
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _one(self, prompt: list[int], sp: dict[str, Any], body: dict[str, Any], fault: Any) -> dict[str, Any]:
+        with self._lock:
+            self._counter += 1
+            count = self._counter
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + count)
+        stops = set(sp.get("stop_token_ids") or [])
+        max_new = int(sp.get("max_new_tokens", 128))
+        seq = list(prompt)
+        out: list[int] = []
+        lps: list[float] = []
+        finish: dict[str, Any] = {"type": "length", "length": max_new}
+        t0 = time.perf_counter()
+        for _ in range(max_new):
+            tok, lp = _draw(self.model.logits(seq), sp, gen)
+            if self.delay_per_token_s:
+                time.sleep(self.delay_per_token_s)
+            out.append(tok)
+            lps.append(lp)
+            seq.append(tok)
+            if tok in stops:
+                finish = {"type": "stop", "matched": tok}
+                break
+        version = self.weight_version
+        if fault == "short_logprobs":
+            lps = lps[:-1]
+            out_lp_ids = out[:-1]
+        else:
+            out_lp_ids = out
+        if fault == "oov":
+            out[-1] = self.model.vocab_size
+            out_lp_ids = out
+        if fault == "nan":
+            lps[0] = math.nan
+        if fault == "wrong_version":
+            version = "stale"
+        if fault == "abort":
+            finish = {"type": "abort", "message": "Abort in waiting queue"}
+        if fault == "empty":
+            out, lps, out_lp_ids = [], [], []
+        output_ids = out if sp.get("no_stop_trim") or finish["type"] != "stop" else out[:-1]
+        # field order and extras as a real 0.5.23 server answers (recorded from one with --skip-tokenizer-init)
+        meta: dict[str, Any] = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(prompt),
+                                "weight_version": version, "num_retractions": 0}
+        if body.get("return_logprob"):
+            meta["input_token_logprobs"] = []
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, out_lp_ids, strict=False)]
+            meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
+        meta.update({"reasoning_tokens": 0, "completion_tokens": len(out), "cached_tokens": 0,
+                     "weight_versions": [{"version": version, "start": 0, "end": len(out)}],
+                     "cached_tokens_details": None, "dp_rank": None, "e2e_latency": time.perf_counter() - t0,
+                     "response_sent_to_client_ts": time.time()})
+        return {"output_ids": output_ids, "meta_info": meta}
