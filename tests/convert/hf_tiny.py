@@ -58,6 +58,21 @@ def make_hf_model(case: str, directory: str | Path, seed: int = 0, **overrides):
     return model
 
 
+def save_random(config, directory: str | Path, seed: int = 0):
+    """``config.architectures[0]`` built with random weights (norm weights perturbed off 1), saved with
+    ``save_pretrained`` into ``directory`` and returned (fp32, eval)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, config.architectures[0])(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(str(directory))
+    return model
+
+
 def make_synthetic_qwen3(directory: str | Path, seed: int = 0):
     """A tiny random Qwen3 with the ``tiny-synthetic`` preset's architecture (vocab 24 = the synthetic tokenizer's,
     tied, QK-norm, fp32), norm weights perturbed off 1; saved with ``save_pretrained`` and returned."""
@@ -68,11 +83,4 @@ def make_synthetic_qwen3(directory: str | Path, seed: int = 0):
                                       max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
                                       tie_word_embeddings=True, initializer_range=0.2)
     config.architectures = ["Qwen3ForCausalLM"]
-    torch.manual_seed(seed)
-    model = transformers.Qwen3ForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    model.save_pretrained(str(directory))
-    return model
+    return save_random(config, directory, seed)

@@ -10,6 +10,7 @@ field; PP > 1 passes the pretrained checks (the PP load: test_pretrained_start_p
 import pytest
 import torch
 
+from tests.convert.hf_tiny import make_synthetic_qwen3, save_random
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
@@ -23,21 +24,7 @@ SMALL = ["rollout.prompts_per_step=2", "rollout.n_samples=2", "trainer.micro_bat
 
 def _hf_qwen3(directory, seed=0):
     """A tiny random Qwen3 with the ``tiny-synthetic`` preset's architecture (fp32, tied, QK-norm)."""
-    import transformers
-
-    config = transformers.Qwen3Config(vocab_size=24, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
-                                      tie_word_embeddings=True, initializer_range=0.2)
-    config.architectures = ["Qwen3ForCausalLM"]
-    torch.manual_seed(seed)
-    model = transformers.Qwen3ForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    model.save_pretrained(str(directory))
-    return model
+    return make_synthetic_qwen3(directory, seed)
 
 
 def _rows():
@@ -195,14 +182,7 @@ def _hf_qwen3_moe(directory, seed=0):
         head_dim=16, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
         initializer_range=0.2)
     config.architectures = ["Qwen3MoeForCausalLM"]
-    torch.manual_seed(seed)
-    model = transformers.Qwen3MoeForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    model.save_pretrained(str(directory))
-    return model
+    return save_random(config, directory, seed)
 
 
 def _moe_ranks(rank, world, hf_dir, tmp):

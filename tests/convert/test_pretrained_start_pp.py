@@ -18,6 +18,7 @@ import types
 import pytest
 import torch
 
+from tests.convert.hf_tiny import save_random
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
@@ -43,18 +44,11 @@ def _hf(directory, kind, tie=True, seed=0):
         config = transformers.LlamaConfig(**common, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192, "rope_theta": 10000.0})
-        config.architectures, cls = ["LlamaForCausalLM"], transformers.LlamaForCausalLM
+        config.architectures = ["LlamaForCausalLM"]
     else:
         config = transformers.Qwen3Config(**common, head_dim=16, rope_theta=10000.0)
-        config.architectures, cls = ["Qwen3ForCausalLM"], transformers.Qwen3ForCausalLM
-    torch.manual_seed(seed)
-    model = cls(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    model.save_pretrained(str(directory))
-    return model
+        config.architectures = ["Qwen3ForCausalLM"]
+    return save_random(config, directory, seed)
 
 
 def _rows():
