@@ -55,7 +55,8 @@ import torch.distributed as dist
 
 __all__ = [
     "all_gather", "all_gather_object", "all_ranks", "all_reduce", "any_rank", "barrier", "broadcast",
-    "broadcast_object", "check_device", "control_group", "device_of", "is_registered", "max_over_ranks",
+    "broadcast_object", "check_device", "control_group", "destroy_external_group", "device_of",
+    "init_external_group", "is_registered", "max_over_ranks",
     "mean_over_ranks", "rank", "recv", "register", "register_group", "registered", "reset", "send", "size",
     "sum_over_ranks",
 ]
@@ -248,6 +249,8 @@ def control_group(group: Any = None) -> Any:
 
 def size(group: Any = None) -> int:
     """Ranks in ``group`` (None: the world); 1 when torch.distributed is not initialised."""
+    if group is not None and id(group) in _EXTERNAL:
+        return _EXTERNAL[id(group)]
     if not _initialized():
         return 1
     e = _REGISTRY.get(_key(group))
@@ -406,3 +409,42 @@ def recv(tensor: torch.Tensor, src: int, group: Any = None) -> torch.Tensor:
     check_device("recv", tensor, group)
     dist.recv(tensor, src=_global(group, src), group=group)
     return tensor
+
+
+# ------------------------------------------------------------------------------------------ external groups
+
+_EXTERNAL: dict[int, int] = {}  # id(group) -> size of the groups made by init_external_group (kept across reset())
+
+
+def init_external_group(*, backend: str, master_address: str, master_port: int, world_size: int, rank: int,
+                        group_name: str, timeout_s: float) -> Any:
+    """A process group shared with processes outside the trainer's world (SGLang workers receiving weights:
+    ``/init_weights_update_group``), made the way SGLang's ``init_custom_process_group`` makes its side: a TCP
+    rendezvous at ``master_address:master_port`` (this rank listens when ``rank`` is 0), a prefix store named
+    ``group_name``, identity rank mapping. Blocks until every member joined or ``timeout_s`` passed. Works with or
+    without an initialised default group. The group is a data-plane group: use :func:`broadcast` on it (its size
+    is known to :func:`size` even when torch.distributed is not initialised); :func:`destroy_external_group`."""
+    from datetime import timedelta
+
+    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
+                                                    rendezvous)
+
+    timeout = timedelta(seconds=float(timeout_s))
+    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{int(master_port)}", rank, world_size,
+                                              timeout=timeout))
+    store.set_timeout(timeout)
+    store = PrefixStore(group_name, store)
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+                                      backend_options=None, timeout=timeout)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    _EXTERNAL[id(pg)] = world_size
+    return pg
+
+
+def destroy_external_group(group: Any) -> None:
+    """Tear down a group made by :func:`init_external_group` (errors of an already broken group are ignored)."""
+    _EXTERNAL.pop(id(group), None)
+    try:
+        dist.destroy_process_group(group)
+    except (RuntimeError, ValueError, KeyError):
+        pass

@@ -17,6 +17,19 @@ trainer's π_old). ``update_weights_from_disk`` loads an HF directory when it ho
 
 Log-probs follow the engine convention: log softmax(logits / T) of the drawn token before top-k / top-p.
 
+Weight-update protocol (0.5.23, read from its source): ``/pause_generation`` {mode}: ``abort`` (default) ends the
+requests in flight with ``finish_reason: abort`` at their next token, ``retract`` / ``in_place`` park them (they go on
+after ``/continue_generation``, their later tokens reported under the new version in ``weight_versions``); new requests
+wait while paused. ``/flush_cache`` answers HTTP 400 while a request is running (or parked in place), and
+``flush_refusals`` more times on demand. ``/begin_weight_update`` / ``/end_weight_update`` (404 before 0.5.21; a
+second begin, an end without begin, and a tensor/distributed update outside a session are ``success: false``, as in
+0.5.23). ``/init_weights_update_group`` joins a real process group (``collectives.init_external_group``, rank =
+rank_offset) and ``/update_weights_from_distributed`` receives each announced bucket over it exactly as SGLang's
+``FlattenedTensorBucket`` does (one ``uint8`` buffer, byte offsets, dtype views) into ``received`` (``POST
+/fake_dump`` {path} writes it as safetensors; ``dist_fault``: ``"fail"`` refuses the next bucket without receiving,
+``("die", n)`` exits the process when bucket ``n`` (1-based) is announced). ``python -m tests.sglang_fake
+--url-file F`` serves one in its own process (a group member must be another process).
+
 Faults: ``server.faults`` is a list consumed one per ``/generate`` request: ``"http_500"``, ``"json"`` (malformed
 body), ``"short_logprobs"``, ``"oov"`` (a token id = vocab size), ``"nan"``, ``"wrong_version"``, ``"abort"``,
 ``"empty"``, ``"die"`` (the connection is closed without an answer), ``("delay", seconds)``. ``update_fault``:
@@ -113,6 +126,18 @@ class FakeSGLang:
         self.updates: list[dict[str, Any]] = []  # every /update_weights_from_disk payload received
         self.calls: list[str] = []  # every path hit, in order
         self.paused = False
+        self.pause_mode: str | None = None
+        self.pause_epoch = 0  # bumped by every pause: an abort-mode pause ends the requests started before it
+        self.active = 0  # requests generating (not parked)
+        self.parked = 0  # requests parked by an in_place pause
+        self.flush_refusals = 0
+        self.session = False
+        self.groups: dict[str, Any] = {}
+        self.received: dict[str, torch.Tensor] = {}
+        self.dist_updates: list[dict[str, Any]] = []
+        self.dist_fault: Any = None
+        self.tp_size = 1
+        self.dp_size = 1
         self.in_flight = 0
         self.peak_in_flight = 0
         self._lock = threading.Lock()
@@ -194,8 +219,16 @@ class FakeSGLang:
                                                           "(When there are running or waiting requests, the operation "
                                                           "will not be performed.)\n"),
                   ("GET", "/flush_cache"): lambda: (200, "Cache flushed.\n"),
-                  ("POST", "/pause_generation"): lambda: self._pause(True),
-                  ("POST", "/continue_generation"): lambda: self._pause(False)}
+                  ("POST", "/pause_generation"): lambda: self._pause(True, body.get("mode", "abort")),
+                  ("POST", "/continue_generation"): lambda: self._pause(False, None),
+                  ("POST", "/init_weights_update_group"): lambda: self._init_group(body),
+                  ("POST", "/destroy_weights_update_group"): lambda: self._destroy_group(body),
+                  ("POST", "/update_weights_from_distributed"): lambda: self._update_distributed(body),
+                  ("POST", "/fake_dump"): lambda: self._dump(body)}
+        if tuple(int(x) for x in self.version.split(".")[:3]) >= (0, 5, 21):
+            routes[("POST", "/begin_weight_update")] = lambda: self._session(True)
+            routes[("POST", "/end_weight_update")] = lambda: self._session(False)
+        routes[("POST", "/flush_cache")] = self._flush
         fn = routes.get((method, path))
         if fn is None:
             return self._send(h, 404, {"detail": "Not Found"})
@@ -242,11 +275,107 @@ class FakeSGLang:
 
     def _server_info(self):
         return 200, {"model_path": self.model_path, "skip_tokenizer_init": True, "dtype": "float32",
+                     "tp_size": self.tp_size, "dp_size": self.dp_size,
                      "weight_version": self.weight_version, "internal_states": [{}], "version": self.version}
 
-    def _pause(self, paused: bool):
-        self.paused = paused
-        return 200, None
+    def _pause(self, paused: bool, mode: str | None):
+        with self._lock:
+            if paused:
+                self.pause_epoch += 1
+            self.paused, self.pause_mode = paused, mode
+        return 200, {"message": f"Generation {'paused' if paused else 'continued'} successfully.", "status": "ok"}
+
+    def _flush(self):
+        with self._lock:
+            busy = self.active + self.parked
+            forced = self.flush_refusals > 0
+            if forced:
+                self.flush_refusals -= 1
+        if busy or forced:
+            return 400, "Flush cache failed.\n"
+        return 200, ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
+                     "requests, the operation will not be performed.)\n")
+
+    def _session(self, begin: bool):
+        if begin and self.session:
+            return 400, {"success": False, "message": "a weight-update session is already open; call "
+                                                      "end_weight_update() first"}
+        if not begin and not self.session:
+            return 400, {"success": False, "message": "no weight-update session is open; call "
+                                                      "begin_weight_update() first"}
+        self.session = begin
+        return 200, {"success": True, "message": "Success"}
+
+    def _init_group(self, body: dict[str, Any]):
+        from oar_megatron import collectives
+
+        try:
+            self.groups[body.get("group_name", "weight_update_group")] = collectives.init_external_group(
+                backend=body.get("backend", "nccl"), master_address=body["master_address"],
+                master_port=int(body["master_port"]), world_size=int(body["world_size"]),
+                rank=int(body["rank_offset"]), group_name=body.get("group_name", "weight_update_group"),
+                timeout_s=60.0)
+        except Exception as exc:  # noqa: BLE001 - sglang answers a failed init with success: false
+            return 400, {"success": False, "message": f"Failed to initialize custom process group: {exc}."}
+        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def _destroy_group(self, body: dict[str, Any]):
+        from oar_megatron import collectives
+
+        pg = self.groups.pop(body.get("group_name", "weight_update_group"), None)
+        if pg is None:
+            return 400, {"success": False, "message": "The group to be destroyed does not exist."}
+        collectives.destroy_external_group(pg)
+        return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
+
+    def _update_distributed(self, body: dict[str, Any]):
+        import os
+
+        import torch.distributed as dist
+
+        from oar_megatron.rollout.weight_sync import bucket_nbytes, unpack_bucket
+
+        with self._lock:
+            self.dist_updates.append({k: v for k, v in body.items() if k not in ("names", "dtypes", "shapes")}
+                                     | {"n": len(body.get("names", []))})
+            n = len(self.dist_updates)
+        fault = self.dist_fault
+        if isinstance(fault, tuple) and fault[0] == "die" and n == fault[1]:
+            os._exit(3)  # the whole server process dies mid-sync
+        if fault == "fail":
+            self.dist_fault = None
+            return 400, {"success": False, "message": "Failed to update parameter online: fake refusal."}
+        session_needed = tuple(int(x) for x in self.version.split(".")[:3]) >= (0, 5, 21)
+        if session_needed and not self.session:
+            return 400, {"success": False, "message": "update_weights_from_distributed must run between "
+                                                      "begin_weight_update() and end_weight_update()"}
+        name = body.get("group_name", "weight_update_group")
+        if name not in self.groups:
+            return 400, {"success": False, "message": f"Group {name} not in {list(self.groups)}."}
+        if body.get("load_format") != "flattened_bucket":
+            return 400, {"success": False, "message": f"fake: load_format {body.get('load_format')!r} unsupported"}
+        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+        try:
+            flat = torch.empty(bucket_nbytes(names, dtypes, shapes), dtype=torch.uint8)
+            dist.broadcast(flat, src=0, group=self.groups[name])  # as sglang's receiver (not project code)
+            tensors = unpack_bucket(flat, names, dtypes, shapes)
+        except Exception as exc:  # noqa: BLE001
+            return 400, {"success": False, "message": f"Failed to receive weights: {exc}"}
+        with self._lock:
+            for n_, t in tensors:
+                self.received[n_] = t.clone()
+        if body.get("weight_version") is not None:
+            self.weight_version = str(body["weight_version"])
+        if body.get("flush_cache", True) and self.active + self.parked:
+            return 400, {"success": False, "message": "Weights were updated, but the cache was not flushed because "
+                                                      "requests are still running or queued."}
+        return 200, {"success": True, "message": "Succeeded to update parameter online."}
+
+    def _dump(self, body: dict[str, Any]):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.received.items()}, body["path"])
+        return 200, {"success": True, "tensors": len(self.received)}
 
     def _update(self, body: dict[str, Any]):
         with self._lock:
@@ -266,6 +395,10 @@ class FakeSGLang:
         self.model_path = path
         if body.get("weight_version") is not None:
             self.weight_version = str(body["weight_version"])
+        if body.get("flush_cache", True) and self.active + self.parked:  # 0.5.23: a refused flush fails the update
+            return 400, {"success": False, "message": "Weights were updated, but the cache was not flushed because "
+                                                      "requests are still running or queued.",
+                         "num_paused_requests": 0}
         return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 
     def _generate(self, body: dict[str, Any], h: BaseHTTPRequestHandler):
@@ -298,6 +431,20 @@ class FakeSGLang:
             with self._lock:
                 self.in_flight -= 1
 
+    def _park(self, in_place: bool) -> None:
+        """Wait while paused; a request parked in place still counts as running (flush refused), a retracted one
+        does not."""
+        with self._lock:
+            self.active -= 1
+            self.parked += in_place
+        try:
+            while self.paused:
+                time.sleep(0.01)
+        finally:
+            with self._lock:
+                self.active += 1
+                self.parked -= in_place
+
     def _one(self, prompt: list[int], sp: dict[str, Any], body: dict[str, Any], fault: Any) -> dict[str, Any]:
         with self._lock:
             self._counter += 1
@@ -310,17 +457,38 @@ class FakeSGLang:
         lps: list[float] = []
         finish: dict[str, Any] = {"type": "length", "length": max_new}
         t0 = time.perf_counter()
-        for _ in range(max_new):
-            tok, lp = _draw(self.model.logits(seq), sp, gen)
-            if self.delay_per_token_s:
-                time.sleep(self.delay_per_token_s)
-            out.append(tok)
-            lps.append(lp)
-            seq.append(tok)
-            if tok in stops:
-                finish = {"type": "stop", "matched": tok}
-                break
+        with self._lock:
+            epoch = self.pause_epoch
+            self.active += 1
+        versions: list[str] = []
+        try:
+            for _ in range(max_new):
+                if self.paused and self.pause_mode == "abort" and self.pause_epoch != epoch:
+                    finish = {"type": "abort", "message": "Abort before the weight update (pause_generation)"}
+                    break
+                if self.paused:
+                    self._park(self.pause_mode == "in_place")
+                tok, lp = _draw(self.model.logits(seq), sp, gen)
+                versions.append(self.weight_version)
+                if self.delay_per_token_s:
+                    time.sleep(self.delay_per_token_s)
+                out.append(tok)
+                lps.append(lp)
+                seq.append(tok)
+                if tok in stops:
+                    finish = {"type": "stop", "matched": tok}
+                    break
+        finally:
+            with self._lock:
+                self.active -= 1
         version = self.weight_version
+        spans = []
+        for i, v in enumerate(versions):
+            if spans and spans[-1]["version"] == v:
+                spans[-1]["end"] = i + 1
+            else:
+                spans.append({"version": v, "start": i, "end": i + 1})
+        spans = spans or [{"version": version, "start": 0, "end": 0}]
         if fault == "short_logprobs":
             lps = lps[:-1]
             out_lp_ids = out[:-1]
@@ -346,7 +514,33 @@ class FakeSGLang:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, out_lp_ids, strict=False)]
             meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
         meta.update({"reasoning_tokens": 0, "completion_tokens": len(out), "cached_tokens": 0,
-                     "weight_versions": [{"version": version, "start": 0, "end": len(out)}],
+                     "weight_versions": spans if fault != "wrong_version" else [{"version": version, "start": 0,
+                                                                                                 "end": len(out)}],
                      "cached_tokens_details": None, "dp_rank": None, "e2e_latency": time.perf_counter() - t0,
                      "response_sent_to_client_ts": time.time()})
         return {"output_ids": output_ids, "meta_info": meta}
+
+
+def main() -> None:
+    """Serve one fake in this process (table model) until killed; its URL is written to ``--url-file``."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url-file", required=True)
+    ap.add_argument("--vocab-size", type=int, default=24)
+    ap.add_argument("--version", default=SGLANG_VERSION)
+    ap.add_argument("--dist-fault", default=None, help="fail | die:N")
+    args = ap.parse_args()
+    fake = FakeSGLang(vocab_size=args.vocab_size, version=args.version)
+    if args.dist_fault:
+        fake.dist_fault = ("die", int(args.dist_fault[4:])) if args.dist_fault.startswith("die:") else args.dist_fault
+    url = fake.start()
+    tmp = Path(args.url_file + ".tmp")
+    tmp.write_text(url)
+    tmp.rename(args.url_file)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

@@ -61,15 +61,20 @@ class VersionNeeds:
     weight_update_session: bool  # tensor / distributed updates wrapped in /begin_weight_update ... /end_weight_update
     disk_update_fields: tuple[str, ...]  # the /update_weights_from_disk fields the client sends
     server_info_paths: tuple[str, ...]  # where the version is read, in order
+    distributed_fields: tuple[str, ...] = ()  # the /update_weights_from_distributed fields the client sends
+    init_group_fields: tuple[str, ...] = ()  # the /init_weights_update_group fields the client sends
 
 
 _DISK_FIELDS = ("model_path", "load_format", "weight_version", "flush_cache")
+# flattened buckets over the group: load_format "flattened_bucket" (sglang PR 13824, before 0.5.20)
+_DIST_FIELDS = ("names", "dtypes", "shapes", "group_name", "flush_cache", "weight_version", "load_format")
+_GROUP_FIELDS = ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend")
 # (first version, needs): the row with the largest first version <= the server's applies. 0.5.20: no
 # begin/end_weight_update endpoints; from 0.5.21 tensor/distributed updates must be wrapped in them (a refused flush
 # fails the whole update in 0.5.23). The from-disk update needs no session in either.
 SGLANG_VERSIONS: tuple[tuple[tuple[int, int, int], VersionNeeds], ...] = (
-    ((0, 5, 20), VersionNeeds(False, _DISK_FIELDS, ("/get_server_info", "/server_info"))),
-    ((0, 5, 21), VersionNeeds(True, _DISK_FIELDS, ("/server_info", "/get_server_info"))),
+    ((0, 5, 20), VersionNeeds(False, _DISK_FIELDS, ("/get_server_info", "/server_info"), _DIST_FIELDS, _GROUP_FIELDS)),
+    ((0, 5, 21), VersionNeeds(True, _DISK_FIELDS, ("/server_info", "/get_server_info"), _DIST_FIELDS, _GROUP_FIELDS)),
 )
 MIN_VERSION = SGLANG_VERSIONS[0][0]
 
@@ -183,7 +188,9 @@ class SGLangEngine(RolloutEngine):
                  backoff_s: float = 0.5, backoff_max_s: float = 8.0, sync_dir: str | Path | None = None,
                  model: Any = None, arch: str | None = None, hf_config: dict | None = None,
                  carried_from: str | Path | None = None, load_format: str | None = None, weight_sync: str = "disk",
-                 seed: int = 0):
+                 sync_bucket_mb: float = 512, sync_backend: str = "nccl", sync_master_address: str = "127.0.0.1",
+                 sync_master_port: int | None = None, sync_device: Any = "cpu", pause_mode: str = "abort",
+                 flush_timeout_s: float = 60.0, flush_interval_s: float = 0.2, seed: int = 0):
         self.workers = [normalize_url(u) for u in server_urls]
         self.router_url = normalize_url(router_url) if router_url else None
         if not self.workers and not self.router_url:
@@ -193,8 +200,22 @@ class SGLangEngine(RolloutEngine):
         if max_retries < 0 or max_concurrency < 1:
             raise ValueError("rollout.max_retries / rollout.max_concurrency: need max_retries >= 0, "
                              "max_concurrency >= 1")
-        if weight_sync != "disk":  # the distributed (NCCL) path is a separate work item
-            raise ValueError(f"rollout.weight_sync: {weight_sync!r} is not implemented yet; use disk")
+        if weight_sync not in ("disk", "distributed"):
+            raise ValueError(f"rollout.weight_sync: unknown {weight_sync!r}; known: disk, distributed")
+        if pause_mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"pause_mode: unknown {pause_mode!r}; known: abort, retract, in_place")
+        if sync_bucket_mb <= 0 or flush_timeout_s <= 0:
+            raise ValueError("rollout.sync_bucket_mb / flush_timeout_s: need positive values")
+        self.weight_sync = weight_sync
+        self.pause_mode = pause_mode
+        self.flush_timeout_s, self.flush_interval_s = float(flush_timeout_s), float(flush_interval_s)
+        self._dist = None
+        if weight_sync == "distributed":
+            from .weight_sync import DistributedSync
+
+            self._dist = DistributedSync(self, bucket_bytes=int(sync_bucket_mb * 2**20), backend=sync_backend,
+                                         master_address=sync_master_address, master_port=sync_master_port,
+                                         device=sync_device)
         self.vocab_size = int(vocab_size)
         self.api_key = api_key
         self.timeout_s = float(timeout_s)
@@ -380,19 +401,32 @@ class SGLangEngine(RolloutEngine):
         """``path`` on each of ``urls`` (default: every worker), concurrently; {url: data}. Any failure: one
         :class:`RolloutError` naming the first failing server."""
         urls = list(urls) if urls is not None else self.workers
-        if not urls:
+        return self._control_each(path, dict.fromkeys(urls, payload), method=method, timeout_s=timeout_s)
+
+    def _attempts(self, path: str, bodies: dict[str, Any], *, method: str = "POST",
+                  timeout_s: float | None = None) -> list[Attempt]:
+        """``path`` with ``bodies[url]`` on each URL, concurrently; the raw attempts (only a refused API key
+        raises)."""
+        if not bodies:
             raise RolloutError(f"sglang: {path} must go to every worker (a router answers 404 for it); set "
                                f"rollout.server_urls to the worker URLs")
-        pool = self._pool(urls)
+        pool = self._pool(list(bodies))
 
         async def run() -> list[Attempt]:
             async with pool.client() as client:
-                return await asyncio.gather(*(pool.call(client, u, method, path, payload, timeout_s=timeout_s)
+                return await asyncio.gather(*(pool.call(client, u, method, path, bodies[u.url], timeout_s=timeout_s,
+                                                        text_ok=True)
                                               for u in pool.servers))
         try:
-            attempts = asyncio.run(run())
+            return asyncio.run(run())
         except AuthError as exc:
             raise RolloutError(f"sglang: {exc}") from None
+
+    def _control_each(self, path: str, bodies: dict[str, Any], *, method: str = "POST",
+                      timeout_s: float | None = None) -> dict[str, Any]:
+        """:meth:`_control` with one body per URL."""
+        attempts = self._attempts(path, {normalize_url(u): b for u, b in bodies.items()}, method=method,
+                                  timeout_s=timeout_s)
         out = {}
         for att in attempts:
             if not att.ok:
@@ -484,10 +518,10 @@ class SGLangEngine(RolloutEngine):
         self.broken = None
 
     def _push(self, actor: Any, groups: Any, version: int) -> None:
-        from .weight_sync import SyncDir, gather_hf_state, hf_config_for
+        from .weight_sync import SyncDir, gather_hf_state, hf_config_for, run_update
 
-        if self.sync_dir is None or self.model is None or self.arch is None:
-            raise ValueError("SGLangEngine: weight sync needs sync_dir, model and arch")
+        if self.model is None or self.arch is None or (self.sync_dir is None and self._dist is None):
+            raise ValueError("SGLangEngine: weight sync needs model, arch and (from disk) sync_dir")
         if not self.workers:
             raise RolloutError("sglang: weight updates go to every worker (a router answers 404 for them); set "
                                "rollout.server_urls to the worker URLs")
@@ -497,14 +531,32 @@ class SGLangEngine(RolloutEngine):
             return
         t1 = time.perf_counter()
         needs = needs_for_version(self.read_server_version())
+        if self._dist is not None:
+            sent = []
+            try:
+                run_update(self, lambda: sent.append(self._dist.push(tensors, version)), session=needs.
+                           weight_update_session, what=f"distributed sync of version {version}")
+            except (RuntimeError, ValueError, OSError) as exc:
+                self._dist.close()
+                if isinstance(exc, RolloutError):
+                    raise
+                raise RolloutError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+            t2 = time.perf_counter()
+            nbytes = sent[0] if sent else 0
+            self.last_sync_stats = {"sync/gather_s": t1 - t0, "sync/update_s": t2 - t1, "sync/bytes": float(nbytes),
+                                    "sync/buckets": float(self._dist.buckets),
+                                    "sync/gb_per_s": nbytes / 1e9 / max(t2 - t1, 1e-9)}
+            return
         syncdir = SyncDir(self.sync_dir)
         hf = self.hf_config if self.hf_config is not None else hf_config_for(self.model, self.arch)
         path, nbytes = syncdir.write(version, tensors, hf, self.carried_from)
         del tensors
         t2 = time.perf_counter()
-        try:
-            self._control("/update_weights_from_disk", self.update_payload(path, version, needs),
-                          timeout_s=self.update_timeout_s)
+        try:  # flush_cache false: the flush is the protocol's own step, retried while requests drain
+            run_update(self, lambda: self._control("/update_weights_from_disk",
+                                                   self.update_payload(path, version, needs, flush_cache=False),
+                                                   timeout_s=self.update_timeout_s),
+                       session=False, what=f"sync of version {version} from disk")
         except RolloutError:
             shutil.rmtree(path, ignore_errors=True)  # the next sync writes it again
             raise
@@ -514,10 +566,11 @@ class SGLangEngine(RolloutEngine):
                                 "sync/bytes": float(nbytes),
                                 "sync/write_gb_per_s": nbytes / 1e9 / max(t2 - t1, 1e-9)}
 
-    def update_payload(self, path: str | Path, version: int, needs: VersionNeeds | None = None) -> dict[str, Any]:
+    def update_payload(self, path: str | Path, version: int, needs: VersionNeeds | None = None, *,
+                       flush_cache: bool = True) -> dict[str, Any]:
         """The ``/update_weights_from_disk`` body for weight directory ``path`` as version ``version``."""
         needs = needs or needs_for_version(self.server_version or "0.5.23")
-        payload = {"model_path": str(Path(path).resolve()), "weight_version": str(version), "flush_cache": True,
+        payload = {"model_path": str(Path(path).resolve()), "weight_version": str(version), "flush_cache": flush_cache,
                    "load_format": self.load_format}
         return {k: v for k, v in payload.items() if k in needs.disk_update_fields and v is not None}
 
@@ -525,6 +578,8 @@ class SGLangEngine(RolloutEngine):
 
     def close(self) -> None:
         self._closed = True
+        if self._dist is not None:
+            self._dist.close()
 
     def state_dict(self) -> dict[str, int]:
         return {"calls": self.calls, "weight_version": self.weight_version, "seed": self.seed}

@@ -115,8 +115,10 @@ class ServerPool:
     # ------------------------------------------------------------------------------------------ requests
 
     async def call(self, client: httpx.AsyncClient, server: _Server | str, method: str, path: str,
-                   payload: Any = None, *, timeout_s: float | None = None) -> Attempt:
-        """One request to ``server`` (bounded by the pool's semaphore); never raises except :class:`AuthError`."""
+                   payload: Any = None, *, timeout_s: float | None = None, text_ok: bool = False) -> Attempt:
+        """One request to ``server`` (bounded by the pool's semaphore); never raises except :class:`AuthError`.
+        ``text_ok``: a successful answer that is not JSON is returned as its text (control endpoints such as
+        ``/flush_cache`` answer plain text) instead of failing with ``json``."""
         srv = server if isinstance(server, _Server) else self._server(server)
         assert self._sem is not None, "ServerPool.client() must be created first"
         async with self._sem:
@@ -126,7 +128,7 @@ class ServerPool:
             self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
             t0 = time.perf_counter()
             try:
-                att = await self._send(client, srv, method, path, payload, timeout_s)
+                att = await self._send(client, srv, method, path, payload, timeout_s, text_ok)
             finally:
                 srv.in_flight -= 1
                 self._in_flight -= 1
@@ -139,7 +141,7 @@ class ServerPool:
         return att
 
     async def _send(self, client: httpx.AsyncClient, srv: _Server, method: str, path: str, payload: Any,
-                    timeout_s: float | None) -> Attempt:
+                    timeout_s: float | None, text_ok: bool = False) -> Attempt:
         url = srv.url + path
         timeout = httpx.Timeout(timeout_s if timeout_s is not None else self.timeout_s)
         try:
@@ -164,6 +166,8 @@ class ServerPool:
         try:
             data = json.loads(resp.content)
         except ValueError:
+            if text_ok:
+                return Attempt(srv.url, True, data=resp.text)
             return Attempt(srv.url, False, reason="json", detail=f"not JSON: {resp.text[:80]!r}")
         return Attempt(srv.url, True, data=data)
 

@@ -93,7 +93,7 @@ def test_sync_weights_hits_every_worker(tmp_path):
         assert eng.weight_version == 1 and eng.pushed
         v1 = tmp_path / "sync" / "v1"
         for w in workers:
-            assert w.updates == [{"model_path": str(v1.resolve()), "weight_version": "1", "flush_cache": True}]
+            assert w.updates == [{"model_path": str(v1.resolve()), "weight_version": "1", "flush_cache": False}]
             assert w.weight_version == "1" and type(w.model).__name__ == "HFModel"  # transformers loaded v1
         assert router.updates == []  # weight endpoints go to the workers, never the router
         with SafetensorsReader(v1) as src:  # bit-identical export; tied embedding written once
