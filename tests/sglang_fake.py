@@ -133,6 +133,7 @@ class FakeSGLang:
         self.flush_refusals = 0
         self.session = False
         self.groups: dict[str, Any] = {}
+        self.group_info: dict[str, dict[str, int]] = {}
         self.received: dict[str, torch.Tensor] = {}
         self.dist_updates: list[dict[str, Any]] = []
         self.dist_fault: Any = None
@@ -317,11 +318,14 @@ class FakeSGLang:
                 timeout_s=60.0)
         except Exception as exc:  # noqa: BLE001 - sglang answers a failed init with success: false
             return 400, {"success": False, "message": f"Failed to initialize custom process group: {exc}."}
+        self.group_info[body.get("group_name", "weight_update_group")] = {"rank_offset": int(body["rank_offset"]),
+                                                                          "world_size": int(body["world_size"])}
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
     def _destroy_group(self, body: dict[str, Any]):
         from oar_megatron import collectives
 
+        self.group_info.pop(body.get("group_name", "weight_update_group"), None)
         pg = self.groups.pop(body.get("group_name", "weight_update_group"), None)
         if pg is None:
             return 400, {"success": False, "message": "The group to be destroyed does not exist."}
@@ -375,7 +379,9 @@ class FakeSGLang:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in self.received.items()}, body["path"])
-        return 200, {"success": True, "tensors": len(self.received)}
+        return 200, {"success": True, "tensors": len(self.received), "calls": list(self.calls),
+                     "dist_updates": list(self.dist_updates), "weight_version": self.weight_version,
+                     "groups": dict(self.group_info)}
 
     def _update(self, body: dict[str, Any]):
         with self._lock:

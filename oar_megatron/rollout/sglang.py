@@ -534,6 +534,7 @@ class SGLangEngine(RolloutEngine):
         if self._dist is not None:
             sent = []
             try:
+                self._dist.connect()  # once (again after a failure), before generation is paused
                 run_update(self, lambda: sent.append(self._dist.push(tensors, version)), session=needs.
                            weight_update_session, what=f"distributed sync of version {version}")
             except (RuntimeError, ValueError, OSError) as exc:

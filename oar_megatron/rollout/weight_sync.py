@@ -319,7 +319,9 @@ class DistributedSync:
         self.backend = backend
         self.master_address = master_address
         self.master_port = master_port
+        self.prefix = group_name
         self.group_name = group_name
+        self.connections = 0
         self.device = torch.device(device)
         self.group: Any = None
         self.world_size = 0
@@ -340,8 +342,15 @@ class DistributedSync:
     def connect(self) -> None:
         from .. import collectives
 
+        import os
+        import uuid
+
         if self.group is not None:
             return
+        # torch refuses a group name used before in a process (also after destroy on the workers' side): one name
+        # per connection
+        self.connections += 1
+        self.group_name = f"{self.prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{self.connections}"
         tps = self._tp_sizes()
         self.world_size = 1 + sum(tps.values())
         port = self.master_port or _free_port(self.master_address)
@@ -402,6 +411,12 @@ class DistributedSync:
         if self.group is not None:
             group, self.group = self.group, None
             collectives.destroy_external_group(group)
+            for url in self.engine.workers:  # the workers forget it too (best-effort: one may be dead)
+                try:
+                    self.engine._control("/destroy_weights_update_group", {"group_name": self.group_name},
+                                         urls=[url], timeout_s=5.0)
+                except Exception:  # noqa: BLE001
+                    pass
 
 
 def _free_port(host: str) -> int:
