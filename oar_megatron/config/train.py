@@ -54,8 +54,11 @@ class RolloutConfig:
     max_concurrency: int | None = None  # sglang: requests in flight per data-parallel rank (None: SGLANG_CONCURRENCY)
     max_retries: int | None = None  # sglang: retries per sample after a failed / invalid response (None: 3)
     min_valid_frac: float | None = None  # sglang: fail the step when fewer of a call's groups are valid (None: 0.5)
-    weight_sync: str | None = None  # sglang: disk (export + /update_weights_from_disk; None: disk)
+    weight_sync: str | None = None  # sglang: disk (export + /update_weights_from_disk; None: disk) | distributed
     sync_dir: str | None = None  # sglang: where weight versions are written (None: <run_dir>/weight_sync)
+    sync_bucket_mb: float | None = None  # sglang distributed sync: flattened bucket size in MiB (None: 512)
+    sync_master_address: str | None = None  # sglang distributed sync: trainer rank 0's address as the workers reach
+    # it (None: 127.0.0.1 when every worker URL is loopback, else this host's name)
 
     def validate(self) -> RolloutConfig:
         if self.engine not in ROLLOUT_ENGINES:
@@ -84,10 +87,10 @@ class RolloutConfig:
             raise ValueError(f"rollout.max_retries: must be >= 0, got {self.max_retries}")
         if self.min_valid_frac is not None and not 0 < self.min_valid_frac <= 1:
             raise ValueError(f"rollout.min_valid_frac: need 0 < min_valid_frac <= 1, got {self.min_valid_frac}")
-        if self.weight_sync == "distributed":
-            raise ValueError("rollout.weight_sync: distributed (NCCL) sync is not implemented yet; use disk")
-        if self.weight_sync not in (None, "disk"):
-            raise ValueError(f"rollout.weight_sync: unknown {self.weight_sync!r}; known: disk")
+        if self.weight_sync not in (None, "disk", "distributed"):
+            raise ValueError(f"rollout.weight_sync: unknown {self.weight_sync!r}; known: disk, distributed")
+        if self.sync_bucket_mb is not None and self.sync_bucket_mb <= 0:
+            raise ValueError(f"rollout.sync_bucket_mb: must be > 0, got {self.sync_bucket_mb}")
         for url in self.server_urls + ([self.router_url] if self.router_url else []):
             if not str(url).startswith(("http://", "https://")):
                 raise ValueError(f"rollout.server_urls: {url!r} is not an http(s) URL")
@@ -95,7 +98,7 @@ class RolloutConfig:
 
 
 SGLANG_ONLY = ("server_urls", "router_url", "api_key", "timeout_s", "update_timeout_s", "max_concurrency",
-               "max_retries", "min_valid_frac", "weight_sync", "sync_dir")
+               "max_retries", "min_valid_frac", "weight_sync", "sync_dir", "sync_bucket_mb", "sync_master_address")
 SGLANG_CONCURRENCY = 64  # rollout.max_concurrency default
 SGLANG_RETRIES = 3  # rollout.max_retries default
 SGLANG_MIN_VALID_FRAC = 0.5  # rollout.min_valid_frac default

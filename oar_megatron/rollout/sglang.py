@@ -28,7 +28,9 @@ Weight sync (:meth:`SGLangEngine.sync_weights`): the trainer's weights exported 
 (``server_urls``; a router answers 404 for weight endpoints), each with a timeout. A worker that fails or answers
 ``success: false`` is an error naming it, raised on every trainer rank; the engine then refuses to generate until a
 sync succeeds (never a silently mixed model). The server's SGLang version is read once (``/server_info`` or
-``/get_server_info``) and looked up in :data:`SGLANG_VERSIONS`.
+``/get_server_info``) and looked up in :data:`SGLANG_VERSIONS`. Every update runs inside SGLang's protocol
+(``weight_sync.run_update``: pause → [begin] → update → [end] → flush retried → continue); ``weight_sync:
+distributed`` broadcasts flattened buckets over a group shared with the workers (``weight_sync.DistributedSync``).
 """
 
 from __future__ import annotations

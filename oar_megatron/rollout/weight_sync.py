@@ -14,6 +14,10 @@
   carried tokenizer files), renamed to ``v{N}`` when complete (an atomic directory swap: a server never sees a
   partial version; a version directory left by a crash or a failed update is replaced), then every older version
   removed except the previous one (a server that has not finished loading it may still read it).
+* :func:`run_update` / :func:`flush_caches` — SGLang's update protocol around every sync (pause, session, update,
+  flush retried while requests drain, continue; docs/sglang_client.md).
+* :func:`plan_buckets` / :func:`pack_bucket` / :func:`unpack_bucket` and :class:`DistributedSync` — the distributed
+  sync: flattened buckets broadcast from rank 0 over a process group shared with the workers.
 """
 
 from __future__ import annotations

@@ -137,7 +137,8 @@ class Trainer:
             max_retries=SGLANG_RETRIES if r.max_retries is None else r.max_retries,
             min_valid_frac=r.min_valid_frac or SGLANG_MIN_VALID_FRAC,
             sync_dir=r.sync_dir or self.run_dir / "weight_sync", model=cfg.model, arch=arch, hf_config=hf_config,
-            carried_from=carried, weight_sync=r.weight_sync or "disk", seed=cfg.trainer.seed * 1_000_003 + g.dp_rank)
+            carried_from=carried, weight_sync=r.weight_sync or "disk", seed=cfg.trainer.seed * 1_000_003 + g.dp_rank,
+            **_distributed_sync_args(r))
         return ReplicaEngine(inner, g)
 
     def _maybe_resume(self, path: Path | None, evaluating: bool = False) -> bool:
@@ -532,3 +533,19 @@ def _step_dir(step: int) -> str:
 def _mean(values) -> float:
     values = list(values)
     return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _distributed_sync_args(r) -> dict:
+    """``SGLangEngine`` arguments of the distributed weight sync: NCCL over the GPU when there is one (gloo on a CPU
+    machine), buckets of ``rollout.sync_bucket_mb`` (512 MiB), rank 0 reachable at ``rollout.sync_master_address``
+    (loopback when every worker is local, else this host's name)."""
+    import socket
+    from urllib.parse import urlparse
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    local = all(urlparse(u).hostname in ("127.0.0.1", "localhost", "::1") for u in r.server_urls)
+    return {"sync_bucket_mb": r.sync_bucket_mb or 512, "sync_backend": "nccl" if cuda else "gloo",
+            "sync_device": f"cuda:{torch.cuda.current_device()}" if cuda else "cpu",
+            "sync_master_address": r.sync_master_address or ("127.0.0.1" if local else socket.getfqdn())}
