@@ -332,9 +332,12 @@ class DistributedSync:
         self.buckets = 0
 
     def _tp_sizes(self) -> dict[str, int]:
+        from .sglang import needs_for_version
+
+        paths = needs_for_version(self.engine.read_server_version()).server_info_paths
         out = {}
         for url in self.engine.workers:
-            info = self.engine._control("/server_info", urls=[url], method="GET", timeout_s=30.0)[url]
+            info = self.engine._control(paths[0], urls=[url], method="GET", timeout_s=30.0)[url]
             tp = info.get("tp_size", 1) if isinstance(info, dict) else 1
             dp = info.get("dp_size", 1) if isinstance(info, dict) else 1
             if int(dp or 1) != 1:

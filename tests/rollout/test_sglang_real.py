@@ -105,3 +105,38 @@ def test_sync_from_disk_then_logprobs_equal_transformers(server):
                 seq.append(tok)
         assert worst <= 1e-4, worst
     assert SyncDir(tmp / "sync").versions() == [1, 2]
+
+
+def test_distributed_sync_over_gloo_with_requests_in_flight(server):
+    """``weight_sync: distributed`` to a real server over a gloo group (the ``backend`` field of
+    ``/init_weights_update_group``), small buckets, while a rollout is in flight (paused with abort: the aborted
+    requests are retried after the continue); the server's log-probs then equal ``transformers`` on the pushed
+    weights."""
+    import threading
+
+    url, tmp, cfg = server
+    actor, hf = _actor(cfg, seed=5)
+    eng = SGLangEngine([url], vocab_size=cfg.vocab_size, model=cfg, arch="qwen3", timeout_s=120,
+                       weight_sync="distributed", sync_backend="gloo", sync_bucket_mb=0.05, update_timeout_s=120)
+    params = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=64, n=4)
+    got: list = []
+    gen = threading.Thread(target=lambda: got.append(eng.generate([[1, 3, 13, 4, 14]] * 4, params)), daemon=True)
+    gen.start()
+    time.sleep(0.5)
+    eng.sync_weights(actor)
+    gen.join(120)
+    assert not gen.is_alive() and len(got) == 1
+    assert eng.weight_version == 1 and eng.last_sync_stats["sync/buckets"] > 1
+    ref_dir, _ = SyncDir(tmp / "ref").write(1, hf, hf_config_for(cfg, "qwen3"))
+    ref = HFModel(ref_dir)
+    params = SamplingParams(temperature=0.8, max_new_tokens=8, n=4)
+    samples = eng.generate([[1, 3, 13, 4, 14]], params)
+    assert len(samples) == 4 and eng.last_stats["rollout/invalid_responses"] == 0  # version "1" validated
+    worst = 0.0
+    for s in samples:
+        seq = list(s.prompt_ids)
+        for tok, lp in zip(s.response_ids, s.logprobs, strict=True):
+            worst = max(worst, abs(float(torch.log_softmax(ref.logits(seq) / 0.8, -1)[tok]) - lp))
+            seq.append(tok)
+    assert worst <= 1e-4, worst
+    eng.close()
