@@ -118,14 +118,16 @@ def test_distributed_sync_over_gloo_with_requests_in_flight(server):
     actor, hf = _actor(cfg, seed=5)
     eng = SGLangEngine([url], vocab_size=cfg.vocab_size, model=cfg, arch="qwen3", timeout_s=120,
                        weight_sync="distributed", sync_backend="gloo", sync_bucket_mb=0.05, update_timeout_s=120)
-    params = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=64, n=4)
+    params = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=48, n=4)
     got: list = []
-    gen = threading.Thread(target=lambda: got.append(eng.generate([[1, 3, 13, 4, 14]] * 4, params)), daemon=True)
+    gen = threading.Thread(target=lambda: got.append(eng.generate([[1, 3, 13, 4, 14]] * 16, params)), daemon=True)
     gen.start()
-    time.sleep(0.5)
+    time.sleep(0.3)
     eng.sync_weights(actor)
     gen.join(120)
     assert not gen.is_alive() and len(got) == 1
+    stats = {k: v for k, v in eng.last_stats.items() if k.startswith("rollout/")}
+    assert stats["rollout/invalid_abort"] >= 1 and stats["rollout/invalid_groups"] == 0, stats  # aborted, retried
     assert eng.weight_version == 1 and eng.last_sync_stats["sync/buckets"] > 1
     ref_dir, _ = SyncDir(tmp / "ref").write(1, hf, hf_config_for(cfg, "qwen3"))
     ref = HFModel(ref_dir)
