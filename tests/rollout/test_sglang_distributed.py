@@ -122,3 +122,26 @@ def test_distributed_sync_over_gloo(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_config_and_trainer_arguments():
+    from types import SimpleNamespace
+
+    from oar_megatron.config.train import RolloutConfig
+    from oar_megatron.trainer.loop import _distributed_sync_args
+
+    urls = ["http://127.0.0.1:1"]
+    RolloutConfig(engine="sglang", server_urls=urls, weight_sync="distributed", sync_bucket_mb=64).validate()
+    with pytest.raises(ValueError, match="rollout.weight_sync: unknown 'nccl'"):
+        RolloutConfig(engine="sglang", server_urls=urls, weight_sync="nccl").validate()
+    with pytest.raises(ValueError, match="rollout.sync_bucket_mb"):
+        RolloutConfig(engine="sglang", server_urls=urls, sync_bucket_mb=0).validate()
+    with pytest.raises(ValueError, match="rollout.sync_bucket_mb: only rollout.engine=sglang"):
+        RolloutConfig(sync_bucket_mb=64).validate()
+    args = _distributed_sync_args(SimpleNamespace(server_urls=urls, sync_bucket_mb=None, sync_master_address=None))
+    assert args["sync_bucket_mb"] == 512 and args["sync_master_address"] == "127.0.0.1"
+    assert args["sync_backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
+    remote = SimpleNamespace(server_urls=["http://node7:30000"], sync_bucket_mb=None, sync_master_address="10.0.0.1")
+    assert _distributed_sync_args(remote)["sync_master_address"] == "10.0.0.1"
+    with pytest.raises(ValueError, match="unknown 'nccl'"):
+        SGLangEngine(urls, vocab_size=8, weight_sync="nccl")
