@@ -56,6 +56,12 @@ class RolloutConfig:
     min_valid_frac: float | None = None  # sglang: fail the step when fewer of a call's groups are valid (None: 0.5)
     weight_sync: str | None = None  # sglang: disk (export + /update_weights_from_disk; None: disk)
     sync_dir: str | None = None  # sglang: where weight versions are written (None: <run_dir>/weight_sync)
+    # Local servers (sglang with no server_urls): the run starts them on its initial weights and stops them at exit.
+    local_servers: int | None = None  # how many (None: 1)
+    local_router: bool | None = None  # also an sglang-router in front of them (None: no; the client balances)
+    server_python: str | None = None  # their interpreter (None: $OAR_SGLANG_PYTHON, else the CPU venv's)
+    server_dtype: str | None = None  # their --dtype (None: float32 on CPU, auto on GPU)
+    server_args: list[str] = field(default_factory=list)  # extra sglang.launch_server arguments (every server)
 
     def validate(self) -> RolloutConfig:
         if self.engine not in ROLLOUT_ENGINES:
@@ -68,9 +74,15 @@ class RolloutConfig:
                              f"taken under the sampling distribution), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p: need 0 < top_p <= 1, got {self.top_p}")
-        if self.engine == "sglang" and not self.server_urls:
-            raise ValueError("rollout.server_urls: the sglang engine needs the worker URLs (weights are pushed to "
-                             "each worker; a router URL goes in rollout.router_url)")
+        if self.engine == "sglang" and not self.server_urls and self.router_url:
+            raise ValueError("rollout.router_url: needs rollout.server_urls (the workers weights are pushed to); "
+                             "without them the run starts local servers (rollout.local_router for a router)")
+        for key in LOCAL_ONLY:
+            if self.server_urls and getattr(self, key) not in (None, []):
+                raise ValueError(f"rollout.{key}: only read when rollout.server_urls is empty (the run then starts "
+                                 "its own servers); remove it or the URLs")
+        if self.local_servers is not None and self.local_servers < 1:
+            raise ValueError(f"rollout.local_servers: must be >= 1, got {self.local_servers}")
         for key in SGLANG_ONLY:
             if self.engine != "sglang" and getattr(self, key) not in (None, []):
                 raise ValueError(f"rollout.{key}: only rollout.engine=sglang reads it; the {self.engine} engine "
@@ -94,8 +106,9 @@ class RolloutConfig:
         return self
 
 
+LOCAL_ONLY = ("local_servers", "local_router", "server_python", "server_dtype", "server_args")
 SGLANG_ONLY = ("server_urls", "router_url", "api_key", "timeout_s", "update_timeout_s", "max_concurrency",
-               "max_retries", "min_valid_frac", "weight_sync", "sync_dir")
+               "max_retries", "min_valid_frac", "weight_sync", "sync_dir", *LOCAL_ONLY)
 SGLANG_CONCURRENCY = 64  # rollout.max_concurrency default
 SGLANG_RETRIES = 3  # rollout.max_retries default
 SGLANG_MIN_VALID_FRAC = 0.5  # rollout.min_valid_frac default

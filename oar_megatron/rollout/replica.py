@@ -69,6 +69,9 @@ class ReplicaEngine(RolloutEngine):
         if error is not None:
             raise RolloutError(error)
 
+    def start_local_servers(self, actor: Any) -> None:
+        self.inner.start_local_servers(actor)
+
     def sync_weights(self, source: Any = None) -> None:
         self.inner.sync_weights(source)
 

@@ -183,11 +183,16 @@ class SGLangEngine(RolloutEngine):
                  backoff_s: float = 0.5, backoff_max_s: float = 8.0, sync_dir: str | Path | None = None,
                  model: Any = None, arch: str | None = None, hf_config: dict | None = None,
                  carried_from: str | Path | None = None, load_format: str | None = None, weight_sync: str = "disk",
-                 seed: int = 0):
+                 seed: int = 0, local_servers: dict[str, Any] | None = None):
         self.workers = [normalize_url(u) for u in server_urls]
         self.router_url = normalize_url(router_url) if router_url else None
-        if not self.workers and not self.router_url:
+        if not self.workers and not self.router_url and local_servers is None:
             raise ValueError("rollout.server_urls: the sglang engine needs worker URLs (or rollout.router_url)")
+        if local_servers is not None and (self.workers or self.router_url):
+            raise ValueError("rollout.server_urls: local servers are started only when no URL is given")
+        self.local_servers = local_servers  # SGLangServers settings; started by start_local_servers
+        self.servers: Any = None  # the running SGLangServers (global rank 0 only)
+        self.server_start_s: float | None = None
         if not 0 < min_valid_frac <= 1:
             raise ValueError(f"rollout.min_valid_frac: need 0 < min_valid_frac <= 1, got {min_valid_frac}")
         if max_retries < 0 or max_concurrency < 1:
@@ -514,6 +519,48 @@ class SGLangEngine(RolloutEngine):
                                 "sync/bytes": float(nbytes),
                                 "sync/write_gb_per_s": nbytes / 1e9 / max(t2 - t1, 1e-9)}
 
+    def start_local_servers(self, actor: Any) -> None:
+        """Start the run's own servers (``local_servers`` given: no URLs configured) on the actor's current weights.
+        Collective over the trainer's ranks: the weights are exported as version ``weight_version`` (``sync_dir``, as
+        a sync writes them; a server needs a model directory to start), global rank 0 starts
+        ``rollout.servers.SGLangServers`` on it (``--skip-tokenizer-init``: the trainer sends ``input_ids``;
+        ``--weight-version``), and every rank gets the worker (and router) URLs. A no-op when there is nothing to
+        start or they run already. :meth:`close` stops them (and ``SGLangServers`` at interpreter exit)."""
+        from .. import collectives
+        from .servers import SGLangServers, ServerStartError
+        from .weight_sync import SyncDir, gather_hf_state, hf_config_for
+
+        if self.local_servers is None or self.workers:
+            return
+        if self.sync_dir is None or self.model is None or self.arch is None:
+            raise ValueError("SGLangEngine: local servers need sync_dir, model and arch (the export they start on)")
+        groups = actor.groups
+        version = self.weight_version
+        tensors = gather_hf_state(actor, groups, self.model, self.arch)
+        outcome: Any = None
+        if groups.rank == 0:
+            try:
+                hf = self.hf_config if self.hf_config is not None else hf_config_for(self.model, self.arch)
+                path, _ = SyncDir(self.sync_dir).write(version, tensors, hf, self.carried_from)
+                del tensors
+                opts = dict(self.local_servers)
+                self.servers = SGLangServers(path, opts.pop("n", 1), skip_tokenizer_init=True, api_key=self.api_key,
+                                             weight_version=str(version), **opts)
+                self.servers.start()
+                outcome = ("ok", self.servers.urls, self.servers.router_url, self.servers.startup_seconds)
+            except (ServerStartError, OSError, ValueError) as exc:
+                self.servers = None
+                outcome = ("error", f"sglang local servers: {exc}", None, None)
+        if groups.world_size > 1:
+            outcome = collectives.broadcast_object(outcome)
+        kind, urls, router_url, seconds = outcome
+        if kind == "error":
+            raise RolloutError(urls)
+        self.workers = [normalize_url(u) for u in urls]
+        self.router_url = normalize_url(router_url) if router_url else None
+        self.weight_version, self.pushed, self.broken = version, True, None
+        self.server_start_s = float(seconds)
+
     def update_payload(self, path: str | Path, version: int, needs: VersionNeeds | None = None) -> dict[str, Any]:
         """The ``/update_weights_from_disk`` body for weight directory ``path`` as version ``version``."""
         needs = needs or needs_for_version(self.server_version or "0.5.23")
@@ -524,7 +571,11 @@ class SGLangEngine(RolloutEngine):
     # ---------------------------------------------------------------------------------------- state
 
     def close(self) -> None:
+        """Stop the run's local servers (if it started any)."""
         self._closed = True
+        if self.servers is not None:
+            self.servers.stop()
+            self.servers = None
 
     def state_dict(self) -> dict[str, int]:
         return {"calls": self.calls, "weight_version": self.weight_version, "seed": self.seed}

@@ -130,6 +130,12 @@ class Trainer:
         if arch is None:
             raise ValueError("rollout.engine: weight sync of an MoE model to sglang needs model.pretrained (its "
                              "config.json names the HF architecture)")
+        local = None
+        if not r.server_urls:  # the run's own servers, started in fit() on the exported initial weights
+            local = {"n": r.local_servers or 1, "router": bool(r.local_router), "python": r.server_python,
+                     "dtype": r.server_dtype, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                     "extra_args": list(r.server_args), "run_dir": self.run_dir / "sglang",
+                     "env": {"PYTHONPATH": ""}}  # the servers run in their own environment
         inner = SGLangEngine(
             r.server_urls, vocab_size=cfg.model.vocab_size, router_url=r.router_url, api_key=r.api_key,
             timeout_s=r.timeout_s or SGLANG_TIMEOUT_S, update_timeout_s=r.update_timeout_s or SGLANG_TIMEOUT_S,
@@ -137,7 +143,8 @@ class Trainer:
             max_retries=SGLANG_RETRIES if r.max_retries is None else r.max_retries,
             min_valid_frac=r.min_valid_frac or SGLANG_MIN_VALID_FRAC,
             sync_dir=r.sync_dir or self.run_dir / "weight_sync", model=cfg.model, arch=arch, hf_config=hf_config,
-            carried_from=carried, weight_sync=r.weight_sync or "disk", seed=cfg.trainer.seed * 1_000_003 + g.dp_rank)
+            carried_from=carried, weight_sync=r.weight_sync or "disk", seed=cfg.trainer.seed * 1_000_003 + g.dp_rank,
+            local_servers=local)
         return ReplicaEngine(inner, g)
 
     def _maybe_resume(self, path: Path | None, evaluating: bool = False) -> bool:
@@ -262,6 +269,13 @@ class Trainer:
         if not self.actor.has_reference:  # the KL reference is the policy RL starts from (loaded when resumed)
             self.actor.set_reference_from_current()
         if cfg.rollout.engine == "sglang":  # the servers sample from the trainer's weights from the first step on
+            if not cfg.rollout.server_urls:
+                self.engine.start_local_servers(self.actor)
+                inner = self.engine.inner
+                self._print(f"sglang: {len(inner.workers)} local server(s) {', '.join(inner.workers)}"
+                            + (f" behind router {inner.router_url}" if inner.router_url else "")
+                            + (f" ready in {inner.server_start_s:.1f} s" if inner.server_start_s else "")
+                            + f"; logs in {self.run_dir / 'sglang'}")
             self.engine.check_servers()
             self.engine.sync_weights(self.actor)
         if cfg.eval.at_start and self.step == 0:
