@@ -264,13 +264,16 @@ class Trainer:
         Returns the per-step metrics of this invocation."""
         cfg = self.cfg
         history = []
+        local_servers = cfg.rollout.engine == "sglang" and not cfg.rollout.server_urls
+        if local_servers:  # the run's own servers load (on the exported initial weights) while the trainer warms up
+            self.engine.start_local_servers(self.actor, wait=False)
         if not self.warmed_up:
             self.format_warmup()
         if not self.actor.has_reference:  # the KL reference is the policy RL starts from (loaded when resumed)
             self.actor.set_reference_from_current()
         if cfg.rollout.engine == "sglang":  # the servers sample from the trainer's weights from the first step on
-            if not cfg.rollout.server_urls:
-                self.engine.start_local_servers(self.actor)
+            if local_servers:
+                self.engine.wait_local_servers()
                 inner = self.engine.inner
                 self._print(f"sglang: {len(inner.workers)} local server(s) {', '.join(inner.workers)}"
                             + (f" behind router {inner.router_url}" if inner.router_url else "")
