@@ -75,7 +75,7 @@ class RolloutConfig:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p: need 0 < top_p <= 1, got {self.top_p}")
         if self.engine == "sglang" and not self.server_urls and self.router_url:
-            raise ValueError("rollout.router_url: needs rollout.server_urls (the workers weights are pushed to); "
+            raise ValueError("rollout.router_url: needs rollout.server_urls (the workers that weights are pushed to); "
                              "without them the run starts local servers (rollout.local_router for a router)")
         for key in LOCAL_ONLY:
             if self.server_urls and getattr(self, key) not in (None, []):

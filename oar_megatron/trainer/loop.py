@@ -90,6 +90,7 @@ class Trainer:
         self.ckpt = CheckpointManager(ckpt_dir, keep_last=cfg.checkpoint.keep_last, groups=g)
         self.step = 0
         self.warmed_up = False
+        self._servers_ready = False  # sglang: servers checked and holding the trainer's weights (_prepare_servers)
         resume = self._resume_path()
         if cfg.model.pretrained and resume is None:  # a resumed run's checkpoint wins
             from ..convert.checkpoint import is_megatron_checkpoint
@@ -271,16 +272,7 @@ class Trainer:
             self.format_warmup()
         if not self.actor.has_reference:  # the KL reference is the policy RL starts from (loaded when resumed)
             self.actor.set_reference_from_current()
-        if cfg.rollout.engine == "sglang":  # the servers sample from the trainer's weights from the first step on
-            if local_servers:
-                self.engine.wait_local_servers()
-                inner = self.engine.inner
-                self._print(f"sglang: {len(inner.workers)} local server(s) {', '.join(inner.workers)}"
-                            + (f" behind router {inner.router_url}" if inner.router_url else "")
-                            + (f" ready in {inner.server_start_s:.1f} s" if inner.server_start_s else "")
-                            + f"; logs in {self.run_dir / 'sglang'}")
-            self.engine.check_servers()
-            self.engine.sync_weights(self.actor)
+        self._prepare_servers()
         if cfg.eval.at_start and self.step == 0:
             self.evaluate()
         while self.step < cfg.trainer.steps:
@@ -515,9 +507,27 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ eval
 
+    def _prepare_servers(self) -> None:
+        """sglang, once per run: the run's own servers up (no ``server_urls``), every server checked, and the
+        trainer's weights pushed, so the servers sample from them from the first rollout on (training or oar-eval)."""
+        if self.cfg.rollout.engine != "sglang" or self._servers_ready:
+            return
+        if not self.cfg.rollout.server_urls:
+            self.engine.start_local_servers(self.actor)  # no-op when fit() started them already
+            self.engine.wait_local_servers()
+            inner = self.engine.inner
+            self._print(f"sglang: {len(inner.workers)} local server(s) {', '.join(inner.workers)}"
+                        + (f" behind router {inner.router_url}" if inner.router_url else "")
+                        + (f" ready in {inner.server_start_s:.1f} s" if inner.server_start_s else "")
+                        + f"; logs in {self.run_dir / 'sglang'}")
+        self.engine.check_servers()
+        self.engine.sync_weights(self.actor)
+        self._servers_ready = True
+
     def evaluate(self) -> dict[str, float]:
         from .evaluate import evaluate
 
+        self._prepare_servers()
         result = evaluate(self.cfg, engine=self.engine, tokenizer=self.tokenizer, reward=self.reward,
                           groups=self.groups, seed=self.cfg.trainer.seed * 31 + self.step)
         self.logger.log(self.step, result.metrics, phase="eval")
