@@ -20,7 +20,9 @@ Log-probs follow the engine convention: log softmax(logits / T) of the drawn tok
 Faults: ``server.faults`` is a list consumed one per ``/generate`` request: ``"http_500"``, ``"json"`` (malformed
 body), ``"short_logprobs"``, ``"oov"`` (a token id = vocab size), ``"nan"``, ``"wrong_version"``, ``"abort"``,
 ``"empty"``, ``"die"`` (the connection is closed without an answer), ``("delay", seconds)``. ``update_fault``:
-``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update.
+``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update, or ``"not_flushed"`` (the weights load, but
+the answer is a real 0.5.23 server's HTTP 400 when a request still running kept it from flushing the radix cache; the
+next ``flush_refusals`` ``POST /flush_cache`` answer 400 too).
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ class FakeSGLang:
         self.delay_per_token_s = delay_per_token_s
         self.faults: list[Any] = []
         self.update_fault: str | None = None
+        self.flush_refusals = 0
+        self.flushes = 0  # POST /flush_cache requests received
         self.requests: list[dict[str, Any]] = []  # every /generate payload received
         self.headers: list[dict[str, str]] = []  # every request's headers
         self.updates: list[dict[str, Any]] = []  # every /update_weights_from_disk payload received
@@ -190,9 +194,7 @@ class FakeSGLang:
                   ("GET", "/server_info"): self._server_info, ("GET", "/get_server_info"): self._server_info,
                   ("POST", "/generate"): lambda: self._generate(body, h),
                   ("POST", "/update_weights_from_disk"): lambda: self._update(body),
-                  ("POST", "/flush_cache"): lambda: (200, "Cache flushed.\nPlease check backend logs for more details. "
-                                                          "(When there are running or waiting requests, the operation "
-                                                          "will not be performed.)\n"),
+                  ("POST", "/flush_cache"): self._flush,
                   ("GET", "/flush_cache"): lambda: (200, "Cache flushed.\n"),
                   ("POST", "/pause_generation"): lambda: self._pause(True),
                   ("POST", "/continue_generation"): lambda: self._pause(False)}
@@ -248,6 +250,15 @@ class FakeSGLang:
         self.paused = paused
         return 200, None
 
+    def _flush(self):
+        with self._lock:
+            self.flushes += 1
+            refuse, self.flush_refusals = self.flush_refusals > 0, max(0, self.flush_refusals - 1)
+        if refuse:
+            return 400, "Flush cache failed.\n"
+        return 200, ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
+                     "requests, the operation will not be performed.)\n")
+
     def _update(self, body: dict[str, Any]):
         with self._lock:
             self.updates.append(dict(body))
@@ -266,6 +277,10 @@ class FakeSGLang:
         self.model_path = path
         if body.get("weight_version") is not None:
             self.weight_version = str(body["weight_version"])
+        if fault == "not_flushed":
+            return 400, {"success": False, "message": "Weights were updated, but the cache was not flushed because "
+                         "requests are still running or queued. Retract or finish them, then call /flush_cache.",
+                         "num_paused_requests": 0}
         return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 
     def _generate(self, body: dict[str, Any], h: BaseHTTPRequestHandler):

@@ -95,6 +95,11 @@ def needs_for_version(text: str) -> VersionNeeds:
 # ---------------------------------------------------------------------------------------------- validation
 
 
+# a 0.5.23 server's /update_weights_from_disk answer when the weights were loaded but a request still running kept it
+# from flushing the radix cache (HTTP 400); the sync then retries /flush_cache until the requests drain
+NOT_FLUSHED = "the cache was not flushed because requests are still running"
+
+
 class InvalidResponse(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -381,10 +386,26 @@ class SGLangEngine(RolloutEngine):
 
     # ---------------------------------------------------------------------------------------- control
 
+    def _flush_until_drained(self, urls: Sequence[str], deadline: float) -> None:
+        """``/flush_cache`` on ``urls`` until each answers 200: a real server loads new weights but refuses to flush
+        its radix cache (HTTP 400, ``NOT_FLUSHED``) while a request is still finishing — measured right after a
+        rollout whose answers had all arrived (the scheduler lets the request go a moment later). Until the flush,
+        a cached prefix would still hold the old weights' keys and values; past ``deadline`` a ``RolloutError``."""
+        while urls:
+            try:  # a 200 answers plain text ("Cache flushed. ..."), which the JSON check reports
+                self._control("/flush_cache", urls=urls, timeout_s=max(1.0, deadline - time.monotonic()),
+                              tolerate="Cache flushed")
+                return
+            except RolloutError as exc:
+                if time.monotonic() > deadline:
+                    raise RolloutError(f"{exc} (cache not flushed before the update timeout)") from None
+            time.sleep(0.1)
+
     def _control(self, path: str, payload: Any = None, *, urls: Sequence[str] | None = None, method: str = "POST",
-                 timeout_s: float | None = None) -> dict[str, Any]:
+                 timeout_s: float | None = None, tolerate: str | None = None) -> Any:
         """``path`` on each of ``urls`` (default: every worker), concurrently; {url: data}. Any failure: one
-        :class:`RolloutError` naming the first failing server."""
+        :class:`RolloutError` naming the first failing server. ``tolerate``: a failure whose detail contains it is
+        no failure; returns ({url: data}, [urls that answered it]) then."""
         urls = list(urls) if urls is not None else self.workers
         if not urls:
             raise RolloutError(f"sglang: {path} must go to every worker (a router answers 404 for it); set "
@@ -399,14 +420,17 @@ class SGLangEngine(RolloutEngine):
             attempts = asyncio.run(run())
         except AuthError as exc:
             raise RolloutError(f"sglang: {exc}") from None
-        out = {}
+        out, tolerated = {}, []
         for att in attempts:
+            if not att.ok and tolerate is not None and tolerate in str(att.detail):
+                tolerated.append(att.server)
+                continue
             if not att.ok:
                 raise RolloutError(f"sglang: {att.server}{path} failed: {att.reason} {att.detail}".rstrip())
             if isinstance(att.data, dict) and att.data.get("success") is False:
                 raise RolloutError(f"sglang: {att.server}{path} refused: {att.data.get('message', att.data)}")
             out[att.server] = att.data
-        return out
+        return out if tolerate is None else (out, tolerated)
 
     def health(self, timeout_s: float = 10.0) -> None:
         """GET /health on the generation URL(s) and every worker; RolloutError naming the first that fails."""
@@ -509,8 +533,9 @@ class SGLangEngine(RolloutEngine):
         del tensors
         t2 = time.perf_counter()
         try:
-            self._control("/update_weights_from_disk", self.update_payload(path, version, needs),
-                          timeout_s=self.update_timeout_s)
+            unflushed = self._control("/update_weights_from_disk", self.update_payload(path, version, needs),
+                                      timeout_s=self.update_timeout_s, tolerate=NOT_FLUSHED)[1]
+            self._flush_until_drained(unflushed, time.monotonic() + self.update_timeout_s)
         except RolloutError:
             shutil.rmtree(path, ignore_errors=True)  # the next sync writes it again
             raise
