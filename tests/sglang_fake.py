@@ -33,7 +33,9 @@ rank_offset) and ``/update_weights_from_distributed`` receives each announced bu
 Faults: ``server.faults`` is a list consumed one per ``/generate`` request: ``"http_500"``, ``"json"`` (malformed
 body), ``"short_logprobs"``, ``"oov"`` (a token id = vocab size), ``"nan"``, ``"wrong_version"``, ``"abort"``,
 ``"empty"``, ``"die"`` (the connection is closed without an answer), ``("delay", seconds)``. ``update_fault``:
-``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update.
+``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update, or ``"not_flushed"`` (the weights load, but
+the answer is a real 0.5.23 server's HTTP 400 when a request still running kept it from flushing the radix cache; the
+next ``flush_refusals`` ``POST /flush_cache`` answer 400 too).
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ class FakeSGLang:
         self.delay_per_token_s = delay_per_token_s
         self.faults: list[Any] = []
         self.update_fault: str | None = None
+        self.flush_refusals = 0
+        self.flushes = 0  # POST /flush_cache requests received
         self.requests: list[dict[str, Any]] = []  # every /generate payload received
         self.headers: list[dict[str, str]] = []  # every request's headers
         self.updates: list[dict[str, Any]] = []  # every /update_weights_from_disk payload received
@@ -216,9 +220,7 @@ class FakeSGLang:
                   ("GET", "/server_info"): self._server_info, ("GET", "/get_server_info"): self._server_info,
                   ("POST", "/generate"): lambda: self._generate(body, h),
                   ("POST", "/update_weights_from_disk"): lambda: self._update(body),
-                  ("POST", "/flush_cache"): lambda: (200, "Cache flushed.\nPlease check backend logs for more details. "
-                                                          "(When there are running or waiting requests, the operation "
-                                                          "will not be performed.)\n"),
+                  ("POST", "/flush_cache"): self._flush,
                   ("GET", "/flush_cache"): lambda: (200, "Cache flushed.\n"),
                   ("POST", "/pause_generation"): lambda: self._pause(True, body.get("mode", "abort")),
                   ("POST", "/continue_generation"): lambda: self._pause(False, None),
@@ -288,6 +290,7 @@ class FakeSGLang:
 
     def _flush(self):
         with self._lock:
+            self.flushes += 1
             busy = self.active + self.parked
             forced = self.flush_refusals > 0
             if forced:
@@ -404,6 +407,10 @@ class FakeSGLang:
         if body.get("flush_cache", True) and self.active + self.parked:  # 0.5.23: a refused flush fails the update
             return 400, {"success": False, "message": "Weights were updated, but the cache was not flushed because "
                                                       "requests are still running or queued.",
+                         "num_paused_requests": 0}
+        if fault == "not_flushed":  # a real 0.5.23 server now and then: loaded, but a finishing request kept the flush
+            return 400, {"success": False, "message": "Weights were updated, but the cache was not flushed because "
+                         "requests are still running or queued. Retract or finish them, then call /flush_cache.",
                          "num_paused_requests": 0}
         return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 

@@ -128,6 +128,13 @@ def test_sync_weights_hits_every_worker(tmp_path):
             eng.sync_weights(actor)
         eng.sync_weights(actor)  # healed
         assert eng.weight_version == 4 and eng.broken is None
+
+        # weights loaded but the radix cache not flushed (a request still finishing): /flush_cache retried until it
+        # succeeds, then the version counts
+        workers[1].update_fault, workers[1].flush_refusals = "not_flushed", 2
+        eng.sync_weights(actor)
+        assert eng.weight_version == 5 and workers[1].weight_version == "5" and workers[1].flushes == 3
+        assert workers[0].flushes == 0
     finally:
         for f in (*workers, router):
             f.stop()

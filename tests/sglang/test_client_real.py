@@ -1,0 +1,60 @@
+"""The client against a real SGLang 0.5.23 CPU server: version read from ``/server_info``, weight sync from disk
+(``/update_weights_from_disk`` with ``weight_version``), then sampling with temperature, top-k, top-p and stop tokens
+whose log-probs equal ``transformers``' fp32 log softmax(logits / T) of the synced weights (the engine convention:
+before top-k / top-p), the stop token kept, every response carrying the pushed version.
+
+The server is started by ``oar_megatron.rollout.servers.SGLangServers`` (the project's one launcher). Needs the SGLang
+CPU venv (conftest: skipped without it on a dev machine, a failure under CI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oar_megatron.rollout.base import SamplingParams
+from oar_megatron.rollout.servers import SGLangServers
+from oar_megatron.rollout.sglang import SGLangEngine
+from oar_megatron.rollout.weight_sync import SyncDir, hf_config_for
+from tests.rollout.test_sglang_sync import _actor, _model
+from tests.sglang_fake import HFModel
+
+pytestmark = pytest.mark.sglang
+
+
+@pytest.fixture(scope="module")
+def server(sglang_python, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sglang")
+    cfg = _model()
+    _, hf = _actor(cfg, seed=0)
+    start, _ = SyncDir(tmp / "start").write(0, hf, hf_config_for(cfg, "qwen3"))
+    with SGLangServers(start, 1, python=sglang_python, dtype="float32", skip_tokenizer_init=True,
+                       run_dir=tmp / "logs", startup_timeout=300, stop_grace=3,
+                       env={"OMP_NUM_THREADS": "1", "PYTHONPATH": ""}) as s:  # the server's own environment
+        yield s.urls[0], tmp, cfg
+
+
+def test_sync_from_disk_then_logprobs_equal_transformers(server):
+    url, tmp, cfg = server
+    eng = SGLangEngine([url], vocab_size=cfg.vocab_size, sync_dir=tmp / "sync", model=cfg, arch="qwen3",
+                       timeout_s=120)
+    assert eng.read_server_version() == "0.5.23"
+    for version, seed in ((1, 3), (2, 4)):
+        actor, _ = _actor(cfg, seed=seed)
+        eng.sync_weights(actor)
+        assert eng.weight_version == version
+        params = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=8, stop_token_ids=(2, 5, 7), n=4)
+        samples = eng.generate([[1, 3, 13, 4, 14], [1, 5, 13, 6, 14]], params)
+        assert len(samples) == 8 and eng.last_stats["rollout/invalid_responses"] == 0  # version "N" validated
+        ref = HFModel(tmp / "sync" / f"v{version}")
+        worst = 0.0
+        for s in samples:
+            assert s.weight_version == version
+            if s.finish_reason == "stop":
+                assert s.response_ids[-1] in (2, 5, 7)
+            seq = list(s.prompt_ids)
+            for tok, lp in zip(s.response_ids, s.logprobs, strict=True):
+                want = float(torch.log_softmax(ref.logits(seq) / 0.8, -1)[tok])
+                worst = max(worst, abs(want - lp))
+                seq.append(tok)
+        assert worst <= 1e-4, worst
+    assert SyncDir(tmp / "sync").versions() == [1, 2]
