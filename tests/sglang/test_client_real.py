@@ -1,12 +1,15 @@
 """The client against a real SGLang 0.5.23 CPU server: version read from ``/server_info``, weight sync from disk
 (``/update_weights_from_disk`` with ``weight_version``), then sampling with temperature, top-k, top-p and stop tokens
 whose log-probs equal ``transformers``' fp32 log softmax(logits / T) of the synced weights (the engine convention:
-before top-k / top-p), the stop token kept, every response carrying the pushed version.
+before top-k / top-p), the stop token kept, every response carrying the pushed version; and the distributed sync
+over a gloo group while requests are in flight.
 
 The server is started by ``oar_megatron.rollout.servers.SGLangServers`` (the project's one launcher). Needs the SGLang
 CPU venv (conftest: skipped without it on a dev machine, a failure under CI)."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -58,3 +61,40 @@ def test_sync_from_disk_then_logprobs_equal_transformers(server):
                 seq.append(tok)
         assert worst <= 1e-4, worst
     assert SyncDir(tmp / "sync").versions() == [1, 2]
+
+
+def test_distributed_sync_over_gloo_with_requests_in_flight(server):
+    """``weight_sync: distributed`` to a real server over a gloo group (the ``backend`` field of
+    ``/init_weights_update_group``), small buckets, while a rollout is in flight (paused with abort: the aborted
+    requests are retried after the continue); the server's log-probs then equal ``transformers`` on the pushed
+    weights."""
+    import threading
+
+    url, tmp, cfg = server
+    actor, hf = _actor(cfg, seed=5)
+    eng = SGLangEngine([url], vocab_size=cfg.vocab_size, model=cfg, arch="qwen3", timeout_s=120,
+                       weight_sync="distributed", sync_backend="gloo", sync_bucket_mb=0.05, update_timeout_s=120)
+    params = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=48, n=4)
+    got: list = []
+    gen = threading.Thread(target=lambda: got.append(eng.generate([[1, 3, 13, 4, 14]] * 16, params)), daemon=True)
+    gen.start()
+    time.sleep(0.3)
+    eng.sync_weights(actor)
+    gen.join(120)
+    assert not gen.is_alive() and len(got) == 1
+    stats = {k: v for k, v in eng.last_stats.items() if k.startswith("rollout/")}
+    assert stats["rollout/invalid_abort"] >= 1 and stats["rollout/invalid_groups"] == 0, stats  # aborted, retried
+    assert eng.weight_version == 1 and eng.last_sync_stats["sync/buckets"] > 1
+    ref_dir, _ = SyncDir(tmp / "ref").write(1, hf, hf_config_for(cfg, "qwen3"))
+    ref = HFModel(ref_dir)
+    params = SamplingParams(temperature=0.8, max_new_tokens=8, n=4)
+    samples = eng.generate([[1, 3, 13, 4, 14]], params)
+    assert len(samples) == 4 and eng.last_stats["rollout/invalid_responses"] == 0  # version "1" validated
+    worst = 0.0
+    for s in samples:
+        seq = list(s.prompt_ids)
+        for tok, lp in zip(s.response_ids, s.logprobs, strict=True):
+            worst = max(worst, abs(float(torch.log_softmax(ref.logits(seq) / 0.8, -1)[tok]) - lp))
+            seq.append(tok)
+    assert worst <= 1e-4, worst
+    eng.close()
