@@ -140,7 +140,9 @@ def test_sync_while_requests_in_flight(tmp_path):
                        flush_interval_s=0.05)
         eng3.weight_version = 2
         out = []
-        t = _post_generate(fake.url, out, max_new=30)
+        # 200 tokens at 0.03 s each: still running when the pause comes, however long the export before it takes
+        # (30 tokens finished first on a loaded CI machine, and the flush then drained)
+        t = _post_generate(fake.url, out, max_new=200)
         _wait(lambda: fake.active >= 1)
         time.sleep(0.1)
         with pytest.raises(RolloutError) as err:
