@@ -176,7 +176,7 @@ def test_concurrency_bound(servers):
 
 def test_generate_groups_streams_finished_groups(servers):
     eng = _engine([f.url for f in servers], max_concurrency=8)
-    servers[0].faults = [("delay", 2.0)]  # the first request (group 0) is slow
+    servers[0].faults = [("delay", 2.0)]  # the first request each server receives is slow
     servers[1].faults = [("delay", 2.0)]
     t0 = time.perf_counter()
     seen, times = [], []
@@ -184,7 +184,9 @@ def test_generate_groups_streams_finished_groups(servers):
         seen.append(i)
         times.append(time.perf_counter() - t0)
         assert len(samples) == PARAMS.n and all(s.prompt_index == i for s in samples)
-    assert sorted(seen) == [0, 1, 2] and seen[0] != 0  # a finished group arrives while group 0 still generates
+    # the first request each server receives is slow; which groups they belong to depends on the dispatch order, but
+    # at most two of the three groups wait for one: a finished group arrives while a slow one still generates
+    assert sorted(seen) == [0, 1, 2]
     assert times[0] < 1.5 and times[-1] >= 2.0
 
 
