@@ -39,7 +39,6 @@ def _check_samples(samples, prompts=PROMPTS, params=PARAMS, table=None):
     assert len(samples) == len(prompts) * params.n
     for k, s in enumerate(samples):
         assert s.prompt_index == k // params.n and s.prompt_ids == prompts[k // params.n]
-        assert 1 <= len(s.response_ids) <= params.max_new_tokens and len(s.logprobs) == len(s.response_ids)
         if s.finish_reason == "stop":
             assert s.response_ids[-1] in params.stop_token_ids  # the stop token is kept, as the local engine does
             assert not any(t in params.stop_token_ids for t in s.response_ids[:-1])
