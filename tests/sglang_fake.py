@@ -33,7 +33,8 @@ rank_offset) and ``/update_weights_from_distributed`` receives each announced bu
 Faults: ``server.faults`` is a list consumed one per ``/generate`` request: ``"http_500"``, ``"json"`` (malformed
 body), ``"short_logprobs"``, ``"oov"`` (a token id = vocab size), ``"nan"``, ``"wrong_version"``, ``"abort"``,
 ``"empty"``, ``"die"`` (the connection is closed without an answer), ``("delay", seconds)``. ``update_fault``:
-``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update.
+``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update; ``flush_refusals``: the next that many
+``POST /flush_cache`` answer 400 (a real 0.5.23 server does so while a finishing request holds the radix cache).
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ class FakeSGLang:
         self.delay_per_token_s = delay_per_token_s
         self.faults: list[Any] = []
         self.update_fault: str | None = None
+        self.flush_refusals = 0
+        self.flushes = 0  # POST /flush_cache requests received
         self.requests: list[dict[str, Any]] = []  # every /generate payload received
         self.headers: list[dict[str, str]] = []  # every request's headers
         self.updates: list[dict[str, Any]] = []  # every /update_weights_from_disk payload received
@@ -216,9 +219,7 @@ class FakeSGLang:
                   ("GET", "/server_info"): self._server_info, ("GET", "/get_server_info"): self._server_info,
                   ("POST", "/generate"): lambda: self._generate(body, h),
                   ("POST", "/update_weights_from_disk"): lambda: self._update(body),
-                  ("POST", "/flush_cache"): lambda: (200, "Cache flushed.\nPlease check backend logs for more details. "
-                                                          "(When there are running or waiting requests, the operation "
-                                                          "will not be performed.)\n"),
+                  ("POST", "/flush_cache"): self._flush,
                   ("GET", "/flush_cache"): lambda: (200, "Cache flushed.\n"),
                   ("POST", "/pause_generation"): lambda: self._pause(True, body.get("mode", "abort")),
                   ("POST", "/continue_generation"): lambda: self._pause(False, None),
@@ -288,6 +289,7 @@ class FakeSGLang:
 
     def _flush(self):
         with self._lock:
+            self.flushes += 1
             busy = self.active + self.parked
             forced = self.flush_refusals > 0
             if forced:

@@ -59,6 +59,12 @@ class RolloutConfig:
     sync_bucket_mb: float | None = None  # sglang distributed sync: flattened bucket size in MiB (None: 512)
     sync_master_address: str | None = None  # sglang distributed sync: trainer rank 0's address as the workers reach
     # it (None: 127.0.0.1 when every worker URL is loopback, else this host's name)
+    # Local servers (sglang with no server_urls): the run starts them on its initial weights and stops them at exit.
+    local_servers: int | None = None  # how many (None: 1)
+    local_router: bool | None = None  # also an sglang-router in front of them (None: no; the client balances)
+    server_python: str | None = None  # their interpreter (None: $OAR_SGLANG_PYTHON, else the CPU venv's)
+    server_dtype: str | None = None  # their --dtype (None: float32 on CPU, auto on GPU)
+    server_args: list[str] = field(default_factory=list)  # extra sglang.launch_server arguments (every server)
 
     def validate(self) -> RolloutConfig:
         if self.engine not in ROLLOUT_ENGINES:
@@ -71,9 +77,15 @@ class RolloutConfig:
                              f"taken under the sampling distribution), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p: need 0 < top_p <= 1, got {self.top_p}")
-        if self.engine == "sglang" and not self.server_urls:
-            raise ValueError("rollout.server_urls: the sglang engine needs the worker URLs (weights are pushed to "
-                             "each worker; a router URL goes in rollout.router_url)")
+        if self.engine == "sglang" and not self.server_urls and self.router_url:
+            raise ValueError("rollout.router_url: needs rollout.server_urls (the workers that weights are pushed to); "
+                             "without them the run starts local servers (rollout.local_router for a router)")
+        for key in LOCAL_ONLY:
+            if self.server_urls and getattr(self, key) not in (None, []):
+                raise ValueError(f"rollout.{key}: only read when rollout.server_urls is empty (the run then starts "
+                                 "its own servers); remove it or the URLs")
+        if self.local_servers is not None and self.local_servers < 1:
+            raise ValueError(f"rollout.local_servers: must be >= 1, got {self.local_servers}")
         for key in SGLANG_ONLY:
             if self.engine != "sglang" and getattr(self, key) not in (None, []):
                 raise ValueError(f"rollout.{key}: only rollout.engine=sglang reads it; the {self.engine} engine "
@@ -97,8 +109,10 @@ class RolloutConfig:
         return self
 
 
+LOCAL_ONLY = ("local_servers", "local_router", "server_python", "server_dtype", "server_args")
 SGLANG_ONLY = ("server_urls", "router_url", "api_key", "timeout_s", "update_timeout_s", "max_concurrency",
-               "max_retries", "min_valid_frac", "weight_sync", "sync_dir", "sync_bucket_mb", "sync_master_address")
+               "max_retries", "min_valid_frac", "weight_sync", "sync_dir", "sync_bucket_mb", "sync_master_address",
+               *LOCAL_ONLY)
 SGLANG_CONCURRENCY = 64  # rollout.max_concurrency default
 SGLANG_RETRIES = 3  # rollout.max_retries default
 SGLANG_MIN_VALID_FRAC = 0.5  # rollout.min_valid_frac default

@@ -69,6 +69,12 @@ class ReplicaEngine(RolloutEngine):
         if error is not None:
             raise RolloutError(error)
 
+    def start_local_servers(self, actor: Any, *, wait: bool = True) -> None:
+        self.inner.start_local_servers(actor, wait=wait)
+
+    def wait_local_servers(self) -> None:
+        self.inner.wait_local_servers()
+
     def sync_weights(self, source: Any = None) -> None:
         self.inner.sync_weights(source)
 

@@ -192,11 +192,18 @@ class SGLangEngine(RolloutEngine):
                  carried_from: str | Path | None = None, load_format: str | None = None, weight_sync: str = "disk",
                  sync_bucket_mb: float = 512, sync_backend: str = "nccl", sync_master_address: str = "127.0.0.1",
                  sync_master_port: int | None = None, sync_device: Any = "cpu", pause_mode: str = "abort",
-                 flush_timeout_s: float = 60.0, flush_interval_s: float = 0.2, seed: int = 0):
+                 flush_timeout_s: float = 60.0, flush_interval_s: float = 0.2, seed: int = 0,
+                 local_servers: dict[str, Any] | None = None):
         self.workers = [normalize_url(u) for u in server_urls]
         self.router_url = normalize_url(router_url) if router_url else None
-        if not self.workers and not self.router_url:
+        if not self.workers and not self.router_url and local_servers is None:
             raise ValueError("rollout.server_urls: the sglang engine needs worker URLs (or rollout.router_url)")
+        if local_servers is not None and (self.workers or self.router_url):
+            raise ValueError("rollout.server_urls: local servers are started only when no URL is given")
+        self.local_servers = local_servers  # SGLangServers settings; started by start_local_servers
+        self.servers: Any = None  # the running SGLangServers (global rank 0 only)
+        self.server_start_s: float | None = None
+        self._starting: dict[str, Any] | None = None  # start_local_servers → wait_local_servers
         if not 0 < min_valid_frac <= 1:
             raise ValueError(f"rollout.min_valid_frac: need 0 < min_valid_frac <= 1, got {min_valid_frac}")
         if max_retries < 0 or max_concurrency < 1:
@@ -569,6 +576,74 @@ class SGLangEngine(RolloutEngine):
                                 "sync/bytes": float(nbytes),
                                 "sync/write_gb_per_s": nbytes / 1e9 / max(t2 - t1, 1e-9)}
 
+    def start_local_servers(self, actor: Any, *, wait: bool = True) -> None:
+        """Start the run's own servers (``local_servers`` given: no URLs configured) on the actor's current weights.
+        Collective over the trainer's ranks: the weights are exported as version ``weight_version`` (``sync_dir``, as
+        a sync writes them; a server needs a model directory to start), then global rank 0 starts
+        ``rollout.servers.SGLangServers`` on it (``--skip-tokenizer-init``: the trainer sends ``input_ids``;
+        ``--weight-version``) in a background thread. ``wait=False`` returns at once (the trainer warms up while the
+        servers load); :meth:`wait_local_servers` (collective) then waits and gives every rank the worker (and router)
+        URLs. A no-op when there is nothing to start or it started already. :meth:`close` stops them (and
+        ``SGLangServers`` at interpreter exit)."""
+        from .servers import SGLangServers
+        from .weight_sync import SyncDir, gather_hf_state, hf_config_for
+
+        if self.local_servers is None or self.workers or self._starting is not None:
+            return
+        if self.sync_dir is None or self.model is None or self.arch is None:
+            raise ValueError("SGLangEngine: local servers need sync_dir, model and arch (the export they start on)")
+        groups = actor.groups
+        self._starting = {"groups": groups, "version": self.weight_version, "error": None, "thread": None}
+        tensors = gather_hf_state(actor, groups, self.model, self.arch)
+        if groups.rank == 0:
+            try:
+                hf = self.hf_config if self.hf_config is not None else hf_config_for(self.model, self.arch)
+                path, _ = SyncDir(self.sync_dir).write(self.weight_version, tensors, hf, self.carried_from)
+                del tensors
+                opts = dict(self.local_servers)
+                self.servers = SGLangServers(path, opts.pop("n", 1), skip_tokenizer_init=True, api_key=self.api_key,
+                                             weight_version=str(self.weight_version), **opts)
+            except (OSError, ValueError) as exc:
+                self._starting["error"] = str(exc)
+            else:
+                def run(state=self._starting, servers=self.servers):
+                    try:
+                        servers.start()
+                    except Exception as exc:  # noqa: BLE001 - reported by wait_local_servers, on every rank
+                        state["error"] = str(exc)
+
+                self._starting["thread"] = threading.Thread(target=run, name="sglang-local-servers", daemon=True)
+                self._starting["thread"].start()
+        if wait:
+            self.wait_local_servers()
+
+    def wait_local_servers(self) -> None:
+        """Wait for the servers :meth:`start_local_servers` started; every rank gets their URLs, or the same
+        :class:`RolloutError` (with the failing server's log tail) when one did not come up. Collective."""
+        from .. import collectives
+
+        state = self._starting
+        if state is None or self.workers:
+            return
+        outcome: Any = None
+        if state["groups"].rank == 0:
+            if state["thread"] is not None:
+                state["thread"].join()
+            if state["error"] is not None:
+                outcome = ("error", f"sglang local servers: {state['error']}", None, None)
+            else:
+                outcome = ("ok", self.servers.urls, self.servers.router_url, self.servers.startup_seconds)
+        if state["groups"].world_size > 1:
+            outcome = collectives.broadcast_object(outcome)
+        kind, urls, router_url, seconds = outcome
+        if kind == "error":
+            self.close()
+            raise RolloutError(urls)
+        self.workers = [normalize_url(u) for u in urls]
+        self.router_url = normalize_url(router_url) if router_url else None
+        self.weight_version, self.pushed, self.broken = state["version"], True, None
+        self.server_start_s = float(seconds)
+
     def update_payload(self, path: str | Path, version: int, needs: VersionNeeds | None = None, *,
                        flush_cache: bool = True) -> dict[str, Any]:
         """The ``/update_weights_from_disk`` body for weight directory ``path`` as version ``version``."""
@@ -580,9 +655,17 @@ class SGLangEngine(RolloutEngine):
     # ---------------------------------------------------------------------------------------- state
 
     def close(self) -> None:
+        """Stop the run's local servers (if it started any)."""
         self._closed = True
         if self._dist is not None:
             self._dist.close()
+        if self.servers is not None:
+            self.servers.stop()  # a start still in progress sees its processes die and returns
+            thread = (self._starting or {}).get("thread")
+            if thread is not None:
+                thread.join(timeout=60)
+                self.servers.stop()  # anything it launched meanwhile
+            self.servers = None
 
     def state_dict(self) -> dict[str, int]:
         return {"calls": self.calls, "weight_version": self.weight_version, "seed": self.seed}

@@ -90,6 +90,7 @@ class Trainer:
         self.ckpt = CheckpointManager(ckpt_dir, keep_last=cfg.checkpoint.keep_last, groups=g)
         self.step = 0
         self.warmed_up = False
+        self._servers_ready = False  # sglang: servers checked and holding the trainer's weights (_prepare_servers)
         resume = self._resume_path()
         if cfg.model.pretrained and resume is None:  # a resumed run's checkpoint wins
             from ..convert.checkpoint import is_megatron_checkpoint
@@ -130,6 +131,12 @@ class Trainer:
         if arch is None:
             raise ValueError("rollout.engine: weight sync of an MoE model to sglang needs model.pretrained (its "
                              "config.json names the HF architecture)")
+        local = None
+        if not r.server_urls:  # the run's own servers, started in fit() on the exported initial weights
+            local = {"n": r.local_servers or 1, "router": bool(r.local_router), "python": r.server_python,
+                     "dtype": r.server_dtype, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                     "extra_args": list(r.server_args), "run_dir": self.run_dir / "sglang",
+                     "env": {"PYTHONPATH": ""}}  # the servers run in their own environment
         inner = SGLangEngine(
             r.server_urls, vocab_size=cfg.model.vocab_size, router_url=r.router_url, api_key=r.api_key,
             timeout_s=r.timeout_s or SGLANG_TIMEOUT_S, update_timeout_s=r.update_timeout_s or SGLANG_TIMEOUT_S,
@@ -138,7 +145,7 @@ class Trainer:
             min_valid_frac=r.min_valid_frac or SGLANG_MIN_VALID_FRAC,
             sync_dir=r.sync_dir or self.run_dir / "weight_sync", model=cfg.model, arch=arch, hf_config=hf_config,
             carried_from=carried, weight_sync=r.weight_sync or "disk", seed=cfg.trainer.seed * 1_000_003 + g.dp_rank,
-            **_distributed_sync_args(r))
+            local_servers=local, **_distributed_sync_args(r))
         return ReplicaEngine(inner, g)
 
     def _maybe_resume(self, path: Path | None, evaluating: bool = False) -> bool:
@@ -258,13 +265,14 @@ class Trainer:
         Returns the per-step metrics of this invocation."""
         cfg = self.cfg
         history = []
+        local_servers = cfg.rollout.engine == "sglang" and not cfg.rollout.server_urls
+        if local_servers:  # the run's own servers load (on the exported initial weights) while the trainer warms up
+            self.engine.start_local_servers(self.actor, wait=False)
         if not self.warmed_up:
             self.format_warmup()
         if not self.actor.has_reference:  # the KL reference is the policy RL starts from (loaded when resumed)
             self.actor.set_reference_from_current()
-        if cfg.rollout.engine == "sglang":  # the servers sample from the trainer's weights from the first step on
-            self.engine.check_servers()
-            self.engine.sync_weights(self.actor)
+        self._prepare_servers()
         if cfg.eval.at_start and self.step == 0:
             self.evaluate()
         while self.step < cfg.trainer.steps:
@@ -499,9 +507,27 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ eval
 
+    def _prepare_servers(self) -> None:
+        """sglang, once per run: the run's own servers up (no ``server_urls``), every server checked, and the
+        trainer's weights pushed, so the servers sample from them from the first rollout on (training or oar-eval)."""
+        if self.cfg.rollout.engine != "sglang" or self._servers_ready:
+            return
+        if not self.cfg.rollout.server_urls:
+            self.engine.start_local_servers(self.actor)  # no-op when fit() started them already
+            self.engine.wait_local_servers()
+            inner = self.engine.inner
+            self._print(f"sglang: {len(inner.workers)} local server(s) {', '.join(inner.workers)}"
+                        + (f" behind router {inner.router_url}" if inner.router_url else "")
+                        + (f" ready in {inner.server_start_s:.1f} s" if inner.server_start_s else "")
+                        + f"; logs in {self.run_dir / 'sglang'}")
+        self.engine.check_servers()
+        self.engine.sync_weights(self.actor)
+        self._servers_ready = True
+
     def evaluate(self) -> dict[str, float]:
         from .evaluate import evaluate
 
+        self._prepare_servers()
         result = evaluate(self.cfg, engine=self.engine, tokenizer=self.tokenizer, reward=self.reward,
                           groups=self.groups, seed=self.cfg.trainer.seed * 31 + self.step)
         self.logger.log(self.step, result.metrics, phase="eval")

@@ -123,8 +123,13 @@ def _servers(r: RolloutConfig) -> str:
     if r.engine != "sglang":
         return ""
     timeout = r.timeout_s if r.timeout_s is not None else SGLANG_TIMEOUT_S
-    router = f" behind router {r.router_url}" if r.router_url else ""
-    return (f"; {len(r.server_urls)} server(s) {', '.join(r.server_urls)}{router}, request timeout {timeout:g} s, "
+    if not r.server_urls:
+        n = r.local_servers or 1
+        where = f"{n} local server(s) started by the run{' behind a router' if r.local_router else ''}"
+    else:
+        where = f"{len(r.server_urls)} server(s) {', '.join(r.server_urls)}"
+        where += f" behind router {r.router_url}" if r.router_url else ""
+    return (f"; {where}, request timeout {timeout:g} s, "
             f"weight sync {r.weight_sync or 'disk'}")
 
 

@@ -229,6 +229,8 @@ def check_rollout_servers(cfg: TrainConfig, timeout_s: float = 10.0) -> str:
     r = cfg.rollout
     if r.engine != "sglang":
         return f"skipped: {r.engine} engine"
+    if not r.server_urls:
+        return "skipped: the run starts its own servers (rollout.local_servers)"
     import httpx
 
     seen = []

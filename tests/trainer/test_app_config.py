@@ -34,8 +34,8 @@ def test_experiment_configs_dry_run(name, world, capsys):
     assert run_train(cfg) == 0
     out = capsys.readouterr().out
     assert f"world {world} = " in out and "memory/GPU" in out
-    # the sglang engine's servers and timeout are what the plan shows (the trainer refuses the engine for now)
-    assert "1 server(s) http://127.0.0.1:30000, request timeout 1800 s" in out
+    # the sglang engine's servers and timeout are what the plan shows (no URL: the run starts its own server)
+    assert "1 local server(s) started by the run, request timeout 1800 s" in out
     plan = make_plan(cfg, world)
     assert plan.batch.rows == 512 * 16 and plan.batch.mini_batches == 4
     assert cfg.optim.lr == 1e-6 and cfg.rollout.temperature == 1.0
@@ -71,7 +71,11 @@ def test_memory_estimate_by_hand():
      "reward.fn: gsm8k answers are scored by math-verify (reward=math or reward=dapo)"),
     (["data=gsm8k", "data.path=gsm8k.jsonl", "data.tokenizer=tok", "reward=math"], 1,
      "eval.datasets: 'modsum' is the built-in synthetic task"),
-    (["rollout.engine=sglang"], 1, "rollout.server_urls"),
+    (["rollout=sglang", "rollout.router_url=http://x:1"], 1, "rollout.router_url: needs rollout.server_urls"),
+    (["rollout=sglang", "rollout.server_urls=[http://x:1]", "rollout.local_servers=2"], 1,
+     "rollout.local_servers: only read when rollout.server_urls is empty"),
+    (["rollout=sglang", "rollout.local_servers=0"], 1, "rollout.local_servers: must be >= 1, got 0"),
+    (["rollout.server_python=/x"], 1, "rollout.server_python: only rollout.engine=sglang reads it"),
     (["rollout.server_urls=[http://x:1]"], 1, "rollout.server_urls: only rollout.engine=sglang reads it"),
     (["parallel.cp=2"], 2, "parallel.cp: context parallelism needs model.transformer_impl: transformer_engine"),
     (["parallel.packing=true"], 1, "parallel.packing: THD packing needs model.transformer_impl: transformer_engine"),

@@ -113,6 +113,7 @@ def test_rollout_server_reachability():
     live = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         assert check_rollout_servers(compose_config()) == "skipped: local engine"
+        assert check_rollout_servers(compose_config(["rollout=sglang"])).startswith("skipped: the run starts its own")
         cfg = compose_config(["rollout=sglang", f"rollout.server_urls=[{live}/]"])
         assert check_rollout_servers(cfg).startswith(f"{live}/ HTTP 200 in ")
         cfg = compose_config(["rollout=sglang", f"rollout.server_urls=[{live},http://127.0.0.1:9]"])

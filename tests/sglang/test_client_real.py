@@ -1,83 +1,39 @@
-"""The client against a real SGLang 0.5.23 CPU server (the venv ``launch/setup_sglang_cpu.sh`` builds; skipped when it
-is absent and ``CI`` is unset, failing under CI): version read from ``/server_info``, weight sync from disk
+"""The client against a real SGLang 0.5.23 CPU server: version read from ``/server_info``, weight sync from disk
 (``/update_weights_from_disk`` with ``weight_version``), then sampling with temperature, top-k, top-p and stop tokens
 whose log-probs equal ``transformers``' fp32 log softmax(logits / T) of the synced weights (the engine convention:
-before top-k / top-p), the stop token kept, every response carrying the pushed version.
+before top-k / top-p), the stop token kept, every response carrying the pushed version; and the distributed sync
+over a gloo group while requests are in flight.
 
-The server is started here with a minimal launcher (one process, loopback, free port, log file, killed at the end);
-``oar_megatron/rollout/servers.py`` (the environment slice) is the production launcher."""
+The server is started by ``oar_megatron.rollout.servers.SGLangServers`` (the project's one launcher). Needs the SGLang
+CPU venv (conftest: skipped without it on a dev machine, a failure under CI)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import time
-from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from oar_megatron.rollout.base import SamplingParams
+from oar_megatron.rollout.servers import SGLangServers
 from oar_megatron.rollout.sglang import SGLangEngine
 from oar_megatron.rollout.weight_sync import SyncDir, hf_config_for
 from tests.rollout.test_sglang_sync import _actor, _model
 from tests.sglang_fake import HFModel
 
-VENV = Path(os.environ.get("OAR_SGLANG_VENV", Path.home() / ".cache/oar_megatron/sglang-venv"))
-PYTHON = VENV / "bin" / "python"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.sglang
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if not PYTHON.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI: the SGLang venv {VENV} is missing (launch/setup_sglang_cpu.sh must build it)")
-        pytest.skip(f"no SGLang venv at {VENV} (build it with launch/setup_sglang_cpu.sh)")
+def server(sglang_python, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sglang")
     cfg = _model()
     _, hf = _actor(cfg, seed=0)
     start, _ = SyncDir(tmp / "start").write(0, hf, hf_config_for(cfg, "qwen3"))
-    port = _free_port()
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)  # the server runs in its own environment
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([str(PYTHON), "-m", "sglang.launch_server", "--model-path", str(start), "--device", "cpu",
-                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                             "--max-total-tokens", "4096", "--attention-backend", "torch_native",
-                             "--sampling-backend", "pytorch", "--skip-server-warmup", "--skip-tokenizer-init"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"sglang server exited with {proc.returncode}; log: {tmp / 'server.log'}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"sglang server not healthy after 300 s; log: {tmp / 'server.log'}")
-            time.sleep(1)
-        yield url, tmp, cfg
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with SGLangServers(start, 1, python=sglang_python, dtype="float32", skip_tokenizer_init=True,
+                       run_dir=tmp / "logs", startup_timeout=300, stop_grace=3,
+                       env={"OMP_NUM_THREADS": "1", "PYTHONPATH": ""}) as s:  # the server's own environment
+        yield s.urls[0], tmp, cfg
 
 
 def test_sync_from_disk_then_logprobs_equal_transformers(server):
