@@ -457,7 +457,8 @@ class FakeSGLang:
         with self._lock:
             self._counter += 1
             count = self._counter
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + count)
+        seed = sp.get("sampling_seed")  # a real server honours it under --enable-deterministic-inference
+        gen = torch.Generator().manual_seed(int(seed) if seed is not None else self.seed * 1_000_003 + count)
         stops = set(sp.get("stop_token_ids") or [])
         max_new = int(sp.get("max_new_tokens", 128))
         seq = list(prompt)

@@ -59,6 +59,11 @@ class RolloutConfig:
     sync_bucket_mb: float | None = None  # sglang distributed sync: flattened bucket size in MiB (None: 512)
     sync_master_address: str | None = None  # sglang distributed sync: trainer rank 0's address as the workers reach
     # it (None: 127.0.0.1 when every worker URL is loopback, else this host's name)
+    seeded_sampling: bool | None = None  # sglang: a sampling_seed per sample (from trainer.seed, the step's call, the
+    # prompt and sample index): reproducible rollouts when the servers run --enable-deterministic-inference (local
+    # servers get it); None: off
+    overlap: bool | None = None  # sglang: π_old / reference / OAR saliency of finished groups while the rest generate
+    # (trainer/overlap.py; None: on unless expert parallelism or MoE routing replay rules it out, true: refused there)
     # Local servers (sglang with no server_urls): the run starts them on its initial weights and stops them at exit.
     local_servers: int | None = None  # how many (None: 1)
     local_router: bool | None = None  # also an sglang-router in front of them (None: no; the client balances)
@@ -112,7 +117,7 @@ class RolloutConfig:
 LOCAL_ONLY = ("local_servers", "local_router", "server_python", "server_dtype", "server_args")
 SGLANG_ONLY = ("server_urls", "router_url", "api_key", "timeout_s", "update_timeout_s", "max_concurrency",
                "max_retries", "min_valid_frac", "weight_sync", "sync_dir", "sync_bucket_mb", "sync_master_address",
-               *LOCAL_ONLY)
+               "overlap", "seeded_sampling", *LOCAL_ONLY)
 SGLANG_CONCURRENCY = 64  # rollout.max_concurrency default
 SGLANG_RETRIES = 3  # rollout.max_retries default
 SGLANG_MIN_VALID_FRAC = 0.5  # rollout.min_valid_frac default

@@ -102,6 +102,7 @@ from .. import collectives
 from ..algorithms import (aggregate_loss, entropy_bonus, kl_loss, loss_denominators, policy_loss, rollout_correction,
                           shape_advantages)
 from ..algorithms.context_parallel import gather_zigzag
+from ..algorithms.saliency import Saliency
 from ..algorithms.segment import ScoringBatch
 from ..config.algorithm import AlgorithmConfig
 from ..config.model import ModelConfig
@@ -467,11 +468,17 @@ class PolicyActor:
                 for r in self.replays:
                     if r.mode != "off":
                         r.end_pass()
+        self.compute_rollout_weights(batch)
+        return batch.old_logp
+
+    def compute_rollout_weights(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """Rollout-correction weights (TIS / ICEPOP, ``algorithm.rollout_correction``) into ``batch.token_weights``
+        from ``old_logp`` and the rollout log-probs; None (nothing set) when off or either is missing."""
         rc = self.algorithm.rollout_correction
         if rc.mode is not None and batch.rollout_logp is not None and batch.old_logp is not None:
             batch.token_weights, _ = rollout_correction(batch.old_logp, batch.rollout_logp, batch.response_mask,
                                                         mode=rc.mode, level=rc.level, low=rc.low, high=rc.high)
-        return batch.old_logp
+        return batch.token_weights
 
     def _shares_clean_pass(self, batch: RolloutBatch) -> bool:
         return (self.share_clean_pass and self.algorithm.shaper.name == "oar" and batch.scoring is not None
@@ -602,15 +609,19 @@ class PolicyActor:
             raise ValueError(f"method: unknown {method!r}; known: 'oar_g', 'oar_p'")
         return method, s.pfinal_mode or ("answer_mean" if method == "oar_g" else "last")
 
-    def compute_token_advantages(self, batch: RolloutBatch) -> torch.Tensor:
+    def compute_token_advantages(self, batch: RolloutBatch, saliency: Saliency | None = None) -> torch.Tensor:
         """``batch.token_advantages`` [N, L]: Â·w_t from OAR saliency when ``shaper.name == 'oar'`` (scored tokens
-        are the reasoning tokens, response token k at position prompt_len + k), else Â on every response token."""
+        are the reasoning tokens, response token k at position prompt_len + k), else Â on every response token.
+        ``saliency``: the rows' scores computed beforehand (the trainer's overlapped passes, ``trainer/overlap.py``);
+        None: computed here (``saliency``)."""
         s = self.algorithm.shaper
         mask = batch.response_mask
         if s.name != "oar":
             batch.token_advantages = shape_advantages("none", batch.advantages, mask)
             return batch.token_advantages
-        sal = self.saliency(batch)
+        sal = self.saliency(batch) if saliency is None else saliency
+        if sal.scores.shape[0] != batch.size:
+            raise ValueError(f"saliency: {sal.scores.shape[0]} rows for a batch of {batch.size}")
         scores = torch.zeros(mask.shape, dtype=torch.float32)
         smask = torch.zeros(mask.shape, dtype=torch.bool)
         start = mask.int().argmax(dim=1)  # first response position of each row

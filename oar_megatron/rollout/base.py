@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,16 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
         """``len(prompts) * params.n`` samples, prompt-major (samples of prompt i at ``[i*n, (i+1)*n)``)."""
+
+    def stream_groups(self, prompts: Sequence[Sequence[int]], params: SamplingParams
+                      ) -> Iterator[list[tuple[int, list[Sample]]]]:
+        """The samples of ``generate`` as batches of groups ``(prompt_index, samples)`` in the order they finish.
+        An engine that streams (the SGLang client) yields each batch while the rest still generate; this default,
+        for engines that generate in one piece, yields every group in one batch, in prompt order."""
+        by_prompt: dict[int, list[Sample]] = {}
+        for s in self.generate(prompts, params):
+            by_prompt.setdefault(s.prompt_index, []).append(s)
+        yield [(i, by_prompt[i]) for i in sorted(by_prompt)]
 
     @abc.abstractmethod
     def sync_weights(self, source: Any = None) -> None:

@@ -6,7 +6,7 @@ contract), and every rank keeps the same ``weight_version``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .base import RolloutEngine, Sample, SamplingParams
@@ -52,6 +52,38 @@ class ReplicaEngine(RolloutEngine):
             raise RolloutError(value)
         self.last_stats = stats
         return value
+
+    def stream_groups(self, prompts: Sequence[Sequence[int]], params: SamplingParams
+                      ) -> Iterator[list[tuple[int, list[Sample]]]]:
+        """The inner engine's batches of finished groups on the leader, each broadcast to the replica's other ranks
+        as it arrives (one broadcast per batch, then one for the end: every rank of the replica sees the same
+        batches, so their collective passes on them match)."""
+        from .. import collectives
+        from .sglang import RolloutError
+
+        if not self._groups:
+            yield from self.inner.stream_groups(prompts, params)
+            self.last_stats = dict(getattr(self.inner, "last_stats", {}))
+            return
+        source = iter(self.inner.stream_groups(prompts, params)) if self.leader else None
+        while True:
+            message: Any = None
+            if self.leader:
+                try:
+                    message = ("batch", next(source), None)
+                except StopIteration:
+                    message = ("done", None, dict(getattr(self.inner, "last_stats", {})))
+                except (RolloutError, RuntimeError, ValueError) as exc:
+                    message = ("error", f"{type(exc).__name__}: {exc}", None)
+            for grp in self._groups:  # mp group first (its rank 0 is the leader), then cp
+                message = collectives.broadcast_object(message, group=grp)
+            kind, value, stats = message
+            if kind == "error":
+                raise RolloutError(value)
+            if kind == "done":
+                self.last_stats = stats
+                return
+            yield value
 
     def check_servers(self) -> None:
         """The inner engine's ``check_servers`` on global rank 0; its error raised on every rank."""

@@ -18,9 +18,10 @@ backoff with jitter, up to ``max_retries`` times per sample. A sample out of ret
 ``rollout/invalid_groups``); valid groups are returned whole (no good sample is lost), and the call fails — one line
 naming the last server and reason — only when fewer than ``min_valid_frac`` of the groups are valid.
 
-Streaming. :meth:`SGLangEngine.generate_groups` yields each prompt's group ``(prompt_index, samples)`` as soon as its
-samples are done, while the others still generate (an event loop in a helper thread); ``generate`` collects it in
-prompt order.
+Streaming. :meth:`SGLangEngine.stream_groups` yields the finished groups ``(prompt_index, samples)`` in batches (every
+group done since the consumer last asked) while the others still generate (an event loop in a helper thread);
+``generate_groups`` yields them one by one and ``generate`` collects them in prompt order. The trainer's overlap
+(``trainer/overlap.py``) computes its passes on each batch while the rest generate.
 
 Weight sync (:meth:`SGLangEngine.sync_weights`): the trainer's weights exported through the conversion mapping to
 ``sync_dir/v{N}`` (``weight_sync.SyncDir``: atomic directory swap, old versions removed), then
@@ -36,6 +37,7 @@ distributed`` broadcasts flattened buckets over a group shared with the workers 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import queue
 import shutil
@@ -193,7 +195,7 @@ class SGLangEngine(RolloutEngine):
                  sync_bucket_mb: float = 512, sync_backend: str = "nccl", sync_master_address: str = "127.0.0.1",
                  sync_master_port: int | None = None, sync_device: Any = "cpu", pause_mode: str = "abort",
                  flush_timeout_s: float = 60.0, flush_interval_s: float = 0.2, seed: int = 0,
-                 local_servers: dict[str, Any] | None = None):
+                 local_servers: dict[str, Any] | None = None, seeded: bool = False):
         self.workers = [normalize_url(u) for u in server_urls]
         self.router_url = normalize_url(router_url) if router_url else None
         if not self.workers and not self.router_url and local_servers is None:
@@ -237,6 +239,7 @@ class SGLangEngine(RolloutEngine):
         self.model, self.arch, self.hf_config, self.carried_from = model, arch, hf_config, carried_from
         self.load_format = load_format
         self.seed = int(seed)
+        self.seeded = bool(seeded)  # send a sampling_seed per sample (sample_seed)
         self.calls = 0
         self.weight_version = 0
         self.pushed = False  # a version was pushed to the servers: responses must carry it
@@ -259,12 +262,21 @@ class SGLangEngine(RolloutEngine):
     def expected_version(self) -> str | None:
         return str(self.weight_version) if self.pushed else None
 
-    def _payload(self, prompt: Sequence[int], params: SamplingParams) -> dict[str, Any]:
+    def sample_seed(self, call: int, i: int, j: int, base: int | None = None) -> int:
+        """The ``sampling_seed`` of sample ``j`` of prompt ``i`` in generation call ``call``: a 63-bit hash of
+        (``base`` or this engine's seed, call, i, j) — the same on a retry or another server, whatever the order the
+        requests run in."""
+        key = f"{self.seed if base is None else base}:{call}:{i}:{j}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+    def _payload(self, prompt: Sequence[int], params: SamplingParams, seed: int | None = None) -> dict[str, Any]:
         sp: dict[str, Any] = {"temperature": float(params.temperature), "top_p": float(params.top_p),
                               "top_k": int(params.top_k) if params.top_k > 0 else -1,
                               "max_new_tokens": int(params.max_new_tokens), "n": 1,
                               "stop_token_ids": list(params.stop_token_ids), "no_stop_trim": True,
                               "skip_special_tokens": False}
+        if seed is not None:  # honoured by servers started with --enable-deterministic-inference
+            sp["sampling_seed"] = int(seed)
         return {"input_ids": [int(t) for t in prompt], "sampling_params": sp, "return_logprob": True,
                 "logprob_start_len": -1, "stream": False}
 
@@ -281,6 +293,18 @@ class SGLangEngine(RolloutEngine):
                         ) -> Iterator[tuple[int, list[Sample]]]:
         """Yield ``(prompt_index, samples)`` for each valid group as soon as its ``n`` samples are done (module
         docstring). ``on_group`` is called with the same pair first, from the consumer's thread."""
+        for batch in self.stream_groups(prompts, params):
+            for pair in batch:
+                if on_group is not None:
+                    on_group(*pair)
+                yield pair
+
+    def stream_groups(self, prompts: Sequence[Sequence[int]], params: SamplingParams
+                      ) -> Iterator[list[tuple[int, list[Sample]]]]:
+        """Yield the valid groups in batches: each batch holds every group finished since the consumer last asked
+        (at least one; waits for the next when none is), so a consumer slower than generation takes what piled up
+        in one go (the trainer's overlapped passes). The call's statistics are in ``last_stats`` once the iterator is
+        exhausted; fewer valid groups than ``min_valid_frac`` raise then."""
         if self._closed:
             raise RuntimeError("SGLangEngine: generate called after close()")
         if self.broken:
@@ -291,27 +315,31 @@ class SGLangEngine(RolloutEngine):
         self.calls += 1
         out: queue.Queue = queue.Queue()
         stop = threading.Event()
-        state = _CallState(len(prompts), params.n)
+        state = _CallState(len(prompts), params.n, call=self.calls)
         thread = threading.Thread(target=self._run_call, args=(prompts, params, out, stop, state), daemon=True,
                                   name="sglang-rollout")
         t0 = time.perf_counter()
         thread.start()
-        finished = False
+        end = None  # ("done", None) | ("error", exc) once the call's thread has finished
         try:
-            while True:
-                kind, value = out.get()
-                if kind == "group":
-                    if on_group is not None:
-                        on_group(*value)
-                    yield value
-                elif kind == "error":
-                    finished = True
-                    raise value
-                else:
-                    finished = True
-                    break
+            while end is None:
+                batch = []
+                item = out.get()
+                while True:
+                    if item[0] != "group":
+                        end = item
+                        break
+                    batch.append(item[1])
+                    try:
+                        item = out.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    yield batch
+            if end[0] == "error":
+                raise end[1]
         finally:
-            if not finished:
+            if end is None:
                 stop.set()
             thread.join()
             self._finish_stats(state, time.perf_counter() - t0, len(prompts))
@@ -346,8 +374,8 @@ class SGLangEngine(RolloutEngine):
         version = self.expected_version
         async with pool.client() as client:
             async def group(i: int) -> None:
-                got = await asyncio.gather(*(self._sample(pool, client, i, prompts[i], params, version, state)
-                                             for _ in range(n)))
+                got = await asyncio.gather(*(self._sample(pool, client, i, j, prompts[i], params, version, state)
+                                             for j in range(n)))
                 if all(s is not None for s in got):
                     state.valid_groups += 1
                     state.tokens += sum(len(s.response_ids) for s in got)
@@ -369,9 +397,10 @@ class SGLangEngine(RolloutEngine):
                 await asyncio.gather(*tasks, watcher, return_exceptions=True)
         self.last_pool_stats = pool.stats()
 
-    async def _sample(self, pool: ServerPool, client, i: int, prompt: list[int], params: SamplingParams,
+    async def _sample(self, pool: ServerPool, client, i: int, j: int, prompt: list[int], params: SamplingParams,
                       version: str | None, state: _CallState) -> Sample | None:
-        payload = self._payload(prompt, params)
+        seed = self.sample_seed(state.call, i, j, params.seed) if self.seeded else None
+        payload = self._payload(prompt, params, seed)
         tried: set[str] = set()
         last_server = None
         for attempt in range(self.max_retries + 1):
@@ -685,6 +714,7 @@ class SGLangEngine(RolloutEngine):
 class _CallState:
     n_groups: int
     n: int
+    call: int = 0  # the engine's call counter for this call (sampling seeds)
     valid_groups: int = 0
     tokens: int = 0
     retries: int = 0

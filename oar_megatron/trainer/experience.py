@@ -31,6 +31,7 @@ class Group:
     passed: list[bool]
     record_index: int
     answer: str
+    row_ids: list[int] = field(default_factory=list)  # global ids of the samples (seed OAR-G's noise; name the rows)
 
     @property
     def informative(self) -> bool:
@@ -60,6 +61,10 @@ class Experience:
     @property
     def rollout_logprobs(self) -> list[list[float]]:
         return [lp for g in self.groups for lp in g.logprobs]
+
+    @property
+    def row_ids(self) -> list[int]:
+        return [r for g in self.groups for r in g.row_ids]
 
 
 def response_content(ids: list[int], eos: Sequence[int]) -> list[int]:

@@ -34,6 +34,7 @@ from ..metrics.progress import Progress, format_step_line
 from ..rollout.base import SamplingParams
 from .experience import (Experience, Group, filter_stats, group_advantages_of, response_content, scoring_for,
                          select_groups)
+from .overlap import OverlapPasses
 from .sources import build_dataset, build_reward, build_tokenizer, iterator_for
 
 
@@ -86,6 +87,7 @@ class Trainer:
                                       tp_group=g.tp_group if g.tp > 1 else None,
                                       max_batch_size=cfg.rollout.max_batch_size, pad_id=self.tokenizer.pad_token_id,
                                       seed=cfg.trainer.seed * 1_000_003 + g.dp_rank)
+        self.overlap = self._overlap_on()
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.ckpt = CheckpointManager(ckpt_dir, keep_last=cfg.checkpoint.keep_last, groups=g)
         self.step = 0
@@ -135,7 +137,9 @@ class Trainer:
         if not r.server_urls:  # the run's own servers, started in fit() on the exported initial weights
             local = {"n": r.local_servers or 1, "router": bool(r.local_router), "python": r.server_python,
                      "dtype": r.server_dtype, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                     "extra_args": list(r.server_args), "run_dir": self.run_dir / "sglang",
+                     "extra_args": list(r.server_args) + (["--enable-deterministic-inference"] if r.seeded_sampling
+                                                          and "--enable-deterministic-inference" not in r.server_args
+                                                          else []), "run_dir": self.run_dir / "sglang",
                      "env": {"PYTHONPATH": ""}}  # the servers run in their own environment
         inner = SGLangEngine(
             r.server_urls, vocab_size=cfg.model.vocab_size, router_url=r.router_url, api_key=r.api_key,
@@ -145,8 +149,25 @@ class Trainer:
             min_valid_frac=r.min_valid_frac or SGLANG_MIN_VALID_FRAC,
             sync_dir=r.sync_dir or self.run_dir / "weight_sync", model=cfg.model, arch=arch, hf_config=hf_config,
             carried_from=carried, weight_sync=r.weight_sync or "disk", seed=cfg.trainer.seed * 1_000_003 + g.dp_rank,
-            local_servers=local, **_distributed_sync_args(r))
+            local_servers=local, seeded=bool(r.seeded_sampling), **_distributed_sync_args(r))
         return ReplicaEngine(inner, g)
+
+    def _overlap_on(self) -> bool:
+        """``rollout.overlap`` resolved: the sglang engine's overlapped passes (``trainer/overlap.py``), on by default
+        unless the layout rules them out; ``true`` there is refused with the reason."""
+        setting, g = self.cfg.rollout.overlap, self.groups
+        if self.cfg.rollout.engine != "sglang" or setting is False:
+            return False
+        reason = None
+        if g.ep > 1:
+            reason = (f"expert parallelism (ep={g.ep}): the EP all-to-all spans data-parallel ranks whose groups "
+                      "finish at different times")
+        elif self.actor.replays:
+            reason = ("MoE routing replay records the routes per micro-batch of the step's whole batch "
+                      "(trainer.routing_replay=false to overlap)")
+        if reason is not None and setting is True:
+            raise ValueError(f"rollout.overlap: not with {reason}")
+        return reason is None
 
     def _maybe_resume(self, path: Path | None, evaluating: bool = False) -> bool:
         """Load ``path`` (``_resume_path``: the checkpoint ``checkpoint.resume`` names; None: nothing to load) —
@@ -319,8 +340,9 @@ class Trainer:
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                               stop_token_ids=tuple(self.tokenizer.eos_token_ids), n=r.n_samples).validate()
 
-    def _score(self, groups_in: list[tuple[Any, list]]) -> tuple[list[Group], dict[str, float]]:
-        """Rewards for (record, samples) pairs, computed on TP rank 0 and broadcast over the TP group."""
+    def _score(self, groups_in: list[tuple[Any, list]], row_base: list[int]) -> tuple[list[Group], dict[str, float]]:
+        """Rewards for (record, samples) pairs, computed on TP rank 0 and broadcast over the TP group; group i's
+        rows get the ids ``row_base[i] + j``."""
         n = self.cfg.rollout.n_samples
         payload = None
         if self.reward is not None:
@@ -342,40 +364,83 @@ class Trainer:
             sl = slice(i * n, (i + 1) * n)
             out.append(Group(list(rec.prompt_ids), [list(s.response_ids) for s in samples],
                              [list(s.logprobs) for s in samples], [s.finish_reason for s in samples],
-                             list(scores[sl]), [r >= thr for r in raw[sl]], rec.index, rec.answer))
+                             list(scores[sl]), [r >= thr for r in raw[sl]], rec.index, rec.answer,
+                             row_ids=list(range(row_base[i], row_base[i] + len(samples)))))
         return out, stats
 
-    def _rollout(self) -> tuple[Experience, dict[str, float]]:
-        """Generate, score and select this rank's groups (with DAPO dynamic sampling when configured)."""
+    def _row_base(self, rnd: int, i: int) -> int:
+        """The first row id of this rank's prompt ``i`` in generation round ``rnd`` (0-based) of the current step:
+        ``((step · max_gen_batches + rnd) · prompts_per_step + dp_rank · prompts_per_rank + i) · n_samples``. Global
+        and position-free: it names the sample, not its place in the batch, so OAR-G's noise (seeded by it) is the
+        same under any data-parallel split, with or without dynamic sampling's selection, and with the overlapped
+        passes (computed before the batch's order is known)."""
+        r, g = self.cfg.rollout, self.groups
+        per = r.prompts_per_step // g.dp
+        return (((self.step * r.max_gen_batches + rnd) * r.prompts_per_step + g.dp_rank * per + i) * r.n_samples)
+
+    def _pack(self, groups: list[Group], advantages: torch.Tensor | None = None):
+        """The training rows of ``groups`` (``PolicyActor.pack``): prompt | response, rollout log-probs, OAR scoring
+        sequences when the shaper needs them, row ids; zero advantages unless given."""
+        cfg, actor = self.cfg, self.actor
+        exp = Experience(list(groups), torch.zeros(sum(len(g.responses) for g in groups))
+                         if advantages is None else advantages)
+        scoring = None
+        if cfg.algorithm.shaper.name == "oar":
+            scoring = scoring_for(exp, self.tokenizer, answer_markers=cfg.data.answer_markers,
+                                  conclude=cfg.data.conclude, eos_token_ids=self.tokenizer.eos_token_ids,
+                                  pad_id=self.tokenizer.pad_token_id, with_answers=cfg.algorithm.pfinal_mode != "last")
+        return actor.pack(exp.prompts, exp.responses, exp.advantages, pad_id=self.tokenizer.pad_token_id,
+                          rollout_logp=exp.rollout_logprobs, scoring=scoring, row_ids=exp.row_ids)
+
+    def _overlap_passes(self) -> OverlapPasses | None:
+        """This step's store of overlapped passes (``trainer/overlap.py``), or None when the overlap is off."""
+        if not self.overlap:
+            return None
+        return OverlapPasses(self.actor, self._pack, micro_batch_size=self.cfg.trainer.micro_batch_size,
+                             saliency=self.cfg.algorithm.shaper.name == "oar")
+
+    def _rollout(self, passes: OverlapPasses | None = None) -> tuple[Experience, dict[str, float]]:
+        """Generate, score and select this rank's groups (with DAPO dynamic sampling when configured). Groups are
+        scored as the engine streams them; with ``passes``, those that may be trained on get their forward passes
+        right away, while the rest still generate."""
         cfg, g = self.cfg, self.groups
         want = cfg.rollout.prompts_per_step // g.dp
         dynamic = cfg.algorithm.advantage.filter_groups
         params = self._sampling()
         candidates: list[Group] = []
         stats: dict[str, float] = {}
-        reward_sums: dict[str, float] = {}  # counts summed; rates weighted by the round's samples
+        reward_sums: dict[str, float] = {}  # counts summed; rates weighted by the call's samples
         gen_tokens, rounds, n_samples = 0, 0, 0
         lags: list[int] = []
         t0 = time.perf_counter()
         for rounds in range(1, cfg.rollout.max_gen_batches + 1):
             records = self.iterator.next_batch()
+            # may a group of this round be trained on? (the round's own order decides among its groups, later)
+            before = len(candidates) if not dynamic else sum(c.informative for c in candidates)
+            arrived: list[tuple[int, Group]] = []
             with self.progress.phase("rollout", total=len(records) * params.n) as advance:
-                samples = self.engine.generate([r.prompt_ids for r in records], params)
-                advance(len(samples))
+                for batch in self.engine.stream_groups([r.prompt_ids for r in records], params):
+                    batch = sorted(batch, key=lambda pair: pair[0])
+                    samples = [s for _, group in batch for s in group]
+                    advance(len(samples))
+                    gen_tokens += sum(len(s.response_ids) for s in samples)
+                    n_samples += len(samples)
+                    lags += [self.engine.weight_version - s.weight_version for s in samples
+                             if s.weight_version is not None]
+                    t_r = time.perf_counter()
+                    scored, rstats = self._score([(records[i], group) for i, group in batch],
+                                                 [self._row_base(rounds - 1, i) for i, _ in batch])
+                    stats["time/reward_s"] = stats.get("time/reward_s", 0.0) + time.perf_counter() - t_r
+                    for k, v in rstats.items():
+                        reward_sums[k] = reward_sums.get(k, 0.0) + float(v) * (1 if k in REWARD_COUNTS
+                                                                               else len(samples))
+                    arrived += [(i, grp) for (i, _), grp in zip(batch, scored)]
+                    if passes is not None and before < want:
+                        t_p = time.perf_counter()
+                        passes.add([grp for grp in scored if grp.informative or not dynamic])
+                        stats["time/overlap_s"] = stats.get("time/overlap_s", 0.0) + time.perf_counter() - t_p
             _add_engine_counts(stats, getattr(self.engine, "last_stats", {}))
-            gen_tokens += sum(len(s.response_ids) for s in samples)
-            n_samples += len(samples)
-            lags += [self.engine.weight_version - s.weight_version for s in samples if s.weight_version is not None]
-            by_prompt: dict[int, list] = {}
-            for s in samples:  # prompt-major; the sglang engine leaves out groups it rejected
-                by_prompt.setdefault(s.prompt_index, []).append(s)
-            pairs = [(records[i], by_prompt[i]) for i in sorted(by_prompt)]
-            t_r = time.perf_counter()
-            scored, rstats = self._score(pairs)
-            stats["time/reward_s"] = stats.get("time/reward_s", 0.0) + time.perf_counter() - t_r
-            for k, v in rstats.items():
-                reward_sums[k] = reward_sums.get(k, 0.0) + float(v) * (1 if k in REWARD_COUNTS else len(samples))
-            candidates += scored
+            candidates += [grp for _, grp in sorted(arrived, key=lambda pair: pair[0])]  # prompt order
             if not dynamic and cfg.rollout.engine == "local":
                 break
             # another round when dynamic sampling lacks informative groups, or rejected groups left the batch short
@@ -386,7 +451,7 @@ class Trainer:
             raise RuntimeError(f"rollout: only {len(candidates)} valid groups of the {want} this rank needs after "
                                f"{rounds} generation rounds (rollout.max_gen_batches); see the rollout/invalid_* "
                                f"counts and the server logs")
-        # per-round reward statistics over all samples of all rounds: counts stay counts, rates are rates (<= 1)
+        # per-call reward statistics over all samples of all rounds: counts stay counts, rates are rates (<= 1)
         for k, v in reward_sums.items():
             if k in REWARD_COUNTS:
                 stats[k] = v
@@ -400,13 +465,14 @@ class Trainer:
         adv = group_advantages_of(chosen, cfg.algorithm)
         if cfg.algorithm.advantage.whiten:  # host advantages: moments summed over the DP group's gloo twin
             adv = whiten(adv, group=collectives.control_group(g.dp_group) if g.dp > 1 else None)
+        busy = stats.get("time/reward_s", 0.0) + stats.get("time/overlap_s", 0.0)
         stats.update({
             "reward/mean": _mean([s for c in first for s in c.scores]),
             "reward/pass_rate": _mean([float(p) for c in first for p in c.passed]),
             "response/length_mean": _mean([len(r) for c in first for r in c.responses]),
             "response/truncated_frac": _mean([float(f == "length") for c in first for f in c.finish]),
             "rollout/gen_rounds": float(rounds), "rollout/filled_groups": float(filled),
-            "rollout/tokens_per_s": gen_tokens / max(time.perf_counter() - t0 - stats.get("time/reward_s", 0.0), 1e-9),
+            "rollout/tokens_per_s": gen_tokens / max(time.perf_counter() - t0 - busy, 1e-9),
             # staleness: versions between the weights being trained and those that generated the samples
             "rollout/weight_version_lag": _mean(lags) if lags else 0.0,
         })
@@ -424,21 +490,19 @@ class Trainer:
             times[f"time/{name}_s"] = now - tick
             tick = now
 
-        exp, stats = self._rollout()
+        passes = self._overlap_passes()
+        exp, stats = self._rollout(passes)
         lap("rollout")
-        rows = len(exp.responses)
-        base = self.step * cfg.rollout.prompts_per_step * cfg.rollout.n_samples + g.dp_rank * rows
-        scoring = None
-        if alg.shaper.name == "oar":
-            scoring = scoring_for(exp, self.tokenizer, answer_markers=cfg.data.answer_markers,
-                                  conclude=cfg.data.conclude, eos_token_ids=self.tokenizer.eos_token_ids,
-                                  pad_id=self.tokenizer.pad_token_id, with_answers=alg.pfinal_mode != "last")
-        batch = actor.pack(exp.prompts, exp.responses, exp.advantages, pad_id=self.tokenizer.pad_token_id,
-                           rollout_logp=exp.rollout_logprobs, scoring=scoring, row_ids=range(base, base + rows))
-        actor.compute_ref_logprobs(batch)
-        actor.compute_old_logprobs(batch)
+        batch = self._pack(exp.groups, exp.advantages)
+        saliency = None
+        if passes is not None:  # the passes of the groups that finished early ran during the rollout
+            saliency = passes.fill(batch, exp.groups)
+            stats["rollout/overlap_frac"] = passes.rows_overlapped / max(batch.size, 1)
+        else:
+            actor.compute_ref_logprobs(batch)
+            actor.compute_old_logprobs(batch)
         lap("logprob")
-        actor.compute_token_advantages(batch)
+        actor.compute_token_advantages(batch, saliency=saliency)
         lap("advantage")
         with self.progress.phase("update", total=alg.updates_per_batch) as advance:
             upd = actor.update(batch)

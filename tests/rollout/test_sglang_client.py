@@ -228,3 +228,26 @@ def test_check_servers(servers, tmp_path):
     with pytest.raises(RolloutError) as err:
         _engine([f.url for f in servers]).check_servers()
     assert servers[1].url in str(err.value) and "vocab_size 32" in str(err.value)
+
+
+def test_seeded_sampling_reproduces_samples_in_any_order():
+    """rollout.seeded_sampling: each sample's sampling_seed depends on (engine seed, call, prompt, sample) only, so
+    two engines with the same seed get the same samples however the requests are ordered, delayed or spread over
+    servers; another call or seed gives other seeds."""
+    prompts = [[1, 3, 4], [1, 5], [2, 6, 7, 8]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, n=3)
+    model = TableModel(24, seed=3)  # one model; the servers' own request-counter streams differ (seed)
+    with FakeSGLang(vocab_size=24, model=model, seed=1) as a, FakeSGLang(vocab_size=24, model=model, seed=2) as b:
+        a.faults = [("delay", 0.3)]  # the first request arrives last: another completion order
+        one = SGLangEngine([a.url, b.url], vocab_size=24, seed=7, seeded=True).generate(prompts, params)
+        two = SGLangEngine([b.url], vocab_size=24, seed=7, seeded=True).generate(prompts, params)
+        assert [s.response_ids for s in one] == [s.response_ids for s in two]
+        assert [s.logprobs for s in one] == [s.logprobs for s in two]
+        eng = SGLangEngine([a.url], vocab_size=24, seed=7, seeded=True)
+        seeds = {r["sampling_params"]["sampling_seed"] for r in a.requests + b.requests}
+        assert len(seeds) == 9  # 3 prompts x 3 samples, the same 9 in both calls
+        assert eng.sample_seed(1, 0, 0) != eng.sample_seed(2, 0, 0) != eng.sample_seed(1, 0, 1)
+        assert SGLangEngine([a.url], vocab_size=24, seed=8).sample_seed(1, 0, 0) != eng.sample_seed(1, 0, 0)
+        unseeded = SGLangEngine([a.url], vocab_size=24, seed=7)
+        unseeded.generate(prompts[:1], SamplingParams(max_new_tokens=2, n=1))
+        assert "sampling_seed" not in a.requests[-1]["sampling_params"]

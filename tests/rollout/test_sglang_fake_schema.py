@@ -51,10 +51,13 @@ def test_client_json_is_sglangs(tmp_path):
         eng = SGLangEngine([fake.url], vocab_size=24)
         eng.generate([[1, 3, 13, 4, 14]], SamplingParams(temperature=0.8, top_p=0.9, top_k=5, max_new_tokens=4,
                                                          stop_token_ids=(2,), n=2))
+        seeded = SGLangEngine([fake.url], vocab_size=24, seeded=True)  # rollout.seeded_sampling: sampling_seed
+        seeded.generate([[1, 3]], SamplingParams(max_new_tokens=3, n=2))
+        assert all(isinstance(r["sampling_params"]["sampling_seed"], int) for r in fake.requests[2:])
         payload = eng.update_payload(tmp_path / "v1", 1)  # what sync_weights sends
         data = {"generate": fake.requests, "update": [payload], "vocab_size": 24}
     path = tmp_path / "payloads.json"
     path.write_text(json.dumps(data))
     out = subprocess.run([str(PYTHON), "-c", CHECK, str(path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().startswith("ok 2 1")
+    assert out.stdout.strip().startswith("ok 4 1")
