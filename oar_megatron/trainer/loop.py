@@ -39,7 +39,7 @@ from .sources import build_dataset, build_reward, build_tokenizer, iterator_for
 
 
 # per-rank counts: logged as totals over data-parallel replicas (everything else is a mean)
-COUNT_KEYS = ("reward/timeouts", "reward/errors", "rollout/filled_groups", "rollout/groups_all_correct",
+COUNT_KEYS = ("reward/timeouts", "reward/errors", "rollout/filled_groups", "rollout/overlap_unused_rows", "rollout/groups_all_correct",
               "rollout/groups_all_wrong", "rollout/groups_uninformative", "rollout/samples",
               "throughput/response_tokens", "throughput/total_tokens")
 # the sglang engine's per-call counts (rollout/invalid_<reason>: rejected responses by reason; the http_<code>
@@ -497,7 +497,7 @@ class Trainer:
         saliency = None
         if passes is not None:  # the passes of the groups that finished early ran during the rollout
             saliency = passes.fill(batch, exp.groups)
-            stats["rollout/overlap_frac"] = passes.rows_overlapped / max(batch.size, 1)
+            stats.update(passes.stats)
         else:
             actor.compute_ref_logprobs(batch)
             actor.compute_old_logprobs(batch)

@@ -38,6 +38,7 @@ class _Rows:
     """One group's pass results: [n, L_c] log-probs (None off the last pipeline stage / without a reference) and
     [n, W_c] saliency scores and mask (None without the OAR shaper); widths are those of the pass's batch."""
 
+    size: int
     ref_logp: torch.Tensor | None
     old_logp: torch.Tensor | None
     scores: torch.Tensor | None
@@ -58,7 +59,8 @@ class OverlapPasses:
         self.done: dict[int, _Rows] = {}  # keyed by the group's first row id
         self.pending: list[Group] = []
         self.passes = 0  # pass batches run (overlapped and in fill)
-        self.rows_overlapped = 0  # rows computed by add()
+        self.overlapped: set[int] = set()  # groups (first row id) whose passes ran in add(), during the rollout
+        self.stats: dict[str, float] = {}  # fill(): rollout/overlap_frac, rollout/overlap_unused_rows
 
     def add(self, groups: Sequence[Group]) -> None:
         """Run the passes on the longest prefix of the waiting groups whose rows fill whole micro-batches."""
@@ -71,7 +73,7 @@ class OverlapPasses:
         if take:
             now, self.pending = self.pending[:take], self.pending[take:]
             self._run(now)
-            self.rows_overlapped += sum(len(g.responses) for g in now)
+            self.overlapped.update(g.row_ids[0] for g in now)
 
     def _run(self, groups: Sequence[Group]) -> None:
         batch = self.pack(groups)
@@ -84,13 +86,14 @@ class OverlapPasses:
             sl = slice(start, start + len(g.responses))
             start = sl.stop
             self.done[g.row_ids[0]] = _Rows(
-                None if batch.ref_logp is None else batch.ref_logp[sl],
+                len(g.responses), None if batch.ref_logp is None else batch.ref_logp[sl],
                 None if batch.old_logp is None else batch.old_logp[sl],
                 None if sal is None else sal.scores[sl].cpu(), None if sal is None else sal.mask[sl].cpu())
 
     def fill(self, batch, groups: Sequence[Group]) -> Saliency | None:
         """Complete the passes of ``groups`` (the step's chosen groups, the rows of ``batch`` in order) and write
-        them into ``batch``; returns the rows' saliency (None without the OAR shaper)."""
+        them into ``batch``; returns the rows' saliency (None without the OAR shaper). ``stats``: the fraction of
+        the batch's rows whose passes ran during the rollout and the rows computed there but not chosen."""
         missing = [g for g in groups if g.row_ids[0] not in self.done]
         rows = sum(len(g.responses) for g in missing)
         extra = [g for g in groups if g.row_ids[0] in self.done]
@@ -98,6 +101,11 @@ class OverlapPasses:
             g = extra.pop()
             missing.append(g)
             rows += len(g.responses)
+        chosen = {g.row_ids[0]: len(g.responses) for g in groups}
+        early = sum(chosen[k] for k in self.overlapped if k in chosen) - sum(
+            len(g.responses) for g in missing if g.row_ids[0] in self.overlapped)
+        unused = sum(self.done[k].size for k in self.overlapped if k not in chosen)
+        self.stats = {"rollout/overlap_frac": early / max(batch.size, 1), "rollout/overlap_unused_rows": float(unused)}
         if missing:
             self._run(missing)
         parts = [self.done[g.row_ids[0]] for g in groups]
