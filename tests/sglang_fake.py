@@ -112,7 +112,7 @@ class FakeSGLang:
 
     def __init__(self, model: Any = None, *, vocab_size: int = 24, api_key: str | None = None,
                  weight_version: str = "default", version: str = SGLANG_VERSION, model_path: str = "fake-model",
-                 seed: int = 0, delay_per_token_s: float = 0.0):
+                 seed: int = 0, delay_per_token_s: float = 0.0, load_weights: bool = True):
         self.model = model if model is not None else TableModel(vocab_size, seed)
         self.api_key = api_key
         self.weight_version = weight_version
@@ -120,6 +120,7 @@ class FakeSGLang:
         self.model_path = model_path
         self.seed = seed
         self.delay_per_token_s = delay_per_token_s
+        self.load_weights = load_weights  # False: updates are checked and versioned, the table model stays
         self.faults: list[Any] = []
         self.update_fault: str | None = None
         self.flush_refusals = 0
@@ -395,7 +396,7 @@ class FakeSGLang:
         if fault == "fail" or not path:
             return 400, {"success": False, "message": f"Failed to get weights iterator: {path} (fake refusal)",
                          "num_paused_requests": 0}
-        if (Path(path) / "config.json").is_file():
+        if self.load_weights and (Path(path) / "config.json").is_file():
             try:
                 self.model = HFModel(path)
             except Exception as exc:  # noqa: BLE001 - sglang answers a failed load with success: false
@@ -539,8 +540,11 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=24)
     ap.add_argument("--version", default=SGLANG_VERSION)
     ap.add_argument("--dist-fault", default=None, help="fail | die:N")
+    ap.add_argument("--delay-per-token", type=float, default=0.0, help="seconds slept per generated token")
+    ap.add_argument("--table-only", action="store_true", help="keep sampling from the table model after updates")
     args = ap.parse_args()
-    fake = FakeSGLang(vocab_size=args.vocab_size, version=args.version)
+    fake = FakeSGLang(vocab_size=args.vocab_size, version=args.version, delay_per_token_s=args.delay_per_token,
+                      load_weights=not args.table_only)
     if args.dist_fault:
         fake.dist_fault = ("die", int(args.dist_fault[4:])) if args.dist_fault.startswith("die:") else args.dist_fault
     url = fake.start()

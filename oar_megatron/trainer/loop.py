@@ -8,7 +8,9 @@ nothing downstream reaches back.
 Ranks. Prompts of a global step (``rollout.prompts_per_step``, deterministic order from the prompt iterator) are
 split evenly over data-parallel ranks; every tensor-parallel rank of a data-parallel replica generates the same
 samples (same sampling seed) and rewards are computed once per replica (TP rank 0) and broadcast over the TP group.
-Row ids are global (``step · rows + dp_rank · rows_per_rank + i``), so OAR-G's noise is the same under any split.
+Row ids are global and name the sample (``_row_base``: step, generation round, prompt slot, sample), so OAR-G's noise
+is the same under any split, and with the sglang engine's overlapped passes (``trainer/overlap.py``), which run on
+groups as they finish, before the batch's order is known.
 
 Reproducibility. Sampling seeds come from the engine's call counter, OAR-G noise from row ids, the prompt order
 from the iterator's state; all of it, with the model, optimizer, scheduler and RNG, is in the checkpoint, so a

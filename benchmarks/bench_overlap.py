@@ -1,0 +1,127 @@
+"""Benchmark: the RL step of OAR-G vs GRPO with SGLang-style servers, with and without the overlapped passes.
+
+With servers on their own devices the trainer's ranks idle while rollouts run; ``rollout.overlap`` computes π_old,
+the reference and OAR's saliency for groups that have finished while the rest generate (``trainer/overlap.py``).
+The question: how much of OAR's extra cost (the saliency pass) does that hide? Goal: OAR-G step ≤ 1.05× GRPO's.
+
+Setup, all in one run on this machine:
+
+1. Calibration: the embedded default (tiny model, built-in task, 16 prompts × 8 samples, 8 new tokens) with the
+   in-process local engine under GRPO; the median ``time/rollout_s`` is what generation costs here.
+2. Two fake SGLang servers (tests/sglang_fake.py), each in its own process, that take the weight updates
+   (export, /update_weights_from_disk, versions checked) but sample from their instant table model, sleeping
+   ``delay`` seconds per generated token: a server on its own GPU costs the trainer's CPU nothing, which real
+   servers sharing this machine's two cores cannot show. Each server runs ``--server-batch`` requests at a time
+   (the client's ``rollout.max_concurrency`` = servers × that), so the step's 128 samples generate in waves and
+   groups finish spread over the rollout, as on a cluster whose rollout batch exceeds the servers' running batch.
+   ``delay`` is set so a step's generation lasts as long as the local engine's here (``8 × waves × delay``).
+3. GRPO and OAR-G, each with ``rollout.overlap`` false and true, ``--steps`` steps after the format warm-up;
+   reported: median step time (first step dropped), median rollout / log-prob / advantage times, and the ratios
+   OAR-G / GRPO without and with overlap.
+
+Run:  python benchmarks/bench_overlap.py [--steps 8] [--server-batch 16] [--delay auto|SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+COMMON = ["eval.at_start=false", "eval.at_end=false", "checkpoint.every=0", "checkpoint.save_final=false",
+          "trainer.progress=false", "logging.step_line=false", "logging.tensorboard=false"]
+# the embedded default's rollout shape, also for the sglang runs (configs/rollout/sglang.yaml is sized for GPUs)
+SHAPE = ["rollout.prompts_per_step=16", "rollout.n_samples=8", "rollout.max_new_tokens=8"]
+
+
+def run(overrides: list[str], steps: int, run_dir: str) -> list[dict]:
+    from oar_megatron.trainer import compose_config
+    from oar_megatron.trainer.loop import Trainer
+
+    cfg = compose_config(COMMON + SHAPE + [f"trainer.steps={steps}", f"logging.run_dir={run_dir}"] + overrides)
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def start_fakes(n: int, delay: float, tmp: Path) -> tuple[list[subprocess.Popen], list[str]]:
+    procs, urls = [], []
+    for i in range(n):
+        url_file = tmp / f"fake{i}.url"
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.sglang_fake", "--url-file", str(url_file),
+                                       "--delay-per-token", str(delay), "--table-only"], cwd=ROOT,
+                                      env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}))
+    for i in range(n):
+        url_file = tmp / f"fake{i}.url"
+        t0 = time.time()
+        while not url_file.exists():
+            if time.time() - t0 > 120 or procs[i].poll() is not None:
+                raise RuntimeError("bench: a fake server did not start")
+            time.sleep(0.1)
+        urls.append(url_file.read_text().strip())
+    return procs, urls
+
+
+def med(hist: list[dict], key: str) -> float:
+    return statistics.median(m[key] for m in hist[1:]) if len(hist) > 1 else hist[0][key]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--server-batch", type=int, default=16, help="requests each fake server runs at once")
+    ap.add_argument("--delay", default="auto", help="seconds per generated token at the fake servers (auto: "
+                                                     "calibrated on the local engine)")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        local = run(["algorithm=grpo"], args.steps, str(tmp / "local"))
+        rollout_s = med(local, "time/rollout_s")
+        in_flight = 2 * args.server_batch
+        waves = -(-16 * 8 // in_flight)
+        delay = rollout_s / (8 * waves) if args.delay == "auto" else float(args.delay)
+        print(f"calibration: local engine GRPO step {med(local, 'time/step_s'):.3f} s, rollout {rollout_s:.3f} s "
+              f"-> fake servers sleep {delay * 1e3:.1f} ms per token, {in_flight} requests in flight ({waves} "
+              f"waves of 8 tokens)")
+        procs, urls = start_fakes(2, delay, tmp)
+        try:
+            sglang = ["rollout=sglang", f"rollout.server_urls=[{','.join(urls)}]", "rollout.seeded_sampling=true",
+                      "rollout.timeout_s=120", f"rollout.max_concurrency={in_flight}"]
+            res = {}
+            for alg in ("grpo", "oar_g"):
+                for overlap in (False, True):
+                    hist = run(sglang + [f"algorithm={alg}", f"rollout.overlap={str(overlap).lower()}"], args.steps,
+                               str(tmp / f"{alg}-{overlap}"))
+                    res[alg, overlap] = hist
+        finally:
+            for p in procs:
+                p.kill()
+    print(f"\n{'run':<22}{'step s':>9}{'rollout s':>11}{'logprob s':>11}{'advantage s':>13}{'update s':>10}"
+          f"{'overlap frac':>14}")
+    for (alg, overlap), hist in res.items():
+        frac = med(hist, "rollout/overlap_frac") if overlap else 0.0
+        print(f"{alg + (' +overlap' if overlap else ''):<22}{med(hist, 'time/step_s'):>9.3f}"
+              f"{med(hist, 'time/rollout_s'):>11.3f}{med(hist, 'time/logprob_s'):>11.3f}"
+              f"{med(hist, 'time/advantage_s'):>13.3f}{med(hist, 'time/update_s'):>10.3f}{frac:>14.2f}")
+    plain = med(res["oar_g", False], "time/step_s") / med(res["grpo", False], "time/step_s")
+    lapped = med(res["oar_g", True], "time/step_s") / med(res["grpo", True], "time/step_s")
+    both = med(res["oar_g", True], "time/step_s") / med(res["grpo", False], "time/step_s")
+    print(f"\nOAR-G / GRPO step: {plain:.2f}x without overlap, {lapped:.2f}x with overlap "
+          f"(OAR-G with overlap / GRPO without: {both:.2f}x); goal <= 1.05x")
+
+
+if __name__ == "__main__":
+    main()
