@@ -14,12 +14,14 @@ Setup, all in one run on this machine:
    servers sharing this machine's two cores cannot show. Each server runs ``--server-batch`` requests at a time
    (the client's ``rollout.max_concurrency`` = servers × that), so the step's 128 samples generate in waves and
    groups finish spread over the rollout, as on a cluster whose rollout batch exceeds the servers' running batch.
-   ``delay`` is set so a step's generation lasts as long as the local engine's here (``8 × waves × delay``).
+   ``delay`` is set so a step's generation lasts ``scale`` times the local engine's here (``8 × waves × delay``):
+   1× (this tiny model, where generation is as cheap as a forward pass) and 4× (closer to RL on real models, where
+   generation dominates the step).
 3. GRPO and OAR-G, each with ``rollout.overlap`` false and true, ``--steps`` steps after the format warm-up;
    reported: median step time (first step dropped), median rollout / log-prob / advantage times, and the ratios
    OAR-G / GRPO without and with overlap.
 
-Run:  python benchmarks/bench_overlap.py [--steps 8] [--server-batch 16] [--delay auto|SECONDS]
+Run:  python benchmarks/bench_overlap.py [--steps 8] [--server-batch 16] [--scales 1,4]
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def run(overrides: list[str], steps: int, run_dir: str) -> list[dict]:
 
 def start_fakes(n: int, delay: float, tmp: Path) -> tuple[list[subprocess.Popen], list[str]]:
     procs, urls = [], []
+    tmp.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         url_file = tmp / f"fake{i}.url"
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.sglang_fake", "--url-file", str(url_file),
@@ -80,47 +83,51 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--server-batch", type=int, default=16, help="requests each fake server runs at once")
-    ap.add_argument("--delay", default="auto", help="seconds per generated token at the fake servers (auto: "
-                                                     "calibrated on the local engine)")
+    ap.add_argument("--scales", default="1,4", help="generation time per step as multiples of the local engine's")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
+    scales = [float(x) for x in args.scales.split(",")]
+    in_flight = 2 * args.server_batch
+    waves = -(-16 * 8 // in_flight)
+    summary = []
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         local = run(["algorithm=grpo"], args.steps, str(tmp / "local"))
         rollout_s = med(local, "time/rollout_s")
-        in_flight = 2 * args.server_batch
-        waves = -(-16 * 8 // in_flight)
-        delay = rollout_s / (8 * waves) if args.delay == "auto" else float(args.delay)
-        print(f"calibration: local engine GRPO step {med(local, 'time/step_s'):.3f} s, rollout {rollout_s:.3f} s "
-              f"-> fake servers sleep {delay * 1e3:.1f} ms per token, {in_flight} requests in flight ({waves} "
-              f"waves of 8 tokens)")
-        procs, urls = start_fakes(2, delay, tmp)
-        try:
-            sglang = ["rollout=sglang", f"rollout.server_urls=[{','.join(urls)}]", "rollout.seeded_sampling=true",
-                      "rollout.timeout_s=120", f"rollout.max_concurrency={in_flight}"]
-            res = {}
-            for alg in ("grpo", "oar_g"):
-                for overlap in (False, True):
-                    hist = run(sglang + [f"algorithm={alg}", f"rollout.overlap={str(overlap).lower()}"], args.steps,
-                               str(tmp / f"{alg}-{overlap}"))
-                    res[alg, overlap] = hist
-        finally:
-            for p in procs:
-                p.kill()
-    print(f"\n{'run':<22}{'step s':>9}{'rollout s':>11}{'logprob s':>11}{'advantage s':>13}{'update s':>10}"
-          f"{'overlap frac':>14}")
-    for (alg, overlap), hist in res.items():
-        frac = med(hist, "rollout/overlap_frac") if overlap else 0.0
-        print(f"{alg + (' +overlap' if overlap else ''):<22}{med(hist, 'time/step_s'):>9.3f}"
-              f"{med(hist, 'time/rollout_s'):>11.3f}{med(hist, 'time/logprob_s'):>11.3f}"
-              f"{med(hist, 'time/advantage_s'):>13.3f}{med(hist, 'time/update_s'):>10.3f}{frac:>14.2f}")
-    plain = med(res["oar_g", False], "time/step_s") / med(res["grpo", False], "time/step_s")
-    lapped = med(res["oar_g", True], "time/step_s") / med(res["grpo", True], "time/step_s")
-    both = med(res["oar_g", True], "time/step_s") / med(res["grpo", False], "time/step_s")
-    print(f"\nOAR-G / GRPO step: {plain:.2f}x without overlap, {lapped:.2f}x with overlap "
-          f"(OAR-G with overlap / GRPO without: {both:.2f}x); goal <= 1.05x")
+        print(f"calibration: local engine GRPO step {med(local, 'time/step_s'):.3f} s, rollout {rollout_s:.3f} s; "
+              f"fake servers: {in_flight} requests in flight ({waves} waves of up to 8 tokens)")
+        for scale in scales:
+            delay = scale * rollout_s / (8 * waves)
+            procs, urls = start_fakes(2, delay, tmp / f"x{scale}")
+            try:
+                sglang = ["rollout=sglang", f"rollout.server_urls=[{','.join(urls)}]", "rollout.seeded_sampling=true",
+                          "rollout.timeout_s=120", f"rollout.max_concurrency={in_flight}"]
+                res = {}
+                for alg in ("grpo", "oar_g"):
+                    for overlap in (False, True):
+                        res[alg, overlap] = run(sglang + [f"algorithm={alg}", f"rollout.overlap={str(overlap).lower()}"],
+                                                args.steps, str(tmp / f"{scale}-{alg}-{overlap}"))
+            finally:
+                for p in procs:
+                    p.kill()
+            print(f"\ngeneration {scale:g}x the local engine's ({delay * 1e3:.1f} ms per token per request)")
+            print(f"{'run':<16}{'step s':>9}{'rollout s':>11}{'logprob s':>11}{'advantage s':>13}{'update s':>10}"
+                  f"{'overlap s':>11}{'overlap frac':>14}")
+            for (alg, overlap), hist in res.items():
+                print(f"{alg + (' +overlap' if overlap else ''):<16}{med(hist, 'time/step_s'):>9.3f}"
+                      f"{med(hist, 'time/rollout_s'):>11.3f}{med(hist, 'time/logprob_s'):>11.3f}"
+                      f"{med(hist, 'time/advantage_s'):>13.3f}{med(hist, 'time/update_s'):>10.3f}"
+                      f"{med(hist, 'time/overlap_s') if overlap else 0.0:>11.3f}"
+                      f"{med(hist, 'rollout/overlap_frac') if overlap else 0.0:>14.2f}")
+            step = {k: med(h, "time/step_s") for k, h in res.items()}
+            summary.append((scale, step["oar_g", False] / step["grpo", False], step["oar_g", True] / step["grpo", True],
+                            step["oar_g", True] / step["grpo", False]))
+    print("\nOAR-G / GRPO step time (median; goal <= 1.05x)")
+    print(f"{'generation':>12}{'no overlap':>12}{'overlap':>10}{'OAR-G overlap / GRPO plain':>29}")
+    for scale, plain, lapped, both in summary:
+        print(f"{scale:>11g}x{plain:>11.2f}x{lapped:>9.2f}x{both:>28.2f}x")
 
 
 if __name__ == "__main__":

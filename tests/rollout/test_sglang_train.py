@@ -114,3 +114,55 @@ def test_two_ranks_tp2_and_dp2(tmp_path):
     assert sum(len(f.requests) for f in fakes["tp"]) == 2 * 16
     assert sum(len(f.requests) for f in fakes["dp"]) == 2 * 16 + 1
     assert hist["dp"][0]["rollout/invalid_http"] == 1 and hist["dp"][0]["rollout/retries"] == 1
+
+
+def _train_sharded(rank, world, tmp, urls_by_layout, moe_dir):
+    """PP 2 (dense, from scratch) and EP 2 (a pretrained Qwen3-MoE): every sync gathers the stage / expert shards
+    into one HF state the fake workers load with transformers."""
+    from oar_megatron.trainer import compose_config
+    from oar_megatron.trainer.loop import Trainer
+
+    layouts = {"pp2": ["parallel.pp=2", "algorithm=oar_g"],
+               "ep2": ["parallel.ep=2", "model=tiny-moe", "model.moe_shared_expert_intermediate_size=null",
+                       "model.qk_layernorm=true", f"model.pretrained={moe_dir}", "algorithm=grpo"]}
+    out = {}
+    for layout, extra in layouts.items():
+        cfg = compose_config(SMALL + ["trainer.steps=2", f"logging.run_dir={tmp}/{layout}", "rollout=sglang",
+                                      f"rollout.server_urls=[{','.join(urls_by_layout[layout])}]",
+                                      "rollout.max_new_tokens=7", "rollout.prompts_per_step=4",
+                                      "rollout.n_samples=4", "rollout.timeout_s=60"] + extra)
+        trainer = Trainer(cfg)
+        try:
+            hist = trainer.fit()
+            out[layout] = {"overlap": trainer.overlap,
+                           "hist": [{k: v for k, v in m.items() if isinstance(v, float)} for m in hist]}
+        finally:
+            trainer.close()
+    return out
+
+
+def test_sync_under_pp2_and_ep2(tmp_path):
+    """After every sync the workers' log-probs of the sampled tokens equal the trainer's π_old: the pipeline stages'
+    layers (PP 2) and the expert-parallel experts (EP 2, MoE) all reached the exported model, in the right places."""
+    from tests.convert.test_pretrained_start import _hf_qwen3_moe
+
+    _hf_qwen3_moe(tmp_path / "moe")
+    fakes = {layout: [FakeSGLang(vocab_size=24, seed=i) for i in range(2)] for layout in ("pp2", "ep2")}
+    for pair in fakes.values():
+        for f in pair:
+            f.start()
+    try:
+        res = run_ranks(_train_sharded, 2, str(tmp_path), {k: [f.url for f in v] for k, v in fakes.items()},
+                        str(tmp_path / "moe"), timeout=900)
+    finally:
+        for pair in fakes.values():
+            for f in pair:
+                f.stop()
+    out = res[0]
+    assert out["pp2"]["overlap"] and not out["ep2"]["overlap"]  # EP > 1: the overlap is off by default
+    for layout in ("pp2", "ep2"):
+        for m in out[layout]["hist"]:
+            assert m["rollout/logp_diff_abs_max"] <= 1e-3 and m["rollout/logp_diff_abs_mean"] < 1e-4, (layout, m)
+            assert m["rollout/samples"] == 16 and m["rollout/invalid_groups"] == 0
+        for f in fakes[layout]:
+            assert [u["weight_version"] for u in f.updates] == ["1", "2", "3"], layout
