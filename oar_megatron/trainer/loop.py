@@ -136,6 +136,9 @@ class Trainer:
             raise ValueError("rollout.engine: weight sync of an MoE model to sglang needs model.pretrained (its "
                              "config.json names the HF architecture)")
         local = None
+        if not r.server_urls and r.seeded_sampling and not torch.cuda.is_available():
+            raise ValueError("rollout.seeded_sampling: local CPU servers cannot honour sampling seeds (SGLang's "
+                             "--enable-deterministic-inference needs a GPU attention backend: triton, flashinfer, fa3)")
         if not r.server_urls:  # the run's own servers, started in fit() on the exported initial weights
             local = {"n": r.local_servers or 1, "router": bool(r.local_router), "python": r.server_python,
                      "dtype": r.server_dtype, "device": "cuda" if torch.cuda.is_available() else "cpu",

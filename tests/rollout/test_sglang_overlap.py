@@ -112,3 +112,23 @@ def test_overlap_refused_where_it_cannot_hold():
 
     with pytest.raises(ValueError, match="rollout.overlap: only rollout.engine=sglang"):
         compose_config(["rollout.overlap=true"]).validate(1)
+
+
+def test_seeded_sampling_refused_for_local_cpu_servers(tmp_path):
+    """SGLang's deterministic inference (which honours sampling_seed) needs a GPU attention backend: local CPU
+    servers would ignore the seeds, so the run refuses the setting before starting anything."""
+    (err,) = run_ranks(_local_seeded, 1, str(tmp_path), timeout=300)
+    assert err.startswith("rollout.seeded_sampling: local CPU servers") and "\n" not in err
+
+
+def _local_seeded(rank, world, tmp):
+    from oar_megatron.trainer import compose_config
+    from oar_megatron.trainer.loop import Trainer
+
+    cfg = compose_config(["rollout=sglang", "rollout.seeded_sampling=true", f"logging.run_dir={tmp}/run",
+                          "rollout.prompts_per_step=4", "rollout.n_samples=4", "trainer.micro_batch_size=4"])
+    try:
+        Trainer(cfg)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
