@@ -136,7 +136,8 @@ class FakeSGLang:
         self.flush_refusals = 0
         self.session = False
         self.groups: dict[str, Any] = {}
-        self.group_info: dict[str, dict[str, int]] = {}
+        self.group_info: dict[str, dict[str, int]] = {}  # the groups it is in
+        self.joined: list[dict[str, Any]] = []  # every group it joined, in order
         self.received: dict[str, torch.Tensor] = {}
         self.dist_updates: list[dict[str, Any]] = []
         self.dist_fault: Any = None
@@ -330,6 +331,8 @@ class FakeSGLang:
             return 400, {"success": False, "message": f"Failed to initialize custom process group: {exc}."}
         self.group_info[body.get("group_name", "weight_update_group")] = {"rank_offset": int(body["rank_offset"]),
                                                                           "world_size": int(body["world_size"])}
+        self.joined.append({"group_name": body.get("group_name", "weight_update_group"),
+                            **self.group_info[body.get("group_name", "weight_update_group")]})
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
     def _destroy_group(self, body: dict[str, Any]):
@@ -443,7 +446,7 @@ class FakeSGLang:
         save_file({k: v.contiguous() for k, v in self.received.items()}, body["path"])
         return 200, {"success": True, "tensors": len(self.received), "calls": list(self.calls),
                      "dist_updates": list(self.dist_updates), "weight_version": self.weight_version,
-                     "groups": dict(self.group_info)}
+                     "groups": dict(self.group_info), "joined": list(self.joined)}
 
     def _update(self, body: dict[str, Any]):
         with self._lock:
