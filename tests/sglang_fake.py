@@ -51,6 +51,8 @@ from typing import Any
 import torch
 
 SGLANG_VERSION = "0.5.23"
+_RECORDED = ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group",
+             "/weights_checker")
 
 
 class TableModel:
@@ -138,6 +140,7 @@ class FakeSGLang:
         self.groups: dict[str, Any] = {}
         self.group_info: dict[str, dict[str, int]] = {}  # the groups it is in
         self.joined: list[dict[str, Any]] = []  # every group it joined, in order
+        self.bodies: list[tuple[str, Any]] = []  # the bodies of the distributed-update / checker requests
         self.received: dict[str, torch.Tensor] = {}
         self.dist_updates: list[dict[str, Any]] = []
         self.dist_fault: Any = None
@@ -217,6 +220,9 @@ class FakeSGLang:
             body = json.loads(raw) if raw else {}
         except ValueError:
             return self._send(h, 400, {"error": {"message": "invalid JSON body"}})
+        if path in _RECORDED:
+            with self._lock:
+                self.bodies.append((path, body))
         routes = {("GET", "/health"): lambda: (200, None), ("GET", "/health_generate"): lambda: (200, None),
                   ("GET", "/get_model_info"): self._model_info, ("GET", "/model_info"): self._model_info,
                   ("GET", "/server_info"): self._server_info, ("GET", "/get_server_info"): self._server_info,
@@ -446,7 +452,7 @@ class FakeSGLang:
         save_file({k: v.contiguous() for k, v in self.received.items()}, body["path"])
         return 200, {"success": True, "tensors": len(self.received), "calls": list(self.calls),
                      "dist_updates": list(self.dist_updates), "weight_version": self.weight_version,
-                     "groups": dict(self.group_info), "joined": list(self.joined)}
+                     "groups": dict(self.group_info), "joined": list(self.joined), "bodies": list(self.bodies)}
 
     def _update(self, body: dict[str, Any]):
         with self._lock:

@@ -59,6 +59,8 @@ class RolloutConfig:
     sync_bucket_mb: float | None = None  # sglang distributed sync: flattened bucket size in MiB (None: 512)
     sync_master_address: str | None = None  # sglang distributed sync: trainer rank 0's address as the workers reach
     # it (None: 127.0.0.1 when every worker URL is loopback, else this host's name)
+    verify_sync: bool | None = None  # sglang: after every sync compare each worker's /weights_checker checksums with
+    # those of the tensors sent (CPU servers with tp_size 1; None: off)
     # Local servers (sglang with no server_urls): the run starts them on its initial weights and stops them at exit.
     local_servers: int | None = None  # how many (None: 1)
     local_router: bool | None = None  # also an sglang-router in front of them (None: no; the client balances)
@@ -112,7 +114,7 @@ class RolloutConfig:
 LOCAL_ONLY = ("local_servers", "local_router", "server_python", "server_dtype", "server_args")
 SGLANG_ONLY = ("server_urls", "router_url", "api_key", "timeout_s", "update_timeout_s", "max_concurrency",
                "max_retries", "min_valid_frac", "weight_sync", "sync_dir", "sync_bucket_mb", "sync_master_address",
-               *LOCAL_ONLY)
+               "verify_sync", *LOCAL_ONLY)
 SGLANG_CONCURRENCY = 64  # rollout.max_concurrency default
 SGLANG_RETRIES = 3  # rollout.max_retries default
 SGLANG_MIN_VALID_FRAC = 0.5  # rollout.min_valid_frac default
