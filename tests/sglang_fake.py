@@ -26,8 +26,14 @@ second begin, an end without begin, and a tensor/distributed update outside a se
 0.5.23). ``/init_weights_update_group`` joins a real process group (``collectives.init_external_group``, rank =
 rank_offset) and ``/update_weights_from_distributed`` receives each announced bucket over it exactly as SGLang's
 ``FlattenedTensorBucket`` does (one ``uint8`` buffer, byte offsets, dtype views) into ``received`` (``POST
-/fake_dump`` {path} writes it as safetensors; ``dist_fault``: ``"fail"`` refuses the next bucket without receiving,
-``("die", n)`` exits the process when bucket ``n`` (1-based) is announced). ``python -m tests.sglang_fake
+/fake_dump`` {path} writes it as safetensors, with the calls, bodies and groups joined; ``dist_fault``: ``"fail"``
+refuses the next bucket without receiving, ``("fail", n)`` bucket ``n`` (1-based), ``("die", n)`` exits the process
+when bucket ``n`` is announced, ``("corrupt", name)`` perturbs HF tensor ``name`` after receiving it). Weight-update
+requests run one at a time, as sglang's scheduler runs them; a worker joins one group per trainer pipeline stage.
+``hf_config_dir`` (``--hf-config``): after the bucket carrying ``weight_version`` the fake generates with
+``transformers`` from the received tensors. ``/weights_checker`` {action: checksum} answers as sglang 0.5.23 on a CPU
+server with tp_size 1 (per parameter of its model — q/k/v fused, gate/up fused, the embedding padded to 64 rows —
+the first 8 bytes of the SHA-256 as hex; ``ranks`` of ``ChecksumInfo``). ``python -m tests.sglang_fake
 --url-file F`` serves one in its own process (a group member must be another process).
 
 Faults: ``server.faults`` is a list consumed one per ``/generate`` request: ``"http_500"``, ``"json"`` (malformed

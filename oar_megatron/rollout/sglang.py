@@ -30,7 +30,9 @@ Weight sync (:meth:`SGLangEngine.sync_weights`): the trainer's weights exported 
 sync succeeds (never a silently mixed model). The server's SGLang version is read once (``/server_info`` or
 ``/get_server_info``) and looked up in :data:`SGLANG_VERSIONS`. Every update runs inside SGLang's protocol
 (``weight_sync.run_update``: pause → [begin] → update → [end] → flush retried → continue); ``weight_sync:
-distributed`` broadcasts flattened buckets over a group shared with the workers (``weight_sync.DistributedSync``).
+distributed`` streams each pipeline stage's tensors in flattened buckets over a group of its own shared with the
+workers (``weight_sync.DistributedSync``); ``verify_sync`` compares the workers' ``/weights_checker`` checksums with
+those of the tensors sent.
 """
 
 from __future__ import annotations

@@ -16,8 +16,11 @@
   removed except the previous one (a server that has not finished loading it may still read it).
 * :func:`run_update` / :func:`flush_caches` — SGLang's update protocol around every sync (pause, session, update,
   flush retried while requests drain, continue; docs/sglang_client.md).
-* :func:`plan_buckets` / :func:`pack_bucket` / :func:`unpack_bucket` and :class:`DistributedSync` — the distributed
-  sync: flattened buckets broadcast from rank 0 over a process group shared with the workers.
+* :func:`plan_buckets` / :func:`pack_bucket` / :func:`unpack_bucket`, :class:`SyncLayout`, :func:`export_stage` and
+  :class:`DistributedSync` — the distributed sync: each pipeline stage's first rank streams its own stage's HF
+  tensors into flattened buckets broadcast over its own process group shared with the workers.
+* :class:`SGLangChecksums` / :func:`verify_checksums` — ``rollout.verify_sync``: the workers' ``/weights_checker``
+  checksums against those of the tensors sent.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ import torch
 
 from ..config.model import ModelConfig
 
-__all__ = ["DistributedSync", "SyncDir", "bucket_nbytes", "flush_caches", "gather_hf_state", "hf_config_for",
-           "pack_bucket", "plan_buckets", "run_update", "unpack_bucket"]
+__all__ = ["DistributedSync", "SGLangChecksums", "SyncDir", "SyncLayout", "UpdateProtocol", "bucket_nbytes",
+           "export_stage", "flush_caches", "gather_hf_state", "hf_config_for", "pack_bucket", "plan_buckets",
+           "run_update", "sglang_param", "unpack_bucket", "verify_checksums"]
 
 # files carried over from the HF directory the run started from (config.json is rewritten)
 CARRIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
