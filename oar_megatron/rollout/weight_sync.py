@@ -767,8 +767,8 @@ class DistributedSync:
 
         with _Background(self.engine, "/update_weights_from_distributed",
                          dict.fromkeys(self.engine.workers, body)) as http:
-            try:
-                collectives.broadcast(flat, src=0, group=self.group)
+            try:  # a worker that answered with an error will not receive: stop waiting for it at once
+                collectives.broadcast(flat, src=0, group=self.group, cancel=http.failed)
             except Exception as exc:  # noqa: BLE001 - a worker's own answer names it better
                 http.wait()
                 raise RuntimeError(f"sglang: broadcast of weight {what} over {self.group_name} failed: "
@@ -876,6 +876,10 @@ class _Background:
             self.engine._control_each(self.path, self.bodies, timeout_s=self.engine.update_timeout_s)
         except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
             self.error = exc
+
+    def failed(self) -> bool:
+        """Whether the requests already ended with an error (polled while the collective is in flight)."""
+        return self.error is not None
 
     def __enter__(self) -> _Background:
         self.thread.start()
