@@ -598,7 +598,9 @@ class DistributedSync:
 
     def sync(self, actor: Any, groups: Any, version: int, model: ModelConfig, arch: str) -> None:
         """Push the actor's weights as ``version`` (class docstring). Collective; raises the same one-line
-        :class:`RolloutError` on every rank on failure. ``self.stats`` (rank 0): bytes, buckets, seconds."""
+        :class:`RolloutError` on every rank on failure. ``self.stats``: ``sync/prepare_s`` (layout, connect, pause),
+        ``sync/update_s`` (every stage's buckets, end, flush, verification, continue), bytes, buckets, stages, the
+        largest ``peak_staged_bytes`` of the senders."""
         from .. import collectives
         from .sglang import RolloutError, needs_for_version
 
@@ -681,7 +683,7 @@ class DistributedSync:
         nbytes = sum(o["bytes"] for o in outcomes)
         self.buckets = sum(o["buckets"] for o in outcomes)
         self.peak_staged_bytes = max(o["peak"] for o in outcomes)
-        self.stats = {"sync/gather_s": t1 - t0, "sync/update_s": t2 - t1, "sync/bytes": float(nbytes),
+        self.stats = {"sync/prepare_s": t1 - t0, "sync/update_s": t2 - t1, "sync/bytes": float(nbytes),
                       "sync/buckets": float(self.buckets), "sync/stages": float(lay.pp),
                       "sync/peak_staged_bytes": float(self.peak_staged_bytes),
                       "sync/gb_per_s": nbytes / 1e9 / max(t2 - t1, 1e-9)}
@@ -757,7 +759,7 @@ class DistributedSync:
                 state["peak"] = max(state["peak"], size)
             if pending:
                 flush(last=True)
-        except ValueError as exc:  # a checksum / conversion error of this stage
+        except (ValueError, RuntimeError) as exc:  # a checksum / conversion / shard-transfer error of this stage
             state["error"] = f"{_line(exc)} (pipeline stage {s} of {lay.pp})"
         state["checksums"] = sums.done if sums is not None else {}
         return state
