@@ -372,9 +372,7 @@ class SyncLayout:
                             raise ConversionError(f"weight sync: no rank holds model chunk (pp_rank, vp_stage, "
                                                   f"tp_rank, ep_rank)={(p, v, t, e)}")
         self.sender = {p: self.owner[(p, vs[0], 0, 0)] for p in range(self.pp)}
-        self.hf: dict[int, list[tuple[str, list[int], str]]] = {}
         for p in range(self.pp):
-            self.hf[p] = []
             for v in vs:
                 kw = self.chunk_layout(p, v)
                 for t in range(self.tp):
@@ -393,8 +391,8 @@ class SyncLayout:
                     shape, dtype = self.meta[(p, v, t, e)][name]
                     return torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
 
-                self.hf[p] += [(n, list(x.shape), str(x.dtype).removeprefix("torch."))
-                               for n, x in iter_chunk_to_hf(dry, model, arch, **kw)]
+                for _ in iter_chunk_to_hf(dry, model, arch, **kw):  # every shape / vocabulary check, no data
+                    pass
 
     def chunks(self, p: int) -> list[int | None]:
         """Stage ``p``'s model chunks in export order (``vp_stage`` ascending; None without virtual stages)."""
