@@ -293,7 +293,7 @@ class FakeSGLang:
                      "has_audio_understanding": False, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
 
     def _server_info(self):
-        return 200, {"model_path": self.model_path, "skip_tokenizer_init": True, "dtype": "float32",
+        return 200, {"model_path": self.model_path, "skip_tokenizer_init": True, "dtype": "float32", "device": "cpu",
                      "tp_size": self.tp_size, "dp_size": self.dp_size,
                      "weight_version": self.weight_version, "internal_states": [{}], "version": self.version}
 

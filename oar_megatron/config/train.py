@@ -60,7 +60,7 @@ class RolloutConfig:
     sync_master_address: str | None = None  # sglang distributed sync: trainer rank 0's address as the workers reach
     # it (None: 127.0.0.1 when every worker URL is loopback, else this host's name)
     verify_sync: bool | None = None  # sglang: after every sync compare each worker's /weights_checker checksums with
-    # those of the tensors sent (CPU servers with tp_size 1; None: off)
+    # those of the tensors sent (dense models, tp_size 1 servers; None: off)
     # Local servers (sglang with no server_urls): the run starts them on its initial weights and stops them at exit.
     local_servers: int | None = None  # how many (None: 1)
     local_router: bool | None = None  # also an sglang-router in front of them (None: no; the client balances)

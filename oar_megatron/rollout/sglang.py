@@ -530,7 +530,8 @@ class SGLangEngine(RolloutEngine):
         self.broken = None
 
     def _push(self, actor: Any, groups: Any, version: int) -> None:
-        from .weight_sync import SGLangChecksums, SyncDir, gather_hf_state, hf_config_for, run_update, verify_checksums
+        from .weight_sync import (SGLangChecksums, SyncDir, gather_hf_state, hf_config_for, run_update,
+                                  server_dtype_device, verify_checksums)
 
         if self.model is None or self.arch is None or (self.sync_dir is None and self._dist is None):
             raise ValueError("SGLangEngine: weight sync needs model, arch and (from disk) sync_dir")
@@ -549,8 +550,7 @@ class SGLangEngine(RolloutEngine):
         needs = needs_for_version(self.read_server_version())
         expected = None
         if self.verify_sync:
-            info = self._control(needs.server_info_paths[0], urls=self.workers[:1], method="GET", timeout_s=30.0)
-            sums = SGLangChecksums(next(iter(info.values())).get("dtype"))
+            sums = SGLangChecksums(*server_dtype_device(self))
             for name, t in tensors.items():
                 sums.add(name, t)
             expected = sums.result()

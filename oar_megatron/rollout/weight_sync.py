@@ -38,9 +38,9 @@ import torch
 
 from ..config.model import ModelConfig
 
-__all__ = ["DistributedSync", "SGLangChecksums", "SyncDir", "SyncLayout", "UpdateProtocol", "bucket_nbytes",
-           "export_stage", "flush_caches", "gather_hf_state", "hf_config_for", "pack_bucket", "plan_buckets",
-           "run_update", "sglang_param", "unpack_bucket", "verify_checksums"]
+__all__ = ["DistributedSync", "GpuTensorHash", "SGLangChecksums", "SyncDir", "SyncLayout", "UpdateProtocol",
+           "bucket_nbytes", "export_stage", "flush_caches", "gather_hf_state", "hf_config_for", "pack_bucket",
+           "plan_buckets", "run_update", "server_dtype_device", "sglang_param", "unpack_bucket", "verify_checksums"]
 
 # files carried over from the HF directory the run started from (config.json is rewritten)
 CARRIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -468,46 +468,154 @@ def sglang_param(name: str) -> tuple[str, int, int]:
     return name, 0, 1
 
 
-class SGLangChecksums:
-    """The per-tensor checksums SGLang's ``/weights_checker`` {action: checksum} reports on a CPU server
-    (``weight_checker._hash_tensor``: the first 8 bytes of the SHA-256 of the tensor's bytes, big-endian, as 16 hex
-    digits), computed from the HF tensors the trainer sends, in the server's layout (:func:`sglang_param`; the
-    embedding and an untied ``lm_head`` padded with zero rows to a multiple of 64; cast to the server's dtype).
-    Streaming: :meth:`add` takes the tensors in export order (a fused tensor's parts arrive one after the other)
-    and hashes incrementally, holding no tensor. A GPU server hashes with a Triton kernel of its own instead; only
-    CPU servers' checksums can be reproduced."""
+_M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 
-    def __init__(self, dtype: str | None = None):
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 tensors of uint32 values, without int64 overflow (16-bit halves of ``c``)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _rotl32(x: torch.Tensor, r: int) -> torch.Tensor:
+    return ((x << r) & _M32) | (x >> (32 - r))
+
+
+class GpuTensorHash:
+    """SGLang's ``gpu_tensor_hash`` (``sglang/kernels/ops/memory/gpu_tensor_hash.py``, 0.5.23: what a CUDA server's
+    ``/weights_checker`` reports), transcribed to CPU torch and streamed: the tensor's bytes as little-endian
+    uint32 words (zero-padded to 4 bytes), each word mixed with its global index (two murmur3 ``fmix32`` lanes),
+    summed per tile of ``tile_words`` words, each tile's two sums xor-ed with the total byte count and mixed again,
+    the tiles' 64-bit values summed and finished with splitmix64. :meth:`update` takes bytes in order (the parts of
+    a fused tensor one after the other); memory stays near one chunk of tiles. Not yet compared with the kernel on
+    a GPU (tests/rollout/test_sglang_stage_sync.py compares it with a word-by-word transcription)."""
+
+    POS_A, POS_B = 0x27D4EB2D, 0x165667B1
+
+    def __init__(self, seed: int = 0x243F6A88, tile_words: int = 8192, chunk_tiles: int = 64):
+        self.s1 = seed & _M32
+        self.s2 = ((seed * 0x9E3779B1) ^ 0xDEADBEEF) & _M32
+        self.tile = tile_words
+        self.chunk = tile_words * chunk_tiles * 4  # bytes per processing step: whole tiles
+        self.words = 0
+        self.carry = torch.empty(0, dtype=torch.uint8)
+        self.sums: list[torch.Tensor] = []
+
+    def update(self, data: torch.Tensor) -> None:
+        buf = torch.cat([self.carry, data.reshape(-1).view(torch.uint8)]) if self.carry.numel() else \
+            data.reshape(-1).view(torch.uint8)
+        start = 0
+        while buf.numel() - start >= self.chunk:
+            self._words(buf[start:start + self.chunk])
+            start += self.chunk
+        self.carry = buf[start:].clone()
+
+    def _words(self, u8: torch.Tensor) -> None:
+        w = u8.contiguous().view(torch.int32).to(torch.int64) & _M32
+        i = torch.arange(self.words, self.words + w.numel(), dtype=torch.int64) & _M32  # the kernel's uint32 index
+        k1 = _fmix32(w ^ (((_mul32(i, self.POS_A) + self.s1) & _M32) ^ _rotl32(i, 15)))
+        k2 = _fmix32(w ^ (((_mul32(i, self.POS_B) + self.s2) & _M32) ^ _rotl32(i, 13)))
+        pad = -w.numel() % self.tile
+        k = torch.stack([k1, k2])
+        if pad:
+            k = torch.cat([k, k.new_zeros(2, pad)], dim=1)
+        self.sums.append(k.reshape(2, -1, self.tile).sum(-1) & _M32)
+        self.words += w.numel()
+
+    def digest(self) -> int:
+        if self.carry.numel():
+            tail = self.carry
+            if tail.numel() % 4:
+                tail = torch.cat([tail, tail.new_zeros(-tail.numel() % 4)])
+            self._words(tail)
+            self.carry = torch.empty(0, dtype=torch.uint8)
+        if self.words == 0:
+            return 0
+        h = torch.cat(self.sums, dim=1) ^ ((self.words * 4) & _M32)
+        h = _fmix32(h)
+        total = sum((a << 32) | b for a, b in zip(h[0].tolist(), h[1].tolist(), strict=True)) & _M64
+        total ^= total >> 30
+        total = (total * 0xBF58476D1CE4E5B9) & _M64
+        total ^= total >> 27
+        total = (total * 0x94D049BB133111EB) & _M64
+        return total ^ (total >> 31)
+
+
+class _Sha8:
+    """The CPU server's hash (``mm_utils.tensor_hash``): the first 8 bytes of the SHA-256, big-endian."""
+
+    def __init__(self):
+        import hashlib
+
+        self.sha = hashlib.sha256()
+
+    def update(self, data: torch.Tensor) -> None:
+        self.sha.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+
+    def digest(self) -> int:
+        return int.from_bytes(self.sha.digest()[:8], "big")
+
+
+class SGLangChecksums:
+    """The per-tensor checksums SGLang's ``/weights_checker`` {action: checksum} reports (``weight_checker.
+    _hash_tensor``: ``mm_utils.tensor_hash`` as 16 hex digits — on a CPU server the first 8 bytes of the SHA-256 of
+    the tensor's bytes, on a CUDA server its Triton hash, :class:`GpuTensorHash`), computed from the HF tensors the
+    trainer sends, in the server's layout (:func:`sglang_param`; the embedding and an untied ``lm_head`` padded
+    with zero rows to a multiple of 64; cast to the server's dtype). Streaming: :meth:`add` takes the tensors in
+    export order (a fused tensor's parts arrive one after the other) and hashes incrementally. ``device``: the
+    server's (``/server_info``); ``cuda`` (or unknown: SGLang's default) selects the GPU hash."""
+
+    def __init__(self, dtype: str | None = None, device: str | None = "cpu"):
         self.dtype = getattr(torch, dtype) if dtype in ("float32", "bfloat16", "float16") else None
+        self.gpu = device in (None, "", "cuda")
         self.done: dict[str, str] = {}
         self._open: dict[str, tuple[Any, int]] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        import hashlib
-
         target, part, parts = sglang_param(name)
-        sha, nxt = self._open.pop(target, (hashlib.sha256(), 0))
+        hasher, nxt = self._open.pop(target, (None, 0))
         if part != nxt:
             raise ValueError(f"weight sync checksum: HF tensor {name!r} arrived as part {part} of {target!r}, "
                              f"expected part {nxt}")
+        if hasher is None:
+            hasher = GpuTensorHash() if self.gpu else _Sha8()
         t = tensor.detach()
         if self.dtype is not None and t.dtype != self.dtype:
             t = t.to(self.dtype)
         t = t.cpu().contiguous()
-        sha.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        hasher.update(t)
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             pad = -t.shape[0] % SGLANG_VOCAB_PADDING
             if pad:
-                sha.update(bytes(pad * t[0].numel() * t.element_size()))
+                hasher.update(t.new_zeros(pad, *t.shape[1:]))
         if part + 1 < parts:
-            self._open[target] = (sha, part + 1)
+            self._open[target] = (hasher, part + 1)
         else:
-            self.done[target] = f"{int.from_bytes(sha.digest()[:8], 'big'):016x}"
+            self.done[target] = f"{hasher.digest():016x}"
 
     def result(self) -> dict[str, str]:
         if self._open:
             raise ValueError(f"weight sync checksum: {sorted(self._open)[0]!r} is missing some of its parts")
         return dict(self.done)
+
+
+def server_dtype_device(engine: Any) -> tuple[str | None, str | None]:
+    """(dtype, device) of ``engine``'s first worker from ``/server_info``."""
+    from .sglang import needs_for_version
+
+    paths = needs_for_version(engine.read_server_version()).server_info_paths
+    url = engine.workers[0]
+    info = engine._control(paths[0], urls=[url], method="GET", timeout_s=30.0)[url]
+    if not isinstance(info, dict):
+        return None, None
+    return info.get("dtype"), info.get("device")
 
 
 def verify_checksums(engine: Any, expected: dict[str, str]) -> None:
@@ -613,7 +721,7 @@ class DistributedSync:
         if me == 0:
             try:
                 needs = needs_for_version(self.engine.read_server_version())
-                start = {"session": needs.weight_update_session, "dtype": None}
+                start = {"session": needs.weight_update_session, "dtype": None, "device": None}
                 if not self.connected:
                     import os
                     import uuid
@@ -625,7 +733,7 @@ class DistributedSync:
                     start["names"] = {s: f"{base}-pp{s}" for s in range(lay.pp)}
                     start["tps"] = self._tp_sizes()
                 if self.verify:
-                    start["dtype"] = self._server_dtype()
+                    start["dtype"], start["device"] = self._server_dtype()
             except (RolloutError, ValueError) as exc:
                 start = {"error": _line(exc)}
         start = bcast(start, 0)
@@ -650,7 +758,7 @@ class DistributedSync:
             out = None
             if s == groups.pp_rank and lay.contributes(me, s):
                 out = self._push_stage(actor, groups, s, version if s == lay.pp - 1 else None, model, arch,
-                                       start["dtype"])
+                                       start["dtype"], start["device"])
             out = bcast(out, lay.sender[s])
             outcomes.append(out)
             if out["error"] is not None:
@@ -705,7 +813,7 @@ class DistributedSync:
         self.connected = True
 
     def _push_stage(self, actor: Any, groups: Any, s: int, version: int | None, model: ModelConfig, arch: str,
-                    server_dtype: str | None) -> dict[str, Any] | None:
+                    server_dtype: str | None, server_device: str | None) -> dict[str, Any] | None:
         """Run this rank's part of stage ``s``'s export; on the sender, stream it into buckets (class docstring) and
         return the stage's outcome {error, bytes, buckets, peak, checksums}."""
         from .sglang import RolloutError
@@ -716,7 +824,7 @@ class DistributedSync:
             for _ in export:  # sends this rank's shards to the sender
                 pass
             return None
-        sums = SGLangChecksums(server_dtype) if self.verify else None
+        sums = SGLangChecksums(server_dtype, server_device) if self.verify else None
         state = {"error": None, "bytes": 0, "buckets": 0, "peak": 0}
         pending: list[tuple[str, torch.Tensor]] = []
         size = 0
@@ -792,13 +900,9 @@ class DistributedSync:
             out[url] = int(tp or 1)
         return out
 
-    def _server_dtype(self) -> str | None:
-        from .sglang import needs_for_version
-
-        paths = needs_for_version(self.engine.read_server_version()).server_info_paths
-        url = self.engine.workers[0]
-        info = self.engine._control(paths[0], urls=[url], method="GET", timeout_s=30.0)[url]
-        return info.get("dtype") if isinstance(info, dict) else None
+    def _server_dtype(self) -> tuple[str | None, str | None]:
+        """(dtype, device) of the first worker (``/server_info``): how its ``/weights_checker`` hashes."""
+        return server_dtype_device(self.engine)
 
     def connect(self, group_name: str, tps: dict[str, int]) -> None:
         """Make this sender's group ``group_name`` with every worker (``/init_weights_update_group`` posted to each

@@ -10,7 +10,8 @@ fake SGLang workers in their own processes (tests/sglang_fake.py; a group member
 * streaming: peak staged bytes ≤ 2 buckets, and at every bucket only a handful of exported tensors are alive;
 * failures: a worker dying in stage 1 (stage 0 loaded, no version claimed), a refused bucket in stage 0 (stage 1
   never sent), each one line naming the server and the stage on every rank; the next sync reconnects every stage and
-  succeeds; a corrupted tensor on a worker is caught by ``rollout.verify_sync`` naming the server and tensor.
+  succeeds; a corrupted tensor on a worker is caught by ``rollout.verify_sync`` naming the server and tensor;
+* the CPU transcription of SGLang's GPU tensor hash (CUDA servers' ``/weights_checker``) equals a word-by-word one.
 """
 
 from __future__ import annotations
@@ -269,3 +270,62 @@ def test_layout_errors_before_any_transfer():
                                            r"missing on \(pp_rank, vp_stage, tp_rank, ep_rank\)=\(0, None, 0, 0\)$"):
         eng.sync_weights(actor)
     assert eng.broken is not None
+
+
+def _gpu_hash_reference(data: bytes, seed: int = 0x243F6A88, tile: int = 8192) -> int:
+    """SGLang's ``hash_tiles32_kernel_blocked`` + ``add_tree_reduce_u64_kernel`` + ``_final_splitmix64``, word by
+    word in plain Python integers (a transcription of the Triton source, loop for loop)."""
+    m32, m64 = 0xFFFFFFFF, (1 << 64) - 1
+
+    def fmix(x):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & m32
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & m32
+        return x ^ (x >> 16)
+
+    def rotl(x, r):
+        return ((x << r) | (x >> (32 - r))) & m32
+
+    data += bytes(-len(data) % 4)
+    words = [int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data), 4)]
+    n = len(words)
+    if n == 0:
+        return 0
+    s1, s2 = seed & m32, ((seed * 0x9E3779B1) ^ 0xDEADBEEF) & m32
+    total = 0
+    for base in range(0, n, tile):
+        h1 = h2 = 0
+        for i in range(base, min(base + tile, n)):
+            p1 = ((i * 0x27D4EB2D + s1) & m32) ^ rotl(i, 15)
+            p2 = ((i * 0x165667B1 + s2) & m32) ^ rotl(i, 13)
+            h1 = (h1 + fmix(words[i] ^ p1)) & m32
+            h2 = (h2 + fmix(words[i] ^ p2)) & m32
+        h1, h2 = fmix(h1 ^ (n * 4 & m32)), fmix(h2 ^ (n * 4 & m32))
+        total = (total + ((h1 << 32) | h2)) & m64
+    total ^= total >> 30
+    total = (total * 0xBF58476D1CE4E5B9) & m64
+    total ^= total >> 27
+    total = (total * 0x94D049BB133111EB) & m64
+    return total ^ (total >> 31)
+
+
+def test_gpu_checksum_transcription():
+    """The streamed CPU transcription of SGLang's GPU tensor hash equals a word-by-word transcription of the kernel:
+    several tiles and a partial one, a byte count not a multiple of 4 (bf16 with an odd element count), a fused
+    tensor hashed in parts (word indices continue across parts), chunks of tiles smaller than the data."""
+    from oar_megatron.rollout.weight_sync import GpuTensorHash
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(20_001, generator=g), torch.randn(7, generator=g).bfloat16(), torch.zeros(0)]
+    for t in cases:
+        h = GpuTensorHash(chunk_tiles=1)
+        h.update(t)
+        assert h.digest() == _gpu_hash_reference(t.numpy().tobytes() if t.dtype != torch.bfloat16
+                                                 else t.view(torch.int16).numpy().tobytes())
+    q, k, v = torch.randn(3001, generator=g), torch.randn(13, generator=g), torch.randn(5000, generator=g)
+    parts = GpuTensorHash(tile_words=64, chunk_tiles=3)
+    for x in (q, k, v):
+        parts.update(x)
+    whole = torch.cat([q, k, v]).numpy().tobytes()
+    assert parts.digest() == _gpu_hash_reference(whole, tile=64)
