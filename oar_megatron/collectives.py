@@ -389,12 +389,26 @@ def all_gather(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
     return parts
 
 
-def broadcast(tensor: torch.Tensor, src: int = 0, group: Any = None) -> torch.Tensor:
-    """In-place broadcast of group rank ``src``'s ``tensor`` to every rank of ``group``; returns ``tensor``."""
+def broadcast(tensor: torch.Tensor, src: int = 0, group: Any = None, *, cancel: Any = None,
+              poll_s: float = 0.01) -> torch.Tensor:
+    """In-place broadcast of group rank ``src``'s ``tensor`` to every rank of ``group``; returns ``tensor``.
+    ``cancel``: a callable polled while the broadcast is in flight (it is then issued asynchronously); when it
+    returns true the wait is abandoned with a ``RuntimeError`` — the group is left unusable (destroy it): for a
+    broadcast whose peers may never take part (an external process that refused the transfer)."""
     if size(group) == 1:
         return tensor
     check_device("broadcast", tensor, group)
-    dist.broadcast(tensor, src=_global(group, src), group=group)
+    if cancel is None:
+        dist.broadcast(tensor, src=_global(group, src), group=group)
+        return tensor
+    import time
+
+    work = dist.broadcast(tensor, src=_global(group, src), group=group, async_op=True)
+    while not work.is_completed():
+        if cancel():
+            raise RuntimeError("collectives.broadcast: abandoned (a peer will not take part)")
+        time.sleep(poll_s)
+    work.wait()
     return tensor
 
 

@@ -26,8 +26,14 @@ second begin, an end without begin, and a tensor/distributed update outside a se
 0.5.23). ``/init_weights_update_group`` joins a real process group (``collectives.init_external_group``, rank =
 rank_offset) and ``/update_weights_from_distributed`` receives each announced bucket over it exactly as SGLang's
 ``FlattenedTensorBucket`` does (one ``uint8`` buffer, byte offsets, dtype views) into ``received`` (``POST
-/fake_dump`` {path} writes it as safetensors; ``dist_fault``: ``"fail"`` refuses the next bucket without receiving,
-``("die", n)`` exits the process when bucket ``n`` (1-based) is announced). ``python -m tests.sglang_fake
+/fake_dump`` {path} writes it as safetensors, with the calls, bodies and groups joined; ``dist_fault``: ``"fail"``
+refuses the next bucket without receiving, ``("fail", n)`` bucket ``n`` (1-based), ``("die", n)`` exits the process
+when bucket ``n`` is announced, ``("corrupt", name)`` perturbs HF tensor ``name`` after receiving it). Weight-update
+requests run one at a time, as sglang's scheduler runs them; a worker joins one group per trainer pipeline stage.
+``hf_config_dir`` (``--hf-config``): after the bucket carrying ``weight_version`` the fake generates with
+``transformers`` from the received tensors. ``/weights_checker`` {action: checksum} answers as sglang 0.5.23 on a CPU
+server with tp_size 1 (per parameter of its model — q/k/v fused, gate/up fused, the embedding padded to 64 rows —
+the first 8 bytes of the SHA-256 as hex; ``ranks`` of ``ChecksumInfo``). ``python -m tests.sglang_fake
 --url-file F`` serves one in its own process (a group member must be another process).
 
 Faults: ``server.faults`` is a list consumed one per ``/generate`` request: ``"http_500"``, ``"json"`` (malformed
@@ -51,6 +57,8 @@ from typing import Any
 import torch
 
 SGLANG_VERSION = "0.5.23"
+_RECORDED = ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group",
+             "/weights_checker")
 
 
 class TableModel:
@@ -137,10 +145,14 @@ class FakeSGLang:
         self.flush_refusals = 0
         self.session = False
         self.groups: dict[str, Any] = {}
-        self.group_info: dict[str, dict[str, int]] = {}
+        self.group_info: dict[str, dict[str, int]] = {}  # the groups it is in
+        self.joined: list[dict[str, Any]] = []  # every group it joined, in order
+        self.bodies: list[tuple[str, Any]] = []  # the bodies of the distributed-update / checker requests
         self.received: dict[str, torch.Tensor] = {}
         self.dist_updates: list[dict[str, Any]] = []
         self.dist_fault: Any = None
+        self.hf_config_dir: str | None = None  # distributed updates: rebuild the HF model from what was received
+        self._scheduler = threading.Lock()  # sglang's scheduler runs one weight-update request at a time
         self.tp_size = 1
         self.dp_size = 1
         self.in_flight = 0
@@ -215,6 +227,9 @@ class FakeSGLang:
             body = json.loads(raw) if raw else {}
         except ValueError:
             return self._send(h, 400, {"error": {"message": "invalid JSON body"}})
+        if path in _RECORDED:
+            with self._lock:
+                self.bodies.append((path, body))
         routes = {("GET", "/health"): lambda: (200, None), ("GET", "/health_generate"): lambda: (200, None),
                   ("GET", "/get_model_info"): self._model_info, ("GET", "/model_info"): self._model_info,
                   ("GET", "/server_info"): self._server_info, ("GET", "/get_server_info"): self._server_info,
@@ -227,6 +242,8 @@ class FakeSGLang:
                   ("POST", "/init_weights_update_group"): lambda: self._init_group(body),
                   ("POST", "/destroy_weights_update_group"): lambda: self._destroy_group(body),
                   ("POST", "/update_weights_from_distributed"): lambda: self._update_distributed(body),
+                  ("POST", "/weights_checker"): lambda: self._check_weights(body),
+                  ("GET", "/weights_checker"): lambda: self._check_weights(body),
                   ("POST", "/fake_dump"): lambda: self._dump(body)}
         if tuple(int(x) for x in self.version.split(".")[:3]) >= (0, 5, 21):
             routes[("POST", "/begin_weight_update")] = lambda: self._session(True)
@@ -277,7 +294,7 @@ class FakeSGLang:
                      "has_audio_understanding": False, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
 
     def _server_info(self):
-        return 200, {"model_path": self.model_path, "skip_tokenizer_init": True, "dtype": "float32",
+        return 200, {"model_path": self.model_path, "skip_tokenizer_init": True, "dtype": "float32", "device": "cpu",
                      "tp_size": self.tp_size, "dp_size": self.dp_size,
                      "weight_version": self.weight_version, "internal_states": [{}], "version": self.version}
 
@@ -311,6 +328,10 @@ class FakeSGLang:
         return 200, {"success": True, "message": "Success"}
 
     def _init_group(self, body: dict[str, Any]):
+        with self._scheduler:
+            return self._init_group_locked(body)
+
+    def _init_group_locked(self, body: dict[str, Any]):
         from oar_megatron import collectives
 
         try:
@@ -323,6 +344,8 @@ class FakeSGLang:
             return 400, {"success": False, "message": f"Failed to initialize custom process group: {exc}."}
         self.group_info[body.get("group_name", "weight_update_group")] = {"rank_offset": int(body["rank_offset"]),
                                                                           "world_size": int(body["world_size"])}
+        self.joined.append({"group_name": body.get("group_name", "weight_update_group"),
+                            **self.group_info[body.get("group_name", "weight_update_group")]})
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
     def _destroy_group(self, body: dict[str, Any]):
@@ -336,6 +359,10 @@ class FakeSGLang:
         return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
 
     def _update_distributed(self, body: dict[str, Any]):
+        with self._scheduler:
+            return self._update_distributed_locked(body)
+
+    def _update_distributed_locked(self, body: dict[str, Any]):
         import os
 
         import torch.distributed as dist
@@ -349,7 +376,7 @@ class FakeSGLang:
         fault = self.dist_fault
         if isinstance(fault, tuple) and fault[0] == "die" and n == fault[1]:
             os._exit(3)  # the whole server process dies mid-sync
-        if fault == "fail":
+        if fault == "fail" or (isinstance(fault, tuple) and fault[0] == "fail" and n == fault[1]):
             self.dist_fault = None
             return 400, {"success": False, "message": "Failed to update parameter online: fake refusal."}
         session_needed = tuple(int(x) for x in self.version.split(".")[:3]) >= (0, 5, 21)
@@ -371,12 +398,60 @@ class FakeSGLang:
         with self._lock:
             for n_, t in tensors:
                 self.received[n_] = t.clone()
+                if isinstance(fault, tuple) and fault[0] == "corrupt" and n_ == fault[1]:
+                    self.received[n_].view(-1)[0] += 1  # a silently wrong tensor (what /weights_checker catches)
         if body.get("weight_version") is not None:
+            if self.hf_config_dir is not None:  # the whole model arrived: generate from it (transformers, fp32)
+                self.model = self._model_from_received()
             self.weight_version = str(body["weight_version"])
         if body.get("flush_cache", True) and self.active + self.parked:
             return 400, {"success": False, "message": "Weights were updated, but the cache was not flushed because "
                                                       "requests are still running or queued."}
         return 200, {"success": True, "message": "Succeeded to update parameter online."}
+
+    def _model_from_received(self) -> HFModel:
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(Path(self.hf_config_dir) / "config.json", Path(tmp) / "config.json")
+            save_file({k: v.contiguous() for k, v in self.received.items()}, str(Path(tmp) / "model.safetensors"))
+            return HFModel(tmp)
+
+    def _check_weights(self, body: dict[str, Any]):
+        """``/weights_checker`` as sglang 0.5.23 answers {action: checksum} on a CPU server with tp_size 1: per
+        parameter of its own model (q/k/v fused into ``qkv_proj``, gate/up into ``gate_up_proj``, the embedding
+        padded with zero rows to a multiple of 64) the first 8 bytes of the SHA-256 of its bytes as 16 hex digits,
+        here over the tensors received by distributed updates."""
+        import hashlib
+
+        from oar_megatron.rollout.weight_sync import SGLANG_VOCAB_PADDING, sglang_param
+
+        with self._scheduler:
+            if body.get("action", "checksum") != "checksum":
+                return 400, {"success": False, "message": f"fake: action {body.get('action')!r} unsupported"}
+            parts: dict[str, dict[int, torch.Tensor]] = {}
+            for name, t in self.received.items():
+                if name in ("model.embed_tokens.weight", "lm_head.weight") and t.shape[0] % SGLANG_VOCAB_PADDING:
+                    t = torch.cat([t, t.new_zeros(-t.shape[0] % SGLANG_VOCAB_PADDING, *t.shape[1:])])
+                target, part, _ = sglang_param(name)
+                parts.setdefault(target, {})[part] = t
+            sums = {}
+            for target, ps in parts.items():
+                flat = torch.cat([ps[i].contiguous().reshape(-1) for i in sorted(ps)])
+                digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).digest()
+                sums[target] = f"{int.from_bytes(digest[:8], 'big'):016x}"
+            overall = hashlib.sha256()
+            for name in sorted(sums):
+                overall.update(name.encode())
+                overall.update(sums[name].encode())
+            info = {"checksums": sums, "per_gpu_checksum": overall.hexdigest(),
+                    "parallelism_info": [{"role": "target", "tp_rank": 0, "tp_size": 1, "dp_rank": 0, "dp_size": 1,
+                                          "pp_rank": 0, "pp_size": 1, "rank": 0, "size": 1}]}
+            engine = hashlib.sha256(info["per_gpu_checksum"].encode()).hexdigest()
+            return 200, {"success": True, "message": "Success.", "ranks": [info], "per_engine_checksum": engine}
 
     def _dump(self, body: dict[str, Any]):
         from safetensors.torch import save_file
@@ -384,7 +459,7 @@ class FakeSGLang:
         save_file({k: v.contiguous() for k, v in self.received.items()}, body["path"])
         return 200, {"success": True, "tensors": len(self.received), "calls": list(self.calls),
                      "dist_updates": list(self.dist_updates), "weight_version": self.weight_version,
-                     "groups": dict(self.group_info)}
+                     "groups": dict(self.group_info), "joined": list(self.joined), "bodies": list(self.bodies)}
 
     def _update(self, body: dict[str, Any]):
         with self._lock:
@@ -539,14 +614,17 @@ def main() -> None:
     ap.add_argument("--url-file", required=True)
     ap.add_argument("--vocab-size", type=int, default=24)
     ap.add_argument("--version", default=SGLANG_VERSION)
-    ap.add_argument("--dist-fault", default=None, help="fail | die:N")
+    ap.add_argument("--dist-fault", default=None, help="fail | fail:N | die:N | corrupt:NAME")
+    ap.add_argument("--hf-config", default=None, help="a directory with config.json: generate from the received model")
     ap.add_argument("--delay-per-token", type=float, default=0.0, help="seconds slept per generated token")
     ap.add_argument("--table-only", action="store_true", help="keep sampling from the table model after updates")
     args = ap.parse_args()
     fake = FakeSGLang(vocab_size=args.vocab_size, version=args.version, delay_per_token_s=args.delay_per_token,
                       load_weights=not args.table_only)
+    fake.hf_config_dir = args.hf_config
     if args.dist_fault:
-        fake.dist_fault = ("die", int(args.dist_fault[4:])) if args.dist_fault.startswith("die:") else args.dist_fault
+        kind, _, arg = args.dist_fault.partition(":")
+        fake.dist_fault = (kind, arg if kind == "corrupt" else int(arg)) if arg else kind
     url = fake.start()
     tmp = Path(args.url_file + ".tmp")
     tmp.write_text(url)

@@ -64,6 +64,8 @@ class RolloutConfig:
     # servers get it); None: off
     overlap: bool | None = None  # sglang: π_old / reference / OAR saliency of finished groups while the rest generate
     # (trainer/overlap.py; None: on unless expert parallelism or MoE routing replay rules it out, true: refused there)
+    verify_sync: bool | None = None  # sglang: after every sync compare each worker's /weights_checker checksums with
+    # those of the tensors sent (dense models, tp_size 1 servers; None: off)
     # Local servers (sglang with no server_urls): the run starts them on its initial weights and stops them at exit.
     local_servers: int | None = None  # how many (None: 1)
     local_router: bool | None = None  # also an sglang-router in front of them (None: no; the client balances)
@@ -117,7 +119,7 @@ class RolloutConfig:
 LOCAL_ONLY = ("local_servers", "local_router", "server_python", "server_dtype", "server_args")
 SGLANG_ONLY = ("server_urls", "router_url", "api_key", "timeout_s", "update_timeout_s", "max_concurrency",
                "max_retries", "min_valid_frac", "weight_sync", "sync_dir", "sync_bucket_mb", "sync_master_address",
-               "overlap", "seeded_sampling", *LOCAL_ONLY)
+               "overlap", "seeded_sampling", "verify_sync", *LOCAL_ONLY)
 SGLANG_CONCURRENCY = 64  # rollout.max_concurrency default
 SGLANG_RETRIES = 3  # rollout.max_retries default
 SGLANG_MIN_VALID_FRAC = 0.5  # rollout.min_valid_frac default

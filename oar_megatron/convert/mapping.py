@@ -46,9 +46,9 @@ import torch
 
 from ..config.model import ModelConfig
 
-__all__ = ["TABLES", "ConversionError", "copy_into_module", "hf_names", "hf_shapes", "hf_to_mcore",
-           "iter_hf_to_mcore", "load_hf_chunks", "mcore_to_hf", "pipeline_states", "rank_layout", "table_for",
-           "te_name"]
+__all__ = ["TABLES", "ConversionError", "chunk_export_plan", "chunk_state_names", "copy_into_module", "hf_names",
+           "hf_shapes", "hf_to_mcore", "iter_chunk_to_hf", "iter_hf_to_mcore", "load_hf_chunks", "mcore_to_hf",
+           "pipeline_states", "rank_layout", "table_for", "te_name"]
 
 
 class ConversionError(ValueError):
@@ -483,19 +483,84 @@ def mcore_to_hf(shards: Any, cfg: ModelConfig, arch: str, *,
                     raise ConversionError(f"convert: megatron tensor 'output_layer.weight'{where} differs from the "
                                           "first chunk's tied 'embedding.word_embeddings.weight'")
                 continue
-            if kind == "vocab":
-                parts: tuple[torch.Tensor, ...] = (full[: cfg.vocab_size],)
-            elif kind == "qkv":
-                parts = _from_grouped_qkv(full, cfg) if full.shape[0] == sum(shapes[h][0] for h in hnames) else (full,)
-            elif kind in ("gate_up", "expert_gate_up"):
-                parts = tuple(full.chunk(2, dim=0))
-            else:
-                parts = (full,)
-            for h, t in zip(hnames, parts, strict=False):
-                if len(parts) != len(hnames) or tuple(t.shape) != shapes[h]:
-                    raise ConversionError(f"convert: megatron tensor {mname!r}{where} (full shape {list(full.shape)}) "
-                                          f"does not give HF {h!r} of shape {list(shapes[h])}")
-                yield h, t.contiguous()
+            yield from _split_to_hf(mname, kind, hnames, full, cfg, shapes, where)
+
+
+def _split_to_hf(mname: str, kind: str, hnames: tuple[str, ...], full: torch.Tensor, cfg: ModelConfig,
+                 shapes: Mapping[str, tuple[int, ...]], where: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """One gathered megatron tensor → its HF (name, tensor) pairs (vocabulary padding dropped, qkv and gate/up
+    split), each checked against the HF shape."""
+    if kind == "vocab":
+        parts: tuple[torch.Tensor, ...] = (full[: cfg.vocab_size],)
+    elif kind == "qkv":
+        parts = _from_grouped_qkv(full, cfg) if full.shape[0] == sum(shapes[h][0] for h in hnames) else (full,)
+    elif kind in ("gate_up", "expert_gate_up"):
+        parts = tuple(full.chunk(2, dim=0))
+    else:
+        parts = (full,)
+    for h, t in zip(hnames, parts, strict=False):
+        if len(parts) != len(hnames) or tuple(t.shape) != shapes[h]:
+            raise ConversionError(f"convert: megatron tensor {mname!r}{where} (full shape {list(full.shape)}) "
+                                  f"does not give HF {h!r} of shape {list(shapes[h])}")
+        yield h, t.contiguous()
+
+
+def chunk_export_plan(cfg: ModelConfig, arch: str, *, tp: int = 1, pp: int = 1, pp_rank: int = 0,
+                      vpp: int | None = None, vp_stage: int | None = None, ep: int = 1,
+                      etp: int | None = None) -> list[tuple[str, str, tuple[str, ...], list[tuple[str, int, int]]]]:
+    """The stage-local export of ONE model chunk (``vp_stage`` of stage ``pp_rank``), in the order
+    :func:`iter_chunk_to_hf` produces it: ``[(megatron name, kind, HF names, reads)]``, ``reads`` the megatron shards
+    it gathers, ``[(name under cfg's layer spec, tp_rank, ep_rank)]`` (experts: EP-local names on their EP rank,
+    TP ranks ``0 .. etp − 1``; everything else: every TP rank at EP rank 0). With tied embeddings the last chunk's
+    ``output_layer.weight`` copy is not exported (the first chunk sends the embedding once; :func:`mcore_to_hf`,
+    which sees every chunk, checks the copy equals it). A rank that owns ``(tp_rank, ep_rank)`` of this chunk holds
+    exactly the names the reads list for it (:func:`chunk_state_names`)."""
+    etp = tp if etp is None else etp
+    if tp % etp:
+        raise ConversionError(f"convert: etp={etp} does not divide tp={tp}; export takes expert shards by TP rank")
+    _check_tp(cfg, tp, ep, etp)
+    chunk = _chunk(cfg, pp, pp_rank, vpp, vp_stage)
+    te = cfg.transformer_impl == "transformer_engine"
+    per = cfg.num_moe_experts // ep if cfg.is_moe else 0
+    tied_copy = chunk[3] and not chunk[2] and not cfg.untie_embeddings_and_output_weights
+    plan = []
+    for mname, kind, hnames in _chunk_entries(_entries(cfg, arch), cfg, chunk):
+        if tied_copy and mname == "output_layer.weight":
+            continue
+        if kind.startswith("expert_"):
+            e, local = _expert_home(mname, per)
+            reads = [(te_name(local, cfg) if te else local, t, e) for t in range(etp)]
+        else:
+            reads = [(te_name(mname, cfg) if te else mname, t, 0) for t in range(tp)]
+        plan.append((mname, kind, hnames, reads))
+    return plan
+
+
+def chunk_state_names(cfg: ModelConfig, arch: str, *, ep_rank: int = 0, **layout: Any) -> set[str]:
+    """The megatron names the state of one chunk of one rank (EP rank ``ep_rank``) holds under ``layout``
+    (:func:`chunk_export_plan`'s keywords): what ``named_parameters()`` gives, the tied output copy included."""
+    chunk = _chunk(cfg, layout.get("pp", 1), layout.get("pp_rank", 0), layout.get("vpp"), layout.get("vp_stage"))
+    return {m for m, _, _ in _model_entries(cfg, arch, chunk, ep=layout.get("ep", 1), ep_rank=ep_rank)}
+
+
+def iter_chunk_to_hf(get: Any, cfg: ModelConfig, arch: str, *, tp: int = 1, pp: int = 1, pp_rank: int = 0,
+                     vpp: int | None = None, vp_stage: int | None = None, ep: int = 1,
+                     etp: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, full tensor) pairs of ONE model chunk, produced one megatron tensor at a time: ``get(name,
+    tp_rank, ep_rank)`` returns that rank's shard (a local parameter, or one received from its owner) when the
+    export needs it, in :func:`chunk_export_plan`'s order, so a stage exports (and a weight sync streams) its own
+    tensors without the other stages' or a materialised state. Same layout rules and checks per tensor as
+    :func:`mcore_to_hf`; the tied output copy is skipped (:func:`chunk_export_plan`)."""
+    shapes = hf_shapes(cfg, arch)
+    padded = cfg.padded_vocab_size(tp)
+    where = "" if pp == 1 and vpp is None else f" of pipeline chunk (pp_rank, vp_stage)=({pp_rank}, {vp_stage})"
+    for mname, kind, hnames, reads in chunk_export_plan(cfg, arch, tp=tp, pp=pp, pp_rank=pp_rank, vpp=vpp,
+                                                        vp_stage=vp_stage, ep=ep, etp=etp):
+        full = _unshard([get(name, t, e) for name, t, e in reads], kind)
+        if kind == "vocab" and full.shape[0] != padded:
+            raise ConversionError(f"convert: megatron tensor {mname!r}{where} has {full.shape[0]} rows over "
+                                  f"TP={tp}, the config gives {padded}")
+        yield from _split_to_hf(mname, kind, hnames, full, cfg, shapes, where)
 
 
 def copy_into_module(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -31,7 +31,9 @@ Weight sync (:meth:`SGLangEngine.sync_weights`): the trainer's weights exported 
 sync succeeds (never a silently mixed model). The server's SGLang version is read once (``/server_info`` or
 ``/get_server_info``) and looked up in :data:`SGLANG_VERSIONS`. Every update runs inside SGLang's protocol
 (``weight_sync.run_update``: pause → [begin] → update → [end] → flush retried → continue); ``weight_sync:
-distributed`` broadcasts flattened buckets over a group shared with the workers (``weight_sync.DistributedSync``).
+distributed`` streams each pipeline stage's tensors in flattened buckets over a group of its own shared with the
+workers (``weight_sync.DistributedSync``); ``verify_sync`` compares the workers' ``/weights_checker`` checksums with
+those of the tensors sent.
 """
 
 from __future__ import annotations
@@ -195,7 +197,8 @@ class SGLangEngine(RolloutEngine):
                  sync_bucket_mb: float = 512, sync_backend: str = "nccl", sync_master_address: str = "127.0.0.1",
                  sync_master_port: int | None = None, sync_device: Any = "cpu", pause_mode: str = "abort",
                  flush_timeout_s: float = 60.0, flush_interval_s: float = 0.2, seed: int = 0,
-                 local_servers: dict[str, Any] | None = None, seeded: bool = False):
+                 local_servers: dict[str, Any] | None = None, seeded: bool = False,
+                 verify_sync: bool = False):
         self.workers = [normalize_url(u) for u in server_urls]
         self.router_url = normalize_url(router_url) if router_url else None
         if not self.workers and not self.router_url and local_servers is None:
@@ -221,12 +224,13 @@ class SGLangEngine(RolloutEngine):
         self.pause_mode = pause_mode
         self.flush_timeout_s, self.flush_interval_s = float(flush_timeout_s), float(flush_interval_s)
         self._dist = None
+        self.verify_sync = bool(verify_sync)
         if weight_sync == "distributed":
             from .weight_sync import DistributedSync
 
             self._dist = DistributedSync(self, bucket_bytes=int(sync_bucket_mb * 2**20), backend=sync_backend,
                                          master_address=sync_master_address, master_port=sync_master_port,
-                                         device=sync_device)
+                                         device=sync_device, verify=self.verify_sync)
         self.vocab_size = int(vocab_size)
         self.api_key = api_key
         self.timeout_s = float(timeout_s)
@@ -556,36 +560,30 @@ class SGLangEngine(RolloutEngine):
         self.broken = None
 
     def _push(self, actor: Any, groups: Any, version: int) -> None:
-        from .weight_sync import SyncDir, gather_hf_state, hf_config_for, run_update
+        from .weight_sync import (SGLangChecksums, SyncDir, gather_hf_state, hf_config_for, run_update,
+                                  server_dtype_device, verify_checksums)
 
         if self.model is None or self.arch is None or (self.sync_dir is None and self._dist is None):
             raise ValueError("SGLangEngine: weight sync needs model, arch and (from disk) sync_dir")
         if not self.workers:
             raise RolloutError("sglang: weight updates go to every worker (a router answers 404 for them); set "
                                "rollout.server_urls to the worker URLs")
+        if self._dist is not None:  # every rank takes part: each pipeline stage sends its own tensors
+            self._dist.sync(actor, groups, version, self.model, self.arch)
+            self.last_sync_stats = dict(self._dist.stats) if groups.rank == 0 else {}
+            return
         t0 = time.perf_counter()
         tensors = gather_hf_state(actor, groups, self.model, self.arch)
         if groups.rank != 0:
             return
         t1 = time.perf_counter()
         needs = needs_for_version(self.read_server_version())
-        if self._dist is not None:
-            sent = []
-            try:
-                self._dist.connect()  # once (again after a failure), before generation is paused
-                run_update(self, lambda: sent.append(self._dist.push(tensors, version)), session=needs.
-                           weight_update_session, what=f"distributed sync of version {version}")
-            except (RuntimeError, ValueError, OSError) as exc:
-                self._dist.close()
-                if isinstance(exc, RolloutError):
-                    raise
-                raise RolloutError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-            t2 = time.perf_counter()
-            nbytes = sent[0] if sent else 0
-            self.last_sync_stats = {"sync/gather_s": t1 - t0, "sync/update_s": t2 - t1, "sync/bytes": float(nbytes),
-                                    "sync/buckets": float(self._dist.buckets),
-                                    "sync/gb_per_s": nbytes / 1e9 / max(t2 - t1, 1e-9)}
-            return
+        expected = None
+        if self.verify_sync:
+            sums = SGLangChecksums(*server_dtype_device(self))
+            for name, t in tensors.items():
+                sums.add(name, t)
+            expected = sums.result()
         syncdir = SyncDir(self.sync_dir)
         hf = self.hf_config if self.hf_config is not None else hf_config_for(self.model, self.arch)
         path, nbytes = syncdir.write(version, tensors, hf, self.carried_from)
@@ -596,6 +594,8 @@ class SGLangEngine(RolloutEngine):
                                                    self.update_payload(path, version, needs, flush_cache=False),
                                                    timeout_s=self.update_timeout_s),
                        session=False, what=f"sync of version {version} from disk")
+            if expected is not None:
+                verify_checksums(self, expected)
         except RolloutError:
             shutil.rmtree(path, ignore_errors=True)  # the next sync writes it again
             raise

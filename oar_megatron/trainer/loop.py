@@ -154,7 +154,8 @@ class Trainer:
             min_valid_frac=r.min_valid_frac or SGLANG_MIN_VALID_FRAC,
             sync_dir=r.sync_dir or self.run_dir / "weight_sync", model=cfg.model, arch=arch, hf_config=hf_config,
             carried_from=carried, weight_sync=r.weight_sync or "disk", seed=cfg.trainer.seed * 1_000_003 + g.dp_rank,
-            local_servers=local, seeded=bool(r.seeded_sampling), **_distributed_sync_args(r))
+            local_servers=local, seeded=bool(r.seeded_sampling), verify_sync=bool(r.verify_sync),
+            **_distributed_sync_args(r))
         return ReplicaEngine(inner, g)
 
     def _overlap_on(self) -> bool:

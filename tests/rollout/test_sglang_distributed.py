@@ -138,6 +138,9 @@ def test_config_and_trainer_arguments():
         RolloutConfig(engine="sglang", server_urls=urls, sync_bucket_mb=0).validate()
     with pytest.raises(ValueError, match="rollout.sync_bucket_mb: only rollout.engine=sglang"):
         RolloutConfig(sync_bucket_mb=64).validate()
+    RolloutConfig(engine="sglang", server_urls=urls, weight_sync="distributed", verify_sync=True).validate()
+    with pytest.raises(ValueError, match="rollout.verify_sync: only rollout.engine=sglang"):
+        RolloutConfig(verify_sync=True).validate()
     args = _distributed_sync_args(SimpleNamespace(server_urls=urls, sync_bucket_mb=None, sync_master_address=None))
     assert args["sync_bucket_mb"] == 512 and args["sync_master_address"] == "127.0.0.1"
     assert args["sync_backend"] == ("nccl" if torch.cuda.is_available() else "gloo")

@@ -1,7 +1,9 @@
 """The JSON the client sends (recorded by the fake server) is accepted by SGLang's own request types, run in the
 SGLang venv (``launch/setup_sglang_cpu.sh`` builds it at ``${OAR_SGLANG_VENV:-~/.cache/oar_megatron/sglang-venv}``):
 ``io_struct.GenerateReqInput`` (normalised as the server does), ``sampling_params.SamplingParams`` (built and
-verified against the vocabulary) and ``io_struct.UpdateWeightFromDiskReqInput``. Skipped when the venv is absent and
+verified against the vocabulary) and ``io_struct.UpdateWeightFromDiskReqInput``; the distributed sync's bodies
+(``InitWeightsUpdateGroupReqInput``, ``UpdateWeightsFromDistributedReqInput``, ``DestroyWeightsUpdateGroupReqInput``,
+``CheckWeightsReqInput``) and the fake's ``/weights_checker`` answer (``ChecksumInfo``). Skipped when the venv is absent and
 ``CI`` is unset; fails under CI (CI must build it)."""
 
 from __future__ import annotations
@@ -61,3 +63,63 @@ def test_client_json_is_sglangs(tmp_path):
     out = subprocess.run([str(PYTHON), "-c", CHECK, str(path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith("ok 4 1")
+
+
+DIST_CHECK = r"""
+import json, sys
+import msgspec, pydantic
+from sglang.srt.managers import io_struct as io
+data = json.load(open(sys.argv[1]))
+types = {"/init_weights_update_group": io.InitWeightsUpdateGroupReqInput,
+         "/update_weights_from_distributed": io.UpdateWeightsFromDistributedReqInput,
+         "/destroy_weights_update_group": io.DestroyWeightsUpdateGroupReqInput,
+         "/weights_checker": io.CheckWeightsReqInput}
+seen = set()
+for path, body in data["bodies"]:
+    cls = types[path]
+    extra = set(body) - {f.name for f in msgspec.structs.fields(cls)}
+    assert not extra, f"{path} fields unknown to sglang: {extra}"
+    obj = pydantic.TypeAdapter(cls).validate_python(body)  # as FastAPI decodes the body
+    seen.add(path)
+    if path == "/update_weights_from_distributed":
+        assert obj.load_format == "flattened_bucket" and obj.flush_cache is False and obj.group_name == body["group_name"]
+assert seen == set(types), seen
+answer = data["checker"]
+assert set(answer) == {"success", "message", "ranks", "per_engine_checksum"}, answer.keys()
+for info in answer["ranks"]:  # the fake's answer: what sglang's ChecksumInfo serialises to
+    assert msgspec.to_builtins(msgspec.convert(info, io.ChecksumInfo)) == info
+print("ok", len(data["bodies"]))
+"""
+
+
+def test_distributed_sync_json_is_sglangs(tmp_path):
+    """The distributed sync's requests (group init per pipeline stage, flattened buckets, ``/weights_checker``,
+    group destroy), recorded by a fake worker, decode as SGLang's own request types; the fake's
+    ``/weights_checker`` answer has SGLang's ``ChecksumInfo`` shape."""
+    import httpx
+
+    from tests.rollout.test_sglang_distributed import _spawn
+    from tests.rollout.test_sglang_sync import _actor, _model
+
+    if not PYTHON.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI: the SGLang venv {VENV} is missing (launch/setup_sglang_cpu.sh must build it)")
+        pytest.skip(f"no SGLang venv at {VENV} (build it with launch/setup_sglang_cpu.sh)")
+    cfg = _model()
+    actor, _ = _actor(cfg, seed=1)
+    proc, url = _spawn(tmp_path, "w")
+    try:
+        eng = SGLangEngine([url], vocab_size=cfg.vocab_size, model=cfg, arch="qwen3", weight_sync="distributed",
+                           sync_backend="gloo", sync_bucket_mb=0.05, update_timeout_s=30.0, verify_sync=True)
+        eng.sync_weights(actor)
+        eng.close()
+        checker = httpx.post(url + "/weights_checker", json={"action": "checksum"}, timeout=30).json()
+        dump = httpx.post(url + "/fake_dump", json={"path": str(tmp_path / "d.safetensors")}, timeout=30).json()
+    finally:
+        proc.kill()
+        proc.wait()
+    path = tmp_path / "dist.json"
+    path.write_text(json.dumps({"bodies": dump["bodies"], "checker": checker}))
+    out = subprocess.run([str(PYTHON), "-c", DIST_CHECK, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")

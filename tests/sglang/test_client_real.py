@@ -2,7 +2,8 @@
 (``/update_weights_from_disk`` with ``weight_version``), then sampling with temperature, top-k, top-p and stop tokens
 whose log-probs equal ``transformers``' fp32 log softmax(logits / T) of the synced weights (the engine convention:
 before top-k / top-p), the stop token kept, every response carrying the pushed version; and the distributed sync
-over a gloo group while requests are in flight.
+over a gloo group while requests are in flight. Every sync is verified with the server's ``/weights_checker``
+(``verify_sync``), and a server holding other weights fails verification.
 
 The server is started by ``oar_megatron.rollout.servers.SGLangServers`` (the project's one launcher). Needs the SGLang
 CPU venv (conftest: skipped without it on a dev machine, a failure under CI)."""
@@ -16,7 +17,7 @@ import torch
 
 from oar_megatron.rollout.base import SamplingParams
 from oar_megatron.rollout.servers import SGLangServers
-from oar_megatron.rollout.sglang import SGLangEngine
+from oar_megatron.rollout.sglang import RolloutError, SGLangEngine
 from oar_megatron.rollout.weight_sync import SyncDir, hf_config_for
 from tests.rollout.test_sglang_sync import _actor, _model
 from tests.sglang_fake import HFModel
@@ -39,7 +40,7 @@ def server(sglang_python, tmp_path_factory):
 def test_sync_from_disk_then_logprobs_equal_transformers(server):
     url, tmp, cfg = server
     eng = SGLangEngine([url], vocab_size=cfg.vocab_size, sync_dir=tmp / "sync", model=cfg, arch="qwen3",
-                       timeout_s=120)
+                       timeout_s=120, verify_sync=True)  # /weights_checker: the server's checksums = the sent ones
     assert eng.read_server_version() == "0.5.23"
     for version, seed in ((1, 3), (2, 4)):
         actor, _ = _actor(cfg, seed=seed)
@@ -73,7 +74,8 @@ def test_distributed_sync_over_gloo_with_requests_in_flight(server):
     url, tmp, cfg = server
     actor, hf = _actor(cfg, seed=5)
     eng = SGLangEngine([url], vocab_size=cfg.vocab_size, model=cfg, arch="qwen3", timeout_s=120,
-                       weight_sync="distributed", sync_backend="gloo", sync_bucket_mb=0.05, update_timeout_s=120)
+                       weight_sync="distributed", sync_backend="gloo", sync_bucket_mb=0.05, update_timeout_s=120,
+                       verify_sync=True)
     params = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=48, n=4)
     got: list = []
     gen = threading.Thread(target=lambda: got.append(eng.generate([[1, 3, 13, 4, 14]] * 16, params)), daemon=True)
@@ -98,3 +100,19 @@ def test_distributed_sync_over_gloo_with_requests_in_flight(server):
             seq.append(tok)
     assert worst <= 1e-4, worst
     eng.close()
+
+
+def test_verification_catches_a_server_that_differs(server):
+    """``rollout.verify_sync`` against the real ``/weights_checker``: the trainer's checksums (computed from the HF
+    tensors it sends, in SGLang's fused / padded layout) equal the server's after a sync (the tests above), and a
+    server holding other weights than those sent is one line naming it and the tensor."""
+    from oar_megatron.rollout.weight_sync import SGLangChecksums, verify_checksums
+
+    url, tmp, cfg = server
+    _, hf = _actor(cfg, seed=9)  # weights the server was never sent
+    eng = SGLangEngine([url], vocab_size=cfg.vocab_size, model=cfg, arch="qwen3", timeout_s=120)
+    sums = SGLangChecksums("float32")
+    for name, t in hf.items():
+        sums.add(name, t)
+    with pytest.raises(RolloutError, match=rf"^sglang: {url} verification failed: tensor '[^']+' has checksum"):
+        verify_checksums(eng, sums.result())
