@@ -85,10 +85,12 @@ class HFModel:
 
             self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         self.vocab_size = self.model.config.vocab_size
+        self._run_lock = threading.Lock()  # routes() hooks the routers: no other forward may run meanwhile
 
     @torch.no_grad()
     def logits(self, ids: list[int]) -> torch.Tensor:
-        out = self.model(torch.tensor([ids]))
+        with self._run_lock:
+            out = self.model(torch.tensor([ids]))
         return out.logits[0, -1].double()
 
     @torch.no_grad()
@@ -99,13 +101,14 @@ class HFModel:
         if not routers:
             raise ValueError("fake sglang: routed_experts asked of a model without *TopKRouter modules")
         got: list[torch.Tensor] = []
-        handles = [r.register_forward_hook(lambda _m, _i, out: got.append(out[2].reshape(len(ids), -1)))
-                   for r in routers]
-        try:
-            self.model(torch.tensor([ids]))
-        finally:
-            for h in handles:
-                h.remove()
+        with self._run_lock:
+            handles = [r.register_forward_hook(lambda _m, _i, out: got.append(out[2].reshape(len(ids), -1)))
+                       for r in routers]
+            try:
+                self.model(torch.tensor([ids]))
+            finally:
+                for h in handles:
+                    h.remove()
         return torch.stack(got, 1)
 
 
