@@ -31,6 +31,7 @@ class Group:
     passed: list[bool]
     record_index: int
     answer: str
+    routes: list | None = None  # R3: each sample's routed experts (Sample.routed_experts), or None
 
     @property
     def informative(self) -> bool:
@@ -60,6 +61,14 @@ class Experience:
     @property
     def rollout_logprobs(self) -> list[list[float]]:
         return [lp for g in self.groups for lp in g.logprobs]
+
+    @property
+    def routed_experts(self) -> list | None:
+        """Each row's routed experts from the rollout (R3, ``PolicyActor.set_rollout_routes``); None unless every
+        group carries them."""
+        if not self.groups or any(g.routes is None for g in self.groups):
+            return None
+        return [r for g in self.groups for r in g.routes]
 
 
 def response_content(ids: list[int], eos: Sequence[int]) -> list[int]:

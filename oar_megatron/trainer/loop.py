@@ -135,7 +135,9 @@ class Trainer:
         if not r.server_urls:  # the run's own servers, started in fit() on the exported initial weights
             local = {"n": r.local_servers or 1, "router": bool(r.local_router), "python": r.server_python,
                      "dtype": r.server_dtype, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                     "extra_args": list(r.server_args), "run_dir": self.run_dir / "sglang",
+                     "extra_args": list(r.server_args) + (["--enable-return-routed-experts"]
+                                                          if r.return_routed_experts else []),
+                     "run_dir": self.run_dir / "sglang",
                      "env": {"PYTHONPATH": ""}}  # the servers run in their own environment
         inner = SGLangEngine(
             r.server_urls, vocab_size=cfg.model.vocab_size, router_url=r.router_url, api_key=r.api_key,
@@ -145,7 +147,7 @@ class Trainer:
             min_valid_frac=r.min_valid_frac or SGLANG_MIN_VALID_FRAC,
             sync_dir=r.sync_dir or self.run_dir / "weight_sync", model=cfg.model, arch=arch, hf_config=hf_config,
             carried_from=carried, weight_sync=r.weight_sync or "disk", seed=cfg.trainer.seed * 1_000_003 + g.dp_rank,
-            local_servers=local, **_distributed_sync_args(r))
+            local_servers=local, routed_experts=_route_spec(cfg), **_distributed_sync_args(r))
         return ReplicaEngine(inner, g)
 
     def _maybe_resume(self, path: Path | None, evaluating: bool = False) -> bool:
@@ -342,7 +344,9 @@ class Trainer:
             sl = slice(i * n, (i + 1) * n)
             out.append(Group(list(rec.prompt_ids), [list(s.response_ids) for s in samples],
                              [list(s.logprobs) for s in samples], [s.finish_reason for s in samples],
-                             list(scores[sl]), [r >= thr for r in raw[sl]], rec.index, rec.answer))
+                             list(scores[sl]), [r >= thr for r in raw[sl]], rec.index, rec.answer,
+                             routes=None if samples[0].routed_experts is None
+                             else [s.routed_experts for s in samples]))
         return out, stats
 
     def _rollout(self) -> tuple[Experience, dict[str, float]]:
@@ -559,6 +563,17 @@ def _step_dir(step: int) -> str:
 def _mean(values) -> float:
     values = list(values)
     return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _route_spec(cfg):
+    """R3 (``rollout.return_routed_experts``): what the servers' routes must look like (every layer is MoE in this
+    project's models), or None."""
+    from ..rollout.sglang import RouteSpec
+
+    if not cfg.rollout.return_routed_experts:
+        return None
+    m = cfg.model
+    return RouteSpec(num_layers=m.num_layers, topk=m.moe_router_topk, num_experts=m.num_moe_experts)
 
 
 def _distributed_sync_args(r) -> dict:

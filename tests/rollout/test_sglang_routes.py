@@ -77,3 +77,19 @@ def test_decode_routes_checks():
         assert err.value.reason == reason, (value, rows, str(err.value))
     with pytest.raises(ValueError):
         RouteSpec(2, 3, 2)  # top-3 of 2 experts
+
+
+def test_config_key_is_checked():
+    """``rollout.return_routed_experts``: MoE + sglang only, one line otherwise; read into a RouteSpec."""
+    from oar_megatron.trainer import compose_config
+    from oar_megatron.trainer.loop import _route_spec
+
+    base = ["rollout=sglang", "rollout.server_urls=[http://127.0.0.1:1]", "rollout.return_routed_experts=true"]
+    cfg = compose_config(base + ["model=tiny-moe", "data.path=synthetic", "reward=synthetic"])
+    cfg.validate(1)
+    assert _route_spec(cfg) == RouteSpec(num_layers=2, topk=2, num_experts=4)
+    for extra, match in ([[], "dense"], [["model=tiny-moe", "trainer.routing_replay=false"], "routing_replay"]):
+        with pytest.raises(ValueError, match=match):
+            compose_config(base + extra).validate(1)
+    with pytest.raises(ValueError, match="only rollout.engine=sglang"):
+        compose_config(["model=tiny-moe", "rollout.return_routed_experts=true"]).validate(1)
