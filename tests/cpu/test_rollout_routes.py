@@ -130,14 +130,7 @@ def _ranks(rank, world_size, tmp):
 
 def _fake_sglang(tmp, log):
     """End to end: the fake serves a tiny Qwen3-MoE with its real routes; the policy replays them."""
-    from oar_megatron.config import ParallelConfig
-    from oar_megatron.config.algorithm import load_algorithm
-    from oar_megatron.config.optim import OptimConfig
-    from oar_megatron.convert import SafetensorsReader, hf_model_config
-    from oar_megatron.convert.config import architecture, read_hf_config
-    from oar_megatron.convert.mapping import load_hf_chunks
-    from oar_megatron.policy import destroy_parallel, init_parallel
-    from oar_megatron.policy.actor import PolicyActor
+    from oar_megatron.convert import hf_model_config
     from oar_megatron.rollout.base import SamplingParams
     from oar_megatron.rollout.sglang import RouteSpec, SGLangEngine
     from tests.convert.hf_tiny import make_hf_model
@@ -146,16 +139,34 @@ def _fake_sglang(tmp, log):
     d = f"{tmp}/qwen3_moe"
     make_hf_model("qwen3_moe", d)
     cfg = hf_model_config(d)
-    groups = init_parallel(ParallelConfig(distributed_optimizer=False), cfg, seed=5)
-    actor = PolicyActor(model=cfg, parallel=groups.cfg, optim=OptimConfig(lr=1e-3), groups=groups,
-                        algorithm=load_algorithm("grpo"), micro_batch_size=2)
-    with SafetensorsReader(d) as src:
-        load_hf_chunks(src, cfg, architecture(read_hf_config(d)), actor.models, groups)
     spec = RouteSpec(cfg.num_layers, cfg.moe_router_topk, cfg.num_moe_experts)
     with FakeSGLang(HFModel(d), routed_experts=(spec.num_layers, spec.topk, spec.num_experts)) as fake:
         eng = SGLangEngine([fake.url], vocab_size=100, routed_experts=spec)
         eng.check_servers()
         samples = eng.generate([[5, 17, 3, 44], [9, 2, 71]], SamplingParams(temperature=1.0, max_new_tokens=6, n=2))
+    return replay_samples(d, samples, log)
+
+
+def replay_samples(hf_dir, samples, log=None):
+    """The megatron policy loaded from ``hf_dir`` (the weights the samples came from) replays the samples' routes:
+    π_old vs the engine's log-probs and vs the free forward, the π_old/rollout routing mismatch, and (``log``) the
+    replayed calls checked against the routes. Needs an initialised process group (``run_ranks``)."""
+    from oar_megatron.config import ParallelConfig
+    from oar_megatron.config.algorithm import load_algorithm
+    from oar_megatron.config.optim import OptimConfig
+    from oar_megatron.convert import SafetensorsReader, hf_model_config
+    from oar_megatron.convert.config import architecture, read_hf_config
+    from oar_megatron.convert.mapping import load_hf_chunks
+    from oar_megatron.policy import destroy_parallel, init_parallel
+    from oar_megatron.policy.actor import PolicyActor
+
+    log = _capture() if log is None else log
+    cfg = hf_model_config(hf_dir)
+    groups = init_parallel(ParallelConfig(distributed_optimizer=False), cfg, seed=5)
+    actor = PolicyActor(model=cfg, parallel=groups.cfg, optim=OptimConfig(lr=1e-3), groups=groups,
+                        algorithm=load_algorithm("grpo"), micro_batch_size=2)
+    with SafetensorsReader(hf_dir) as src:
+        load_hf_chunks(src, cfg, architecture(read_hf_config(hf_dir)), actor.models, groups)
     batch = actor.pack([s.prompt_ids for s in samples], [s.response_ids for s in samples], torch.zeros(len(samples)),
                        rollout_logp=[s.logprobs for s in samples])
     free = actor.compute_old_logprobs(batch).clone()
