@@ -269,6 +269,7 @@ class PolicyActor:
                                                          overlap_param_gather=parallel.overlap_param_gather)
         use_replay = model.is_moe if routing_replay is None else routing_replay
         self.replays = [RoutingReplay(m, weights=replay_weights) for m in self.models] if use_replay else []
+        self.old_routing_metrics: dict[str, float] = {}  # π_old vs rollout routes (R3, _end_old_routing)
         self.tp_group = groups.tp_group if groups.tp > 1 else None
         # Rows are replicated over CP (every CP rank gathers its rows' full log-probs, module docstring), so the
         # loss denominators count tokens over the data-parallel group only: over dp×cp they would be cp× too big.

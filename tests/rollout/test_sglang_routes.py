@@ -93,3 +93,18 @@ def test_config_key_is_checked():
             compose_config(base + extra).validate(1)
     with pytest.raises(ValueError, match="only rollout.engine=sglang"):
         compose_config(["model=tiny-moe", "rollout.return_routed_experts=true"]).validate(1)
+
+
+def test_experience_carries_routes():
+    import torch as t
+
+    from oar_megatron.trainer.experience import Experience, Group
+
+    def group(routes):
+        return Group([1, 2], [[3], [4, 5]], [[-0.1], [-0.2, -0.3]], ["stop", "length"], [1.0, 0.0], [True, False], 0,
+                     "a", routes=routes)
+
+    r = [t.zeros(1, 2, 2, dtype=t.int16), t.ones(2, 2, 2, dtype=t.int16)]
+    exp = Experience([group(r), group(r[::-1])], t.zeros(4))
+    assert [x.shape[0] for x in exp.routed_experts] == [1, 2, 2, 1]
+    assert Experience([group(r), group(None)], t.zeros(4)).routed_experts is None  # all or nothing
