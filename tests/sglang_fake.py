@@ -41,8 +41,8 @@ Without ``routed_experts`` the key is absent (a real server without the flag).
 Faults: ``server.faults`` is a list consumed one per ``/generate`` request: ``"http_500"``, ``"json"`` (malformed
 body), ``"short_logprobs"``, ``"oov"`` (a token id = vocab size), ``"nan"``, ``"wrong_version"``, ``"abort"``,
 ``"empty"``, ``"die"`` (the connection is closed without an answer), ``("delay", seconds)``, ``"routes_short"`` (one
-token's routes missing), ``"routes_oov"`` (an expert id = experts), ``"routes_missing"`` (no ``routed_experts``). ``update_fault``:
-``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update; ``flush_refusals``: the next that many
+token's routes missing), ``"routes_oov"`` (an expert id = experts), ``"routes_missing"`` (no ``routed_experts``).
+``update_fault``: ``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update; ``flush_refusals``: the next that many
 ``POST /flush_cache`` answer 400 (a real 0.5.23 server does so while a finishing request holds the radix cache).
 """
 

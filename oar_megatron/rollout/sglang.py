@@ -173,8 +173,9 @@ def decode_routes(value: Any, *, rows: int, spec: RouteSpec):
     bad = (ids < 0) | (ids >= spec.num_experts)
     if bad.any():
         t, layer, _ = np.argwhere(bad)[0]
-        raise InvalidResponse("routes_value", f"token {t} layer {layer}: expert id {int(ids[t, layer][bad[t, layer]][0])}"
-                                              f" outside [0, {spec.num_experts})")
+        got = int(ids[t, layer][bad[t, layer]][0])
+        raise InvalidResponse("routes_value", f"token {t} layer {layer}: expert id {got} outside [0, "
+                                              f"{spec.num_experts})")
     if spec.topk > 1:
         srt = np.sort(ids, axis=-1)
         dup = (srt[..., 1:] == srt[..., :-1]).any(-1)

@@ -96,8 +96,8 @@ def _ranks(rank, world_size, tmp):
     actor.set_rollout_routes(batch, own)
     log.clear()
     same = actor.compute_old_logprobs(batch).clone()
-    out["own"] = dict(equal=torch.equal(same, free), drift=actor.old_routing_metrics["routing_old/0/routing_replay/drift"],
-                      calls=_check_log(log, batch, 2, 1))
+    out["own"] = dict(equal=torch.equal(same, free), calls=_check_log(log, batch, 2, 1),
+                      drift=actor.old_routing_metrics["routing_old/0/routing_replay/drift"])
     # 2. random rollout routes: π_old and both update passes route exactly so
     g = torch.Generator().manual_seed(7)
     cfg = actor.models[0].config
