@@ -36,10 +36,19 @@ server with tp_size 1 (per parameter of its model — q/k/v fused, gate/up fused
 the first 8 bytes of the SHA-256 as hex; ``ranks`` of ``ChecksumInfo``). ``python -m tests.sglang_fake
 --url-file F`` serves one in its own process (a group member must be another process).
 
+Routed experts (MoE routing replay, R3): ``FakeSGLang(routed_experts=(layers, top_k, experts))`` is a server started
+with ``--enable-return-routed-experts`` (``/server_info`` says so); a ``/generate`` with ``return_routed_experts``
+then answers ``meta_info.routed_experts`` as sglang 0.5.23 does: base64 of int32 ``[tokens, layers, top_k]`` for the
+positions ``[routed_experts_start_len, prompt + output − 1)``. The routes are the model's: :class:`HFModel` of an MoE
+checkpoint reports the experts its ``transformers`` routers chose (forward hooks on the ``*TopKRouter`` modules), the
+table model k distinct experts drawn from a generator seeded by (seed, position, token, layer): deterministic.
+Without ``routed_experts`` the key is absent (a real server without the flag).
+
 Faults: ``server.faults`` is a list consumed one per ``/generate`` request: ``"http_500"``, ``"json"`` (malformed
 body), ``"short_logprobs"``, ``"oov"`` (a token id = vocab size), ``"nan"``, ``"wrong_version"``, ``"abort"``,
-``"empty"``, ``"die"`` (the connection is closed without an answer), ``("delay", seconds)``. ``update_fault``:
-``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update; ``flush_refusals``: the next that many
+``"empty"``, ``"die"`` (the connection is closed without an answer), ``("delay", seconds)``, ``"routes_short"`` (one
+token's routes missing), ``"routes_oov"`` (an expert id = experts), ``"routes_missing"`` (no ``routed_experts``).
+``update_fault``: ``"fail"`` (``success: false``) or ``"http_500"`` for the next weight update; ``flush_refusals``: the next that many
 ``POST /flush_cache`` answer 400 (a real 0.5.23 server does so while a finishing request holds the radix cache).
 """
 
@@ -84,11 +93,31 @@ class HFModel:
 
             self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         self.vocab_size = self.model.config.vocab_size
+        self._run_lock = threading.Lock()  # routes() hooks the routers: no other forward may run meanwhile
 
     @torch.no_grad()
     def logits(self, ids: list[int]) -> torch.Tensor:
-        out = self.model(torch.tensor([ids]))
+        with self._run_lock:
+            out = self.model(torch.tensor([ids]))
         return out.logits[0, -1].double()
+
+    @torch.no_grad()
+    def routes(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), layers, top_k] experts the MoE routers chose for each position (their forward outputs'
+        ``router_indices``)."""
+        routers = [m for m in self.model.modules() if type(m).__name__.endswith("TopKRouter")]
+        if not routers:
+            raise ValueError("fake sglang: routed_experts asked of a model without *TopKRouter modules")
+        got: list[torch.Tensor] = []
+        with self._run_lock:
+            handles = [r.register_forward_hook(lambda _m, _i, out: got.append(out[2].reshape(len(ids), -1)))
+                       for r in routers]
+            try:
+                self.model(torch.tensor([ids]))
+            finally:
+                for h in handles:
+                    h.remove()
+        return torch.stack(got, 1)
 
 
 def _draw(logits: torch.Tensor, sp: dict[str, Any], gen: torch.Generator) -> tuple[int, float]:
@@ -120,8 +149,10 @@ class FakeSGLang:
 
     def __init__(self, model: Any = None, *, vocab_size: int = 24, api_key: str | None = None,
                  weight_version: str = "default", version: str = SGLANG_VERSION, model_path: str = "fake-model",
-                 seed: int = 0, delay_per_token_s: float = 0.0, load_weights: bool = True):
+                 seed: int = 0, delay_per_token_s: float = 0.0, load_weights: bool = True,
+                 routed_experts: tuple[int, int, int] | None = None):
         self.model = model if model is not None else TableModel(vocab_size, seed)
+        self.routed_experts = routed_experts  # (layers, top_k, experts): --enable-return-routed-experts
         self.api_key = api_key
         self.weight_version = weight_version
         self.version = version
@@ -134,6 +165,7 @@ class FakeSGLang:
         self.flush_refusals = 0
         self.flushes = 0  # POST /flush_cache requests received
         self.requests: list[dict[str, Any]] = []  # every /generate payload received
+        self.answers: list[dict[str, Any]] = []  # every /generate sample answered (the JSON object, before faults)
         self.headers: list[dict[str, str]] = []  # every request's headers
         self.updates: list[dict[str, Any]] = []  # every /update_weights_from_disk payload received
         self.calls: list[str] = []  # every path hit, in order
@@ -296,7 +328,8 @@ class FakeSGLang:
     def _server_info(self):
         return 200, {"model_path": self.model_path, "skip_tokenizer_init": True, "dtype": "float32", "device": "cpu",
                      "tp_size": self.tp_size, "dp_size": self.dp_size,
-                     "weight_version": self.weight_version, "internal_states": [{}], "version": self.version}
+                     "weight_version": self.weight_version, "internal_states": [{}], "version": self.version,
+                     "enable_return_routed_experts": self.routed_experts is not None}
 
     def _pause(self, paused: bool, mode: str | None):
         with self._lock:
@@ -515,6 +548,23 @@ class FakeSGLang:
             with self._lock:
                 self.in_flight -= 1
 
+    def _routes(self, seq: list[int], start: int, fault: Any) -> str:
+        """``meta_info.routed_experts`` of a finished sequence (module docstring): positions [start, len − 1)."""
+        import base64
+
+        layers, topk, experts = self.routed_experts
+        ran = seq[:-1]  # the last sampled token never went through a forward
+        if hasattr(self.model, "routes"):
+            ids = self.model.routes(ran).to(torch.int32) if ran else torch.zeros(0, layers, topk, dtype=torch.int32)
+        else:
+            ids = _table_routes(ran, layers, topk, experts, self.seed)
+        ids = ids[start:].contiguous()
+        if fault == "routes_short":
+            ids = ids[:-1]
+        if fault == "routes_oov":
+            ids[-1, 0, 0] = experts
+        return base64.b64encode(ids.numpy().astype("<i4").tobytes()).decode("utf-8")
+
     def _park(self, in_place: bool) -> None:
         """Wait while paused; a request parked in place still counts as running (flush refused), a retracted one
         does not."""
@@ -598,12 +648,27 @@ class FakeSGLang:
             meta["input_token_logprobs"] = []
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, out_lp_ids, strict=False)]
             meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
+        if body.get("return_routed_experts") and self.routed_experts is not None and fault != "routes_missing":
+            meta["routed_experts"] = self._routes(list(prompt) + out, int(body.get("routed_experts_start_len", 0)),
+                                                  fault)
         meta.update({"reasoning_tokens": 0, "completion_tokens": len(out), "cached_tokens": 0,
                      "weight_versions": spans if fault != "wrong_version" else [{"version": version, "start": 0,
                                                                                                  "end": len(out)}],
                      "cached_tokens_details": None, "dp_rank": None, "e2e_latency": time.perf_counter() - t0,
                      "response_sent_to_client_ts": time.time()})
-        return {"output_ids": output_ids, "meta_info": meta}
+        answer = {"output_ids": output_ids, "meta_info": meta}
+        with self._lock:
+            self.answers.append(answer)
+        return answer
+
+
+def _table_routes(seq: list[int], layers: int, topk: int, experts: int, seed: int) -> torch.Tensor:
+    out = torch.empty(len(seq), layers, topk, dtype=torch.int32)
+    for t, tok in enumerate(seq):
+        for layer in range(layers):
+            g = torch.Generator().manual_seed(((seed * 1_000_003 + t) * 1_000_003 + tok) * 101 + layer)
+            out[t, layer] = torch.randperm(experts, generator=g)[:topk].to(torch.int32)
+    return out
 
 
 def main() -> None:

@@ -72,6 +72,10 @@ class RolloutConfig:
     server_python: str | None = None  # their interpreter (None: $OAR_SGLANG_PYTHON, else the CPU venv's)
     server_dtype: str | None = None  # their --dtype (None: float32 on CPU, auto on GPU)
     server_args: list[str] = field(default_factory=list)  # extra sglang.launch_server arguments (every server)
+    # MoE routing replay from the rollout (R3): every /generate asks for the routed experts (the servers need
+    # --enable-return-routed-experts; local servers get it) and π_old / the updates replay them instead of π_old's
+    # own routes (None: off). MoE models with routing replay on only; refused with the local engine.
+    return_routed_experts: bool | None = None
 
     def validate(self) -> RolloutConfig:
         if self.engine not in ROLLOUT_ENGINES:
@@ -119,7 +123,7 @@ class RolloutConfig:
 LOCAL_ONLY = ("local_servers", "local_router", "server_python", "server_dtype", "server_args")
 SGLANG_ONLY = ("server_urls", "router_url", "api_key", "timeout_s", "update_timeout_s", "max_concurrency",
                "max_retries", "min_valid_frac", "weight_sync", "sync_dir", "sync_bucket_mb", "sync_master_address",
-               "overlap", "seeded_sampling", "verify_sync", *LOCAL_ONLY)
+               "overlap", "seeded_sampling", "verify_sync", "return_routed_experts", *LOCAL_ONLY)
 SGLANG_CONCURRENCY = 64  # rollout.max_concurrency default
 SGLANG_RETRIES = 3  # rollout.max_retries default
 SGLANG_MIN_VALID_FRAC = 0.5  # rollout.min_valid_frac default
@@ -341,6 +345,15 @@ class TrainConfig:
         if r.engine == "local" and layout.cp > 1:
             raise ValueError("rollout.engine: the local engine needs parallel.cp=1 (a decode step cannot be split "
                              "into 2*cp chunks; CP rollouts go through rollout.engine=sglang)")
+        if r.return_routed_experts:
+            if not self.model.is_moe:
+                raise ValueError("rollout.return_routed_experts: the model is dense (no MoE routers to replay)")
+            if t.routing_replay is False:
+                raise ValueError("rollout.return_routed_experts: replaying the rollout's routes needs "
+                                 "trainer.routing_replay (true or null)")
+            if layout.cp > 1 or self.parallel.packing:
+                raise ValueError("rollout.return_routed_experts: not wired under parallel.cp > 1 or "
+                                 "parallel.packing (the router's token order differs from the rows')")
         if layout.cp > 1 and layout.pp > 1 and self.algorithm.shaper.name == "oar":
             raise ValueError(f"parallel.cp: the OAR saliency pass under context parallelism is wired for pp=1, got "
                              f"pp={layout.pp} (algorithm.shaper.name: oar)")

@@ -116,7 +116,7 @@ from .packing import (PackedBatch, gather_packed_cp, pack_rows, packed_seq_param
 from .padding import padded_length, sequence_multiple
 from .parallel import ParallelGroups
 from .pipeline import count_schedule, pipeline_clean_pass
-from .routing_replay import RoutingReplay
+from .routing_replay import RoutingReplay, routes_to_router_order, sequence_parallel_shard
 from .saliency_pass import oar_g_sharded, oar_p_sharded
 from .train_step import train_step
 
@@ -151,7 +151,9 @@ class RolloutBatch:
     index (seeds OAR-G's noise, so a row gets the same noise under any data-parallel split); rollout_logp [N, L]
     the rollout engine's log-probs (rollout correction), ref_logp [N, L], old_logp [N, L] (π_old; last PP stage),
     token_advantages [N, L], token_weights [N, L] (rollout-correction weights) or None; scoring: the OAR scoring
-    sequences of the same rows (``segment.build_scoring_batch``), needed by the OAR shaper.
+    sequences of the same rows (``segment.build_scoring_batch``), needed by the OAR shaper; routed_experts [N, L,
+    layers, top_k] integer expert ids from the rollout engine (R3, ``PolicyActor.set_rollout_routes``; −1 where a
+    position has none) or None.
     """
 
     input_ids: torch.Tensor
@@ -164,6 +166,7 @@ class RolloutBatch:
     token_advantages: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None
     scoring: ScoringBatch | None = None
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2 or tuple(self.response_mask.shape) != tuple(self.input_ids.shape):
@@ -267,6 +270,7 @@ class PolicyActor:
                                                          overlap_param_gather=parallel.overlap_param_gather)
         use_replay = model.is_moe if routing_replay is None else routing_replay
         self.replays = [RoutingReplay(m, weights=replay_weights) for m in self.models] if use_replay else []
+        self.old_routing_metrics: dict[str, float] = {}  # π_old vs rollout routes (R3, _end_old_routing)
         self.tp_group = groups.tp_group if groups.tp > 1 else None
         # Rows are replicated over CP (every CP rank gathers its rows' full log-probs, module docstring), so the
         # loss denominators count tokens over the data-parallel group only: over dp×cp they would be cp× too big.
@@ -460,14 +464,11 @@ class PolicyActor:
         if self._shares_clean_pass(batch):
             batch.old_logp = self._old_logprobs_with_clean_pass(batch)
         else:
-            for r in self.replays:
-                r.begin_record()
+            self._begin_old_routing(batch)
             try:
                 batch.old_logp = self._forward_only_logprobs(batch)
             finally:
-                for r in self.replays:
-                    if r.mode != "off":
-                        r.end_pass()
+                self._end_old_routing()
         self.compute_rollout_weights(batch)
         return batch.old_logp
 
@@ -479,6 +480,81 @@ class PolicyActor:
             batch.token_weights, _ = rollout_correction(batch.old_logp, batch.rollout_logp, batch.response_mask,
                                                         mode=rc.mode, level=rc.level, low=rc.low, high=rc.high)
         return batch.token_weights
+
+    # ------------------------------------------------------------------------- MoE routes from the rollout (R3)
+
+    def set_rollout_routes(self, batch: RolloutBatch, routes: Sequence[torch.Tensor] | None) -> None:
+        """R3: replay the experts the rollout engine routed each token to (``Sample.routed_experts``, SGLang's
+        ``return_routed_experts``) instead of recording π_old's own routing. ``routes[b]``: row b's integer ids
+        ``[n_b, layers, top_k]`` for the positions ``0 .. n_b − 1`` with ``n_b`` = the row's last response position
+        (prompt + response − 1: every position but the last response token, whose forward the engine never ran);
+        ``layers`` = every transformer layer (``model.num_layers``). Sets ``batch.routed_experts`` [N, L, layers,
+        top_k] (−1 elsewhere: the last response token and padding, which the router then routes itself); then
+        ``compute_old_logprobs`` and every ``update`` pass of this batch route exactly so
+        (``RoutingReplay.set_external_routes`` per micro-batch; the router's weights are recomputed at those
+        experts). ``routes`` None clears them (π_old records its own routes again). One-line ValueError when
+        routing replay is off, under context parallelism or THD packing (the router's token order differs there),
+        or when a row's routes do not fit it."""
+        if routes is None:
+            batch.routed_experts = None
+            return
+        if not self.replays:
+            raise ValueError("rollout routes: routing replay is off (a dense model, or trainer.routing_replay=false)")
+        if self.groups.cp > 1 or self.packing:
+            raise ValueError("rollout routes: not wired under context parallelism or THD packing (parallel.cp / "
+                             "parallel.packing): the router's token order differs from the rows'")
+        if len(routes) != batch.size:
+            raise ValueError(f"rollout routes: {len(routes)} rows of routes for a batch of {batch.size} rows")
+        cfg = self.models[0].config
+        layers, topk = cfg.num_layers, cfg.moe_router_topk
+        n, width = batch.input_ids.shape
+        col = torch.arange(width)
+        last = torch.where(batch.response_mask.cpu(), col, torch.full_like(col, -1)).amax(dim=1)
+        out = torch.full((n, width, layers, topk), -1, dtype=torch.int32)
+        for b, r in enumerate(routes):
+            r = torch.as_tensor(r)
+            want = (int(last[b]), layers, topk)
+            if r.dim() != 3 or tuple(r.shape) != want:
+                raise ValueError(f"rollout routes: row {b} has shape {tuple(r.shape)}; expected {want} (prompt + "
+                                 f"response - 1 positions x model.num_layers x moe_router_topk)")
+            out[b, : want[0]] = r.to(torch.int32)
+        batch.routed_experts = out.to(torch.int16) if cfg.num_moe_experts <= torch.iinfo(torch.int16).max else out
+
+    def _begin_old_routing(self, batch: RolloutBatch) -> None:
+        """Before π_old's forward: record its routes, or (R3, ``batch.routed_experts``) hand each micro-batch's
+        rollout routes to the replays and start an external replay pass over them."""
+        if batch.routed_experts is None or not self.replays:
+            for r in self.replays:
+                r.begin_record()
+            return
+        if self.groups.cp > 1 or self.packing:
+            raise ValueError("rollout routes: not wired under context parallelism or THD packing")
+        for r in self.replays:
+            r.clear()
+        mbs, g = self.micro_batch_size, self.groups
+        sp = g.tp > 1 and bool(getattr(self.models[0].config, "sequence_parallel", False))
+        for i, start in enumerate(range(0, batch.size, mbs)):  # the ids and rows of micro_batches()
+            routes = routes_to_router_order(batch.routed_experts[start:start + mbs].long())  # [layers, W·b, k]
+            if sp:
+                routes = sequence_parallel_shard(routes, batch_size=mbs, tp_rank=g.tp_rank, tp_size=g.tp)
+            routes = routes.to(g.device)
+            for r in self.replays:
+                r.set_external_routes(i, routes)
+        for r in self.replays:
+            r.begin_replay_pass()
+
+    def _end_old_routing(self) -> None:
+        """Close π_old's routing pass; with rollout routes keep its metrics in ``old_routing_metrics``
+        (``routing_old/{chunk}/routing_replay/drift``: the fraction of tokens whose π_old top-k differs from the
+        rollout's routes, the rollout/train routing mismatch)."""
+        metrics: dict[str, float] = {}
+        for i, r in enumerate(self.replays):
+            if r.mode != "off":
+                external = r.mode == "external"
+                out = r.end_pass()
+                if external:
+                    metrics.update({f"routing_old/{i}/{k}": float(v) for k, v in out.items()})
+        self.old_routing_metrics = metrics
 
     def _shares_clean_pass(self, batch: RolloutBatch) -> bool:
         return (self.share_clean_pass and self.algorithm.shaper.name == "oar" and batch.scoring is not None

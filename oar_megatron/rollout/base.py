@@ -75,6 +75,10 @@ class Sample:
     logprobs: list[float]
     finish_reason: str  # "stop" | "length"
     weight_version: int | None = None  # the engine's weight_version that generated it (staleness); None: unknown
+    # MoE routing replay from the rollout (R3; the SGLang engine with rollout.return_routed_experts): the experts
+    # each token was routed to, an integer tensor [len(prompt_ids) + len(response_ids) - 1, layers, top_k] for the
+    # sequence positions the engine ran a forward on (all but the last response token); None: not asked for
+    routed_experts: Any = None
 
 
 class RolloutEngine(abc.ABC):

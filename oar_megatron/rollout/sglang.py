@@ -18,6 +18,15 @@ backoff with jitter, up to ``max_retries`` times per sample. A sample out of ret
 ``rollout/invalid_groups``); valid groups are returned whole (no good sample is lost), and the call fails — one line
 naming the last server and reason — only when fewer than ``min_valid_frac`` of the groups are valid.
 
+Routed experts (MoE routing replay, R3). With ``routed_experts`` (a :class:`RouteSpec`: layers, top-k, experts)
+every request also sets ``return_routed_experts`` (servers started with ``--enable-return-routed-experts``) and each
+answer must carry ``meta_info.routed_experts``: base64 of little-endian int32 ``[tokens, layers, top_k]`` (sglang
+0.5.23: ``tokenizer_manager`` / ``detokenizer_manager``), for the sequence positions ``[0, prompt + response − 1)``
+(every token the server ran a forward on: the prompt and every response token but the last sampled one, whose
+forward never ran). Checked (:func:`decode_routes`): present (``routes_missing``), that exact shape
+(``routes_shape``), every id in ``[0, num_experts)`` and no expert twice for a token (``routes_value``); they land in
+``Sample.routed_experts`` (a torch int16/int32 tensor) for the trainer to replay (``PolicyActor.set_rollout_routes``).
+
 Streaming. :meth:`SGLangEngine.stream_groups` yields the finished groups ``(prompt_index, samples)`` in batches (every
 group done since the consumer last asked) while the others still generate (an event loop in a helper thread);
 ``generate_groups`` yields them one by one and ``generate`` collects them in prompt order. The trainer's overlap
@@ -53,8 +62,8 @@ from typing import Any
 from .base import RolloutEngine, Sample, SamplingParams
 from .sglang_http import Attempt, AuthError, ServerPool, normalize_url
 
-__all__ = ["SGLANG_VERSIONS", "InvalidResponse", "RolloutError", "SGLangEngine", "VersionNeeds", "check_response",
-           "needs_for_version", "parse_version"]
+__all__ = ["SGLANG_VERSIONS", "InvalidResponse", "RolloutError", "RouteSpec", "SGLangEngine", "VersionNeeds",
+           "check_response", "decode_routes", "needs_for_version", "parse_version"]
 
 
 # ------------------------------------------------------------------------------------------------ versions
@@ -122,10 +131,70 @@ class Checked:
     response_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    routed_experts: Any = None  # [prompt + response − 1, layers, top_k] torch tensor when routes were asked for
 
 
-def check_response(data: Any, *, vocab_size: int, max_new_tokens: int, weight_version: str | None) -> Checked:
-    """One ``/generate`` reply (one sample) checked as the module docstring says; raises :class:`InvalidResponse`."""
+@dataclass(frozen=True)
+class RouteSpec:
+    """The MoE routing the servers report (``return_routed_experts``): ``num_layers`` (every transformer layer,
+    SGLang's ``num_hidden_layers``; all of them MoE in this project's models), ``topk`` and ``num_experts``."""
+
+    num_layers: int
+    topk: int
+    num_experts: int
+
+    def __post_init__(self) -> None:
+        if min(self.num_layers, self.topk, self.num_experts) < 1 or self.topk > self.num_experts:
+            raise ValueError(f"routed experts: need layers, top-k >= 1 and top-k <= experts, got {self}")
+
+
+def decode_routes(value: Any, *, rows: int, spec: RouteSpec):
+    """``meta_info.routed_experts`` (base64 of int32 ``[rows, layers, top_k]``, module docstring) → a torch tensor
+    of that shape (int16 when the expert ids fit, else int32); :class:`InvalidResponse` ``routes_missing`` /
+    ``routes_shape`` / ``routes_value`` otherwise."""
+    import base64
+    import binascii
+
+    import numpy as np
+    import torch
+
+    if value is None:
+        raise InvalidResponse("routes_missing", "meta_info.routed_experts missing (start the servers with "
+                                                "--enable-return-routed-experts)")
+    if not isinstance(value, str):
+        raise InvalidResponse("routes_shape", f"meta_info.routed_experts is a {type(value).__name__}, expected a "
+                                              "base64 string")
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise InvalidResponse("routes_shape", "meta_info.routed_experts is not valid base64") from None
+    per_token = spec.num_layers * spec.topk
+    if len(raw) != 4 * rows * per_token:
+        got = f"{len(raw) / (4 * per_token):g} tokens" if per_token else f"{len(raw)} bytes"
+        raise InvalidResponse("routes_shape", f"routed_experts holds {got} x {spec.num_layers} layers x top-"
+                                              f"{spec.topk}; expected {rows} tokens (prompt + response - 1)")
+    ids = np.frombuffer(raw, dtype="<i4").reshape(rows, spec.num_layers, spec.topk)
+    bad = (ids < 0) | (ids >= spec.num_experts)
+    if bad.any():
+        t, layer, _ = np.argwhere(bad)[0]
+        got = int(ids[t, layer][bad[t, layer]][0])
+        raise InvalidResponse("routes_value", f"token {t} layer {layer}: expert id {got} outside [0, "
+                                              f"{spec.num_experts})")
+    if spec.topk > 1:
+        srt = np.sort(ids, axis=-1)
+        dup = (srt[..., 1:] == srt[..., :-1]).any(-1)
+        if dup.any():
+            t, layer = np.argwhere(dup)[0]
+            raise InvalidResponse("routes_value", f"token {t} layer {layer}: an expert listed twice "
+                                                  f"({ids[t, layer].tolist()})")
+    dtype = np.int16 if spec.num_experts <= np.iinfo(np.int16).max else np.int32
+    return torch.from_numpy(ids.astype(dtype))
+
+
+def check_response(data: Any, *, vocab_size: int, max_new_tokens: int, weight_version: str | None,
+                   routes: RouteSpec | None = None, prompt_len: int | None = None) -> Checked:
+    """One ``/generate`` reply (one sample) checked as the module docstring says; raises :class:`InvalidResponse`.
+    ``routes``: also decode and check ``meta_info.routed_experts`` for a prompt of ``prompt_len`` tokens."""
     if isinstance(data, list) and len(data) == 1:
         data = data[0]
     if not isinstance(data, dict) or not isinstance(data.get("meta_info"), dict):
@@ -178,7 +247,13 @@ def check_response(data: Any, *, vocab_size: int, max_new_tokens: int, weight_ve
             if str(v) != weight_version:
                 raise InvalidResponse("weight_version", f"tokens {span} were generated by weight_version {v!r}, the "
                                                         f"trainer pushed {weight_version!r}")
-    return Checked(list(ids), [float(v) for v in values], kind)
+    checked = Checked(list(ids), [float(v) for v in values], kind)
+    if routes is not None:
+        if prompt_len is None:
+            raise ValueError("check_response: routes need prompt_len")
+        checked.routed_experts = decode_routes(meta.get("routed_experts"), rows=prompt_len + len(ids) - 1,
+                                               spec=routes)
+    return checked
 
 
 # ---------------------------------------------------------------------------------------------- the engine
@@ -198,13 +273,14 @@ class SGLangEngine(RolloutEngine):
                  sync_master_port: int | None = None, sync_device: Any = "cpu", pause_mode: str = "abort",
                  flush_timeout_s: float = 60.0, flush_interval_s: float = 0.2, seed: int = 0,
                  local_servers: dict[str, Any] | None = None, seeded: bool = False,
-                 verify_sync: bool = False):
+                 verify_sync: bool = False, routed_experts: RouteSpec | None = None):
         self.workers = [normalize_url(u) for u in server_urls]
         self.router_url = normalize_url(router_url) if router_url else None
         if not self.workers and not self.router_url and local_servers is None:
             raise ValueError("rollout.server_urls: the sglang engine needs worker URLs (or rollout.router_url)")
         if local_servers is not None and (self.workers or self.router_url):
             raise ValueError("rollout.server_urls: local servers are started only when no URL is given")
+        self.routed_experts = routed_experts  # R3: ask for and check every sample's routes (module docstring)
         self.local_servers = local_servers  # SGLangServers settings; started by start_local_servers
         self.servers: Any = None  # the running SGLangServers (global rank 0 only)
         self.server_start_s: float | None = None
@@ -281,8 +357,11 @@ class SGLangEngine(RolloutEngine):
                               "skip_special_tokens": False}
         if seed is not None:  # honoured by servers started with --enable-deterministic-inference
             sp["sampling_seed"] = int(seed)
-        return {"input_ids": [int(t) for t in prompt], "sampling_params": sp, "return_logprob": True,
-                "logprob_start_len": -1, "stream": False}
+        payload = {"input_ids": [int(t) for t in prompt], "sampling_params": sp, "return_logprob": True,
+                   "logprob_start_len": -1, "stream": False}
+        if self.routed_experts is not None:  # routes of the whole sequence (routed_experts_start_len 0, the default)
+            payload["return_routed_experts"] = True
+        return payload
 
     # ---------------------------------------------------------------------------------------- generation
 
@@ -422,9 +501,9 @@ class SGLangEngine(RolloutEngine):
             if att.ok:
                 try:
                     c = check_response(att.data, vocab_size=self.vocab_size, max_new_tokens=params.max_new_tokens,
-                                       weight_version=version)
+                                       weight_version=version, routes=self.routed_experts, prompt_len=len(prompt))
                     return Sample(i, list(prompt), c.response_ids, c.logprobs, c.finish_reason,
-                                  weight_version=self.weight_version)
+                                  weight_version=self.weight_version, routed_experts=c.routed_experts)
                 except InvalidResponse as exc:
                     reason, detail = exc.reason, exc.detail
             else:
@@ -502,8 +581,25 @@ class SGLangEngine(RolloutEngine):
                 if vocab is not None and int(vocab) != self.vocab_size:
                     raise RolloutError(f"sglang: {url} serves {path.parent} with vocab_size {vocab}, the trainer's "
                                        f"model has {self.vocab_size}")
+        if self.routed_experts is not None:
+            for url in self.workers:
+                info = self._server_info(url)
+                if info.get("enable_return_routed_experts") is False:
+                    raise RolloutError(f"sglang: {url} runs without --enable-return-routed-experts, which "
+                                       "rollout.return_routed_experts needs (the routes for MoE routing replay)")
         gen = self.router_url or f"{len(self.workers)} worker(s)"
         return f"sglang {version}: {len(self.workers)} worker(s), generation via {gen}"
+
+    def _server_info(self, url: str) -> dict[str, Any]:
+        """``/server_info`` (else ``/get_server_info``) of one worker; {} when neither answers an object."""
+        for path in ("/server_info", "/get_server_info"):
+            try:
+                data = self._control(path, urls=[url], method="GET", timeout_s=30.0)[url]
+            except RolloutError:
+                continue
+            if isinstance(data, dict):
+                return data
+        return {}
 
     def model_info(self) -> dict[str, Any]:
         urls = [self.router_url] if self.router_url else self.workers[:1]

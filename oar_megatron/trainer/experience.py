@@ -32,6 +32,7 @@ class Group:
     record_index: int
     answer: str
     row_ids: list[int] = field(default_factory=list)  # global ids of the samples (seed OAR-G's noise; name the rows)
+    routes: list | None = None  # R3: each sample's routed experts (Sample.routed_experts), or None
 
     @property
     def informative(self) -> bool:
@@ -65,6 +66,14 @@ class Experience:
     @property
     def row_ids(self) -> list[int]:
         return [r for g in self.groups for r in g.row_ids]
+
+    @property
+    def routed_experts(self) -> list | None:
+        """Each row's routed experts from the rollout (R3, ``PolicyActor.set_rollout_routes``); None unless every
+        group carries them."""
+        if not self.groups or any(g.routes is None for g in self.groups):
+            return None
+        return [r for g in self.groups for r in g.routes]
 
 
 def response_content(ids: list[int], eos: Sequence[int]) -> list[int]:

@@ -144,7 +144,9 @@ class Trainer:
                      "dtype": r.server_dtype, "device": "cuda" if torch.cuda.is_available() else "cpu",
                      "extra_args": list(r.server_args) + (["--enable-deterministic-inference"] if r.seeded_sampling
                                                           and "--enable-deterministic-inference" not in r.server_args
-                                                          else []), "run_dir": self.run_dir / "sglang",
+                                                          else [])
+                                   + (["--enable-return-routed-experts"] if r.return_routed_experts else []),
+                     "run_dir": self.run_dir / "sglang",
                      "env": {"PYTHONPATH": ""}}  # the servers run in their own environment
         inner = SGLangEngine(
             r.server_urls, vocab_size=cfg.model.vocab_size, router_url=r.router_url, api_key=r.api_key,
@@ -155,7 +157,7 @@ class Trainer:
             sync_dir=r.sync_dir or self.run_dir / "weight_sync", model=cfg.model, arch=arch, hf_config=hf_config,
             carried_from=carried, weight_sync=r.weight_sync or "disk", seed=cfg.trainer.seed * 1_000_003 + g.dp_rank,
             local_servers=local, seeded=bool(r.seeded_sampling), verify_sync=bool(r.verify_sync),
-            **_distributed_sync_args(r))
+            routed_experts=_route_spec(cfg), **_distributed_sync_args(r))
         return ReplicaEngine(inner, g)
 
     def _overlap_on(self) -> bool:
@@ -371,7 +373,9 @@ class Trainer:
             out.append(Group(list(rec.prompt_ids), [list(s.response_ids) for s in samples],
                              [list(s.logprobs) for s in samples], [s.finish_reason for s in samples],
                              list(scores[sl]), [r >= thr for r in raw[sl]], rec.index, rec.answer,
-                             row_ids=list(range(row_base[i], row_base[i] + len(samples)))))
+                             row_ids=list(range(row_base[i], row_base[i] + len(samples))),
+                             routes=None if samples[0].routed_experts is None
+                             else [s.routed_experts for s in samples]))
         return out, stats
 
     def _row_base(self, rnd: int, i: int) -> int:
@@ -500,6 +504,7 @@ class Trainer:
         exp, stats = self._rollout(passes)
         lap("rollout")
         batch = self._pack(exp.groups, exp.advantages)
+        actor.set_rollout_routes(batch, exp.routed_experts)  # R3: None unless rollout.return_routed_experts
         saliency = None
         if passes is not None:  # the passes of the groups that finished early ran during the rollout
             saliency = passes.fill(batch, exp.groups)
@@ -527,6 +532,7 @@ class Trainer:
         m["throughput/total_tokens"] = m["throughput/response_tokens"] + float(sum(len(p) for p in exp.prompts))
         # MoE routing-replay drift (per update → the step's mean), averaged over ranks like the other statistics
         m.update({k: _mean(v) for k, v in upd.items() if k.startswith("routing/")})
+        m.update(actor.old_routing_metrics)  # R3: π_old's routing vs the rollout's (empty otherwise)
         m = collectives.mean_over_ranks(m)  # rank-local statistics → replica mean (equal rows per rank); counts → totals
         for key in COUNT_KEYS + ENGINE_COUNT_KEYS:
             if key in m:
@@ -629,6 +635,17 @@ def _step_dir(step: int) -> str:
 def _mean(values) -> float:
     values = list(values)
     return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _route_spec(cfg):
+    """R3 (``rollout.return_routed_experts``): what the servers' routes must look like (every layer is MoE in this
+    project's models), or None."""
+    from ..rollout.sglang import RouteSpec
+
+    if not cfg.rollout.return_routed_experts:
+        return None
+    m = cfg.model
+    return RouteSpec(num_layers=m.num_layers, topk=m.moe_router_topk, num_experts=m.num_moe_experts)
 
 
 def _distributed_sync_args(r) -> dict:

@@ -123,3 +123,49 @@ def test_distributed_sync_json_is_sglangs(tmp_path):
     out = subprocess.run([str(PYTHON), "-c", DIST_CHECK, str(path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")
+
+
+ROUTES_CHECK = r"""
+import json, sys
+from sglang.srt.managers.io_struct import GenerateReqInput
+from sglang.srt.state_capturer.routed_experts import extract_routed_experts_from_meta_info
+data = json.load(open(sys.argv[1]))
+for req in data["generate"]:
+    obj = GenerateReqInput(**req)
+    obj.normalize_batch_and_arguments()
+    assert obj.return_routed_experts is True and obj.routed_experts_start_len == 0
+for ans, n in zip(data["answers"], data["rows"]):
+    flat = extract_routed_experts_from_meta_info(ans)  # sglang's own decoder of meta_info.routed_experts
+    assert flat.dtype.name == "int32" and flat.size == n * data["layers"] * data["topk"], (flat.size, n)
+    assert flat.reshape(n, data["layers"], data["topk"]).tolist() == ans["expected"]
+print("ok", len(data["generate"]), len(data["answers"]))
+"""
+
+
+def test_routed_experts_json_is_sglangs(tmp_path):
+    """R3: the client's ``return_routed_experts`` request is a valid ``GenerateReqInput``, and the fake's
+    ``meta_info.routed_experts`` decodes with SGLang's own ``extract_routed_experts_from_meta_info`` to the
+    [prompt + response − 1, layers, top_k] routes the client carries in ``Sample.routed_experts``."""
+    from oar_megatron.rollout.sglang import RouteSpec
+
+    if not PYTHON.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI: the SGLang venv {VENV} is missing (launch/setup_sglang_cpu.sh must build it)")
+        pytest.skip(f"no SGLang venv at {VENV} (build it with launch/setup_sglang_cpu.sh)")
+    with FakeSGLang(vocab_size=24, routed_experts=(3, 2, 5)) as fake:
+        eng = SGLangEngine([fake.url], vocab_size=24, routed_experts=RouteSpec(3, 2, 5))
+        samples = eng.generate([[1, 3, 13, 4, 14], [7, 8]], SamplingParams(max_new_tokens=4, n=2))
+        requests, answers = list(fake.requests), list(fake.answers)
+    assert len(answers) == len(samples) == 4
+    by_output = {(len(s.prompt_ids), tuple(s.response_ids)): s for s in samples}
+    for ans in answers:  # one answer per sample (the requests run concurrently: matched by prompt and output)
+        s = by_output[(ans["meta_info"]["prompt_tokens"], tuple(ans["output_ids"]))]
+        ans["expected"] = s.routed_experts.tolist()
+        assert len(ans["expected"]) == ans["meta_info"]["prompt_tokens"] + len(ans["output_ids"]) - 1
+    data = {"generate": requests, "answers": answers, "rows": [len(a["expected"]) for a in answers],
+            "layers": 3, "topk": 2}
+    path = tmp_path / "routes.json"
+    path.write_text(json.dumps(data))
+    out = subprocess.run([str(PYTHON), "-c", ROUTES_CHECK, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("ok 4 4")
