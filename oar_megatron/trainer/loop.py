@@ -127,6 +127,14 @@ class Trainer:
         from ..rollout.sglang import SGLangEngine
 
         cfg, r, g = self.cfg, self.cfg.rollout, self.groups
+        if not r.server_urls and not torch.cuda.is_available():  # what SGLang 0.5.23's CPU backend cannot (measured)
+            if r.seeded_sampling:
+                raise ValueError("rollout.seeded_sampling: local CPU servers cannot honour sampling seeds (SGLang's "
+                                 "--enable-deterministic-inference needs a GPU attention backend: triton, flashinfer, "
+                                 "fa3)")
+            if r.return_routed_experts:
+                raise ValueError("rollout.return_routed_experts: local CPU servers cannot capture routes (SGLang pins "
+                                 "the routes' host buffer with cudaHostRegister); use GPU servers or server_urls")
         if cfg.model.pretrained:
             arch, hf_config, carried = check_pretrained(cfg.model), read_hf_config(cfg.model.pretrained), \
                 cfg.model.pretrained
@@ -136,9 +144,6 @@ class Trainer:
             raise ValueError("rollout.engine: weight sync of an MoE model to sglang needs model.pretrained (its "
                              "config.json names the HF architecture)")
         local = None
-        if not r.server_urls and r.seeded_sampling and not torch.cuda.is_available():
-            raise ValueError("rollout.seeded_sampling: local CPU servers cannot honour sampling seeds (SGLang's "
-                             "--enable-deterministic-inference needs a GPU attention backend: triton, flashinfer, fa3)")
         if not r.server_urls:  # the run's own servers, started in fit() on the exported initial weights
             local = {"n": r.local_servers or 1, "router": bool(r.local_router), "python": r.server_python,
                      "dtype": r.server_dtype, "device": "cuda" if torch.cuda.is_available() else "cpu",

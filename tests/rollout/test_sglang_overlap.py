@@ -114,21 +114,29 @@ def test_overlap_refused_where_it_cannot_hold():
         compose_config(["rollout.overlap=true"]).validate(1)
 
 
-def test_seeded_sampling_refused_for_local_cpu_servers(tmp_path):
+def test_local_cpu_servers_refuse_what_sglang_cpu_cannot(tmp_path):
     """SGLang's deterministic inference (which honours sampling_seed) needs a GPU attention backend: local CPU
     servers would ignore the seeds, so the run refuses the setting before starting anything."""
-    (err,) = run_ranks(_local_seeded, 1, str(tmp_path), timeout=300)
-    assert err.startswith("rollout.seeded_sampling: local CPU servers") and "\n" not in err
+    seeded, routes = run_ranks(_local_cpu_refusals, 1, str(tmp_path), timeout=300)[0]
+    assert seeded.startswith("rollout.seeded_sampling: local CPU servers") and "\n" not in seeded
+    # likewise SGLang's routed-experts capture (R3) on a CPU server (tests/sglang_shims/routed_experts is test tooling)
+    assert routes.startswith("rollout.return_routed_experts: local CPU servers") and "\n" not in routes
 
 
-def _local_seeded(rank, world, tmp):
+def _local_cpu_refusals(rank, world, tmp):
+    from oar_megatron.policy import destroy_parallel
     from oar_megatron.trainer import compose_config
     from oar_megatron.trainer.loop import Trainer
 
-    cfg = compose_config(["rollout=sglang", "rollout.seeded_sampling=true", f"logging.run_dir={tmp}/run",
-                          "rollout.prompts_per_step=4", "rollout.n_samples=4", "trainer.micro_batch_size=4"])
-    try:
-        Trainer(cfg)
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    out = []
+    for extra in (["rollout.seeded_sampling=true"],
+                  ["rollout.return_routed_experts=true", "model=tiny-moe"]):
+        cfg = compose_config(["rollout=sglang", f"logging.run_dir={tmp}/run", "rollout.prompts_per_step=4",
+                              "rollout.n_samples=4", "trainer.micro_batch_size=4"] + extra)
+        try:
+            Trainer(cfg)
+            out.append("no error")
+        except ValueError as exc:
+            out.append(str(exc))
+            destroy_parallel()  # refused after the process groups were made
+    return out
