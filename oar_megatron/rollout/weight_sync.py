@@ -742,16 +742,7 @@ class DistributedSync:
         if "names" in start:
             self._connect_stages(groups, start["names"], start["tps"], bcast)
         proto = UpdateProtocol(self.engine, session=start["session"], what=f"distributed sync of version {version}")
-        opened = None
-        if me == 0:
-            try:
-                proto.open()
-            except (RolloutError, RuntimeError, ValueError, OSError) as exc:
-                opened = _line(exc)
-        opened = bcast(opened, 0)
-        if opened is not None:
-            self._drop()
-            raise RolloutError(opened)
+        self._on_rank0(me, bcast, proto.open)
         t1 = time.perf_counter()
         failure, outcomes = None, []
         for s in range(lay.pp):
@@ -764,27 +755,21 @@ class DistributedSync:
             if out["error"] is not None:
                 failure = out["error"]
                 break
-        final = None
-        if me == 0:
-            try:
-                if failure is not None:
-                    proto.abort(RolloutError(failure))
-                proto.finish()
-                if self.verify:
-                    expected: dict[str, str] = {}
-                    for out in outcomes:
-                        expected.update(out["checksums"])
-                    try:
-                        verify_checksums(self.engine, expected)
-                    except RolloutError as exc:
-                        proto.abort(exc)
-                proto.resume()
-            except (RolloutError, RuntimeError, ValueError, OSError) as exc:
-                final = _line(exc)
-        final = bcast(final, 0)
-        if final is not None:
-            self._drop()
-            raise RolloutError(final)
+        def close() -> None:
+            if failure is not None:
+                proto.abort(RolloutError(failure))
+            proto.finish()
+            if self.verify:
+                expected: dict[str, str] = {}
+                for out in outcomes:
+                    expected.update(out["checksums"])
+                try:
+                    verify_checksums(self.engine, expected)
+                except RolloutError as exc:
+                    proto.abort(exc)
+            proto.resume()
+
+        self._on_rank0(me, bcast, close)
         t2 = time.perf_counter()
         nbytes = sum(o["bytes"] for o in outcomes)
         self.buckets = sum(o["buckets"] for o in outcomes)
@@ -793,6 +778,22 @@ class DistributedSync:
                       "sync/buckets": float(self.buckets), "sync/stages": float(lay.pp),
                       "sync/peak_staged_bytes": float(self.peak_staged_bytes),
                       "sync/gb_per_s": nbytes / 1e9 / max(t2 - t1, 1e-9)}
+
+    def _on_rank0(self, me: int, bcast: Any, step: Any) -> None:
+        """``step()`` on global rank 0 (the protocol's calls); its one-line error broadcast and raised on every rank
+        after the sync groups are dropped (the next sync reconnects)."""
+        from .sglang import RolloutError
+
+        error = None
+        if me == 0:
+            try:
+                step()
+            except (RolloutError, RuntimeError, ValueError, OSError) as exc:
+                error = _line(exc)
+        error = bcast(error, 0)
+        if error is not None:
+            self._drop()
+            raise RolloutError(error)
 
     def _connect_stages(self, groups: Any, names: dict[int, str], tps: dict[str, int], bcast: Any) -> None:
         from .sglang import RolloutError

@@ -172,12 +172,12 @@ def test_pretrained_start_bf16_refreshes_main_weights(tmp_path):
 MOE = ["model=tiny-moe", "model.moe_shared_expert_intermediate_size=null", "model.qk_layernorm=true"]
 
 
-def _hf_qwen3_moe(directory, seed=0):
+def _hf_qwen3_moe(directory, seed=0, vocab_size=250):
     """A tiny random Qwen3-MoE with ``MOE``'s architecture (fp32, untied, renormalised top-2 of 4 experts)."""
     import transformers
 
     config = transformers.Qwen3MoeConfig(
-        vocab_size=250, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
         num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
         initializer_range=0.2)

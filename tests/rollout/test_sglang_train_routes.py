@@ -23,17 +23,10 @@ RUN = ["rollout.prompts_per_step=2", "rollout.n_samples=2", "trainer.micro_batch
 
 
 def _hf_moe(directory):
-    import transformers
+    """The tiny Qwen3-MoE of the pretrained-start tests with the synthetic task's 24-token vocabulary."""
+    from tests.convert.test_pretrained_start import _hf_qwen3_moe
 
-    from tests.convert.hf_tiny import save_random
-
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=24, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
-        num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        initializer_range=0.2)
-    config.architectures = ["Qwen3MoeForCausalLM"]
-    save_random(config, directory, 0)
+    _hf_qwen3_moe(directory, vocab_size=24)
 
 
 def _train(rank, world, tmp, hf_dir, url):
