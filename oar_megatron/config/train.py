@@ -63,7 +63,8 @@ class RolloutConfig:
     # prompt and sample index): reproducible rollouts when the servers run --enable-deterministic-inference (local
     # servers get it); None: off
     overlap: bool | None = None  # sglang: π_old / reference / OAR saliency of finished groups while the rest generate
-    # (trainer/overlap.py; None: on unless expert parallelism or MoE routing replay rules it out, true: refused there)
+    # (trainer/overlap.py; None: on with server_urls unless expert parallelism or MoE routing replay rules it out, off
+    # with local servers, which share the trainer's devices; true: refused where ruled out)
     verify_sync: bool | None = None  # sglang: after every sync compare each worker's /weights_checker checksums with
     # those of the tensors sent (dense models, tp_size 1 servers; None: off)
     # Local servers (sglang with no server_urls): the run starts them on its initial weights and stops them at exit.

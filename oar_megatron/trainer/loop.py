@@ -166,10 +166,14 @@ class Trainer:
         return ReplicaEngine(inner, g)
 
     def _overlap_on(self) -> bool:
-        """``rollout.overlap`` resolved: the sglang engine's overlapped passes (``trainer/overlap.py``), on by default
-        unless the layout rules them out; ``true`` there is refused with the reason."""
+        """``rollout.overlap`` resolved: the sglang engine's overlapped passes (``trainer/overlap.py``). Default: on
+        with external servers (``server_urls``: their own devices, so the passes use the trainer's idle ones), off
+        with the run's local servers (they share the trainer's devices: the passes would compete with generation);
+        ``true`` where the layout rules the overlap out is refused with the reason."""
         setting, g = self.cfg.rollout.overlap, self.groups
         if self.cfg.rollout.engine != "sglang" or setting is False:
+            return False
+        if setting is None and not self.cfg.rollout.server_urls:
             return False
         reason = None
         if g.ep > 1:

@@ -117,7 +117,8 @@ def test_overlap_refused_where_it_cannot_hold():
 def test_local_cpu_servers_refuse_what_sglang_cpu_cannot(tmp_path):
     """SGLang's deterministic inference (which honours sampling_seed) needs a GPU attention backend: local CPU
     servers would ignore the seeds, so the run refuses the setting before starting anything."""
-    seeded, routes = run_ranks(_local_cpu_refusals, 1, str(tmp_path), timeout=300)[0]
+    seeded, routes, overlap = run_ranks(_local_cpu_refusals, 1, str(tmp_path), timeout=300)[0]
+    assert overlap == "overlap=False"  # local servers share the trainer's devices: the overlap is off by default
     assert seeded.startswith("rollout.seeded_sampling: local CPU servers") and "\n" not in seeded
     # likewise SGLang's routed-experts capture (R3) on a CPU server (tests/sglang_shims/routed_experts is test tooling)
     assert routes.startswith("rollout.return_routed_experts: local CPU servers") and "\n" not in routes
@@ -130,12 +131,13 @@ def _local_cpu_refusals(rank, world, tmp):
 
     out = []
     for extra in (["rollout.seeded_sampling=true"],
-                  ["rollout.return_routed_experts=true", "model=tiny-moe"]):
+                  ["rollout.return_routed_experts=true", "model=tiny-moe"], []):
         cfg = compose_config(["rollout=sglang", f"logging.run_dir={tmp}/run", "rollout.prompts_per_step=4",
                               "rollout.n_samples=4", "trainer.micro_batch_size=4"] + extra)
         try:
-            Trainer(cfg)
-            out.append("no error")
+            trainer = Trainer(cfg)  # local servers start in fit(), not here
+            out.append(f"overlap={trainer.overlap}")
+            trainer.close()
         except ValueError as exc:
             out.append(str(exc))
             destroy_parallel()  # refused after the process groups were made
