@@ -145,46 +145,30 @@ def _rows(sequences: list[list[int]], micro: int) -> list[list[int]]:
 
 
 def _full_logits(actor, batch, lengths: list[int]) -> list[Any] | None:
-    """Vocab-gathered logits [L_b, V] (fp32, padding rows dropped) of every row, on the last stage; a forward-only
-    schedule like the actor's π_old pass, with the output layer applied to every real position."""
+    """Vocab-gathered logits [L_b, V] (fp32, padding rows dropped) of every row, on the last stage: the actor's
+    forward-only schedule (``PolicyActor.run_forward_only``) with the output layer applied to every position."""
     import torch
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from .. import collectives
     from ..policy.forward import unwrap_model, vocab_parallel_logits
 
-    mbs = actor.micro_batches(batch)
-    got: dict[int, torch.Tensor] = {}
     vocab = actor.model_cfg.vocab_size
     tp_group = actor.tp_group
 
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        out = actor._run_model(model, mb)  # the π_old pass's feed (final-norm hidden states on the last stage)
+    def head(model, hidden, mb):  # hidden: the π_old pass's feed (final-norm hidden states on the last stage)
+        b, width = mb.input_ids.shape
+        rows = torch.stack(torch.meshgrid(torch.arange(width), torch.arange(b), indexing="ij"), -1)
+        rows = rows.reshape(-1, 2).to(hidden.device)  # (position, row), position-major
+        logits = vocab_parallel_logits(unwrap_model(model), hidden, rows, tp_group=tp_group)  # [W·b, V/TP]
+        if tp_group is not None:
+            logits = torch.cat(collectives.all_gather(logits.contiguous(), tp_group), dim=-1)
+        return logits[:, :vocab].float().reshape(width, b, vocab).transpose(0, 1).cpu()
 
-        def loss_fn(hidden):
-            b, width = mb.input_ids.shape
-            rows = torch.stack(torch.meshgrid(torch.arange(width), torch.arange(b), indexing="ij"), -1)
-            rows = rows.reshape(-1, 2).to(hidden.device)  # (position, row), position-major
-            logits = vocab_parallel_logits(unwrap_model(model), hidden, rows, tp_group=tp_group)  # [W·b, V/TP]
-            if tp_group is not None:
-                logits = torch.cat(collectives.all_gather(logits.contiguous(), tp_group), dim=-1)
-            got[mb.id] = logits[:, :vocab].float().reshape(width, b, vocab).transpose(0, 1).cpu()
-            return hidden.new_zeros(()), {}
-
-        return out, loss_fn
-
-    for m in actor.chunks:
-        m.eval()
     with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(mbs) if len(actor.chunks) == 1 else [iter(mbs) for _ in actor.chunks],
-            model=list(actor.chunks), num_microbatches=len(mbs), seq_length=batch.input_ids.shape[1],
-            micro_batch_size=actor.micro_batch_size, forward_only=True)
-    if not actor.is_last_stage:
+        parts = actor.run_forward_only(batch, head)
+    if parts is None:
         return None
-    full = torch.cat([got[i] for i in range(len(mbs))], 0)
+    full = torch.cat(parts, 0)
     return [full[b, :n].clone() for b, n in enumerate(lengths)]
 
 

@@ -429,8 +429,11 @@ class PolicyActor:
         return logprobs_from_hidden(gpt, hidden, mb.input_ids, mb.response_mask, **opts)
 
     @torch.no_grad()
-    def _forward_only_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
-        """[N, L] response log-probs on the last pipeline stage (None elsewhere), one forward-only schedule."""
+    def run_forward_only(self, batch: RolloutBatch, head) -> list[torch.Tensor] | None:
+        """One forward-only schedule over ``batch``'s micro-batches (megatron's, any PP / VPP); ``head(chunk,
+        hidden, mb)`` turns each micro-batch's final hidden states on the last stage into a tensor. Returns them in
+        micro-batch order on the last stage, None elsewhere. The π_old / reference pass and ``oar-convert
+        logprobs``' full logits are heads of it."""
         mbs = self.micro_batches(batch)
         got: dict[int, torch.Tensor] = {}
 
@@ -439,8 +442,7 @@ class PolicyActor:
             out = self._run_model(model, mb)
 
             def loss_fn(hidden):
-                logp, _ = self._logprobs(model, hidden, mb, False)
-                got[mb.id] = logp.detach().float().cpu()
+                got[mb.id] = head(model, hidden, mb)
                 return hidden.new_zeros(()), {}
 
             return out, loss_fn
@@ -455,7 +457,13 @@ class PolicyActor:
             micro_batch_size=self.micro_batch_size, forward_only=True)
         if not self.is_last_stage:
             return None
-        return torch.cat([got[i] for i in range(len(mbs))], 0)
+        return [got[i] for i in range(len(mbs))]
+
+    def _forward_only_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """[N, L] response log-probs on the last pipeline stage (None elsewhere), one forward-only schedule."""
+        parts = self.run_forward_only(
+            batch, lambda chunk, hidden, mb: self._logprobs(chunk, hidden, mb, False)[0].detach().float().cpu())
+        return None if parts is None else torch.cat(parts, 0)
 
     def compute_old_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
         """π_old log-probs into ``batch.old_logp`` (last stage); records MoE routes for the updates of this batch;
