@@ -84,3 +84,23 @@ def make_synthetic_qwen3(directory: str | Path, seed: int = 0):
                                       tie_word_embeddings=True, initializer_range=0.2)
     config.architectures = ["Qwen3ForCausalLM"]
     return save_random(config, directory, seed)
+
+
+def hf_references(tmp_path_factory, cases, batch: int = 2, seq: int = 16, prompt: int = 4, suffix: str = "",
+                  **overrides):
+    """For the parity tests: each case built (``make_hf_model``, ``overrides``) into a fresh directory, and its fp32
+    reference on ``batch`` × ``seq`` random ids (seed 5): logits [B, S, V] and response log-probs [B, S] (position
+    t holds log p(ids[t] | ids[:t]); the first ``prompt`` positions, not response tokens, are 0). Returns
+    ``(dirs, refs, ids)`` with ``refs[case] = (logits, logp)``."""
+    dirs, refs = {}, {}
+    ids = torch.randint(0, _COMMON["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(5))
+    for case in cases:
+        d = tmp_path_factory.mktemp(case.replace(".", "_") + suffix)
+        model = make_hf_model(case, d, **overrides)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        logp = torch.nn.functional.pad(logp, (1, 0))
+        logp[:, :prompt] = 0
+        dirs[case], refs[case] = str(d), (logits, logp)
+    return dirs, refs, ids

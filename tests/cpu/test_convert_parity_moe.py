@@ -16,7 +16,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests.convert.hf_tiny import MOE_CASES, make_hf_model
+from tests.convert.hf_tiny import MOE_CASES, hf_references
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.megatron, pytest.mark.dist]
@@ -83,18 +83,7 @@ def _ranks(rank, world_size, dirs, ids, layouts):
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    dirs, refs = {}, {}
-    ids = torch.randint(0, 100, (B, S), generator=torch.Generator().manual_seed(5))
-    for case in MOE_CASES:
-        d = tmp_path_factory.mktemp(case)
-        model = make_hf_model(case, d)
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-        logp = torch.nn.functional.pad(logp, (1, 0))
-        logp[:, :4] = 0  # prompt positions: not response tokens
-        dirs[case], refs[case] = str(d), (logits, logp)
-    return dirs, refs, ids
+    return hf_references(tmp_path_factory, MOE_CASES, B, S)
 
 
 @pytest.mark.parametrize("world", [1, 2])
