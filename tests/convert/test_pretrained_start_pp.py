@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.convert.hf_tiny import save_random
+from tests.convert.test_pretrained_start import _hf_logprobs
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.megatron]
@@ -94,14 +95,6 @@ def _ranks(rank, world, dirs):
             out[name] = res
         finally:
             destroy_parallel()
-    return out
-
-
-def _hf_logprobs(model, ids):
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits.double(), -1)
-    out = torch.zeros(ids.shape, dtype=torch.float64)
-    out[:, 1:] = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     return out
 
 
