@@ -197,7 +197,8 @@ class FakeSGLang:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def start(self) -> str:
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on ``host:port`` (default: loopback, a free port) in a thread; returns the base URL."""
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -215,7 +216,8 @@ class FakeSGLang:
         class Server(ThreadingHTTPServer):
             request_queue_size = 256  # http.server's 5 drops connections under a burst of concurrent requests
 
-        self._httpd = Server(("127.0.0.1", 0), Handler)
+        self._host = host
+        self._httpd = Server((host, port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True, name="fake-sglang")
         self._thread.start()
@@ -224,7 +226,7 @@ class FakeSGLang:
     @property
     def url(self) -> str:
         assert self._httpd is not None
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        return f"http://{self._host}:{self._httpd.server_address[1]}"
 
     def stop(self) -> None:
         if self._httpd is not None and not self.dead:

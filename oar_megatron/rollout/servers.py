@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 
 __all__ = ["SGLangServers", "ServerStartError", "default_sglang_python", "free_port", "router_command",
-           "server_command", "sglang_venv_dir"]
+           "server_command", "sglang_venv_dir", "this_node"]
 
 # Flags measured on a 2-core AVX2 machine with sglang 0.5.23 (SGLANG_CPU.md): the server is ready in ~40 s.
 CPU_SERVER_FLAGS = ("--attention-backend", "torch_native", "--sampling-backend", "pytorch", "--skip-server-warmup")
@@ -377,30 +377,104 @@ class SGLangServers:
                 time.sleep(0.5)
 
 
+def this_node() -> str:
+    """This node's name as the cluster knows it: ``$SLURMD_NODENAME`` under Slurm, else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)  # a reader sees the whole file or none
+
+
+class _Stop(Exception):
+    """SIGTERM / SIGINT while serving (Slurm ends the server step, the job script's trap, Ctrl-C)."""
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m oar_megatron.rollout.servers MODEL [--n N] [--router] ...``: start servers, print their URLs,
-    serve until Ctrl-C (a manual check of an SGLang environment)."""
+    """``python -m oar_megatron.rollout.servers MODEL [--n N] [--router] ...``: start servers, print their URLs, serve
+    until SIGTERM / Ctrl-C (then stop them: exit 0) or until one dies (exit 1, naming it with its log tail).
+
+    On a cluster (``launch/slurm.sh`` with ``OAR_SGLANG_NODES``) each server node runs it with ``--host auto`` (bind
+    this node's name, ``$SLURMD_NODENAME``: the servers are reachable from the training nodes; never the default,
+    which is loopback) and ``--url-file DIR/{host}.json``: once every server (and router) answers ``/health`` the file
+    is written atomically with ``{"host", "urls", "router_url", "log_dir", "pid"}``; a start failure writes
+    ``{"host", "error"}`` instead, so the job script fails at once naming the node. Unknown arguments go to every
+    ``sglang.launch_server``."""
     import argparse
+    import shlex
 
     ap = argparse.ArgumentParser(prog="python -m oar_megatron.rollout.servers", description=_main.__doc__)
     ap.add_argument("model_path")
-    ap.add_argument("--n", type=int, default=1)
-    ap.add_argument("--router", action="store_true")
+    ap.add_argument("--n", type=int, default=1, help="servers on this node")
+    ap.add_argument("--router", action="store_true", help="also an sglang-router in front of them")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--devices", nargs="+", default=None,
+                    help="CUDA_VISIBLE_DEVICES per server, e.g. --devices 0,1 2,3 (with --tp-size 2)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="bind address (default loopback); 'auto': this node's name ($SLURMD_NODENAME or hostname)")
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--python", default=None)
-    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--python", default=None, help="the SGLang environment's interpreter (default $OAR_SGLANG_PYTHON)")
+    ap.add_argument("--run-dir", default=None, help="server logs (default a temporary directory)")
+    ap.add_argument("--url-file", default=None, help="write the URLs here once healthy ('{host}' is replaced)")
+    ap.add_argument("--api-key-env", default=None, help="name of an environment variable holding the --api-key")
+    ap.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for /health")
     ap.add_argument("--skip-tokenizer-init", action="store_true")
     args, extra = ap.parse_known_args(argv)
-    with SGLangServers(args.model_path, args.n, python=args.python, device=args.device, dtype=args.dtype,
-                       router=args.router, run_dir=args.run_dir, skip_tokenizer_init=args.skip_tokenizer_init,
-                       extra_args=extra) as s:
-        print(f"ready in {s.startup_seconds:.1f} s: servers {s.urls} router {s.router_url} logs {s.run_dir}",
-              flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            while all(s.alive(i) for i in range(s.n)):
-                time.sleep(1)
-    return 0
+    if args.n < 1:
+        ap.error(f"--n must be >= 1, got {args.n}")
+    host = this_node() if args.host == "auto" else args.host
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            ap.error(f"--api-key-env: ${args.api_key_env} is not set")
+    url_file = Path(args.url_file.replace("{host}", host)) if args.url_file else None
+    run_dir = args.run_dir.replace("{host}", host) if args.run_dir else None
+
+    def _on_signal(signum, frame):
+        raise _Stop(signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    s = SGLangServers(args.model_path, args.n, python=args.python, device=args.device, devices=args.devices,
+                      dtype=args.dtype, host=host, router=args.router, run_dir=run_dir, api_key=api_key,
+                      skip_tokenizer_init=args.skip_tokenizer_init, extra_args=extra,
+                      startup_timeout=args.startup_timeout)
+    try:
+        try:
+            s.start()
+        except ServerStartError as e:
+            print(f"sglang servers on {host}: {e}", file=sys.stderr, flush=True)
+            if url_file:
+                _write_json_atomic(url_file, {"host": host, "error": str(e).splitlines()[0],
+                                              "log_dir": str(s.run_dir)})
+            return 1
+        if url_file:
+            _write_json_atomic(url_file, {"host": host, "urls": s.urls, "router_url": s.router_url,
+                                          "log_dir": str(s.run_dir), "pid": os.getpid()})
+        print(f"ready in {s.startup_seconds:.1f} s on {host}: servers {shlex.join(s.urls)} router {s.router_url} "
+              f"logs {s.run_dir}", flush=True)
+        while True:
+            dead = [i for i in range(s.n) if not s.alive(i)]
+            if dead or (s.router is not None and not s.router.alive()):
+                name = f"sglang server {dead[0]}" if dead else "sglang router"
+                print(f"{name} on {host} exited; last lines of its log:\n{s.log_tail(dead[0] if dead else None)}",
+                      file=sys.stderr, flush=True)
+                return 1
+            time.sleep(1)
+    except _Stop as e:
+        print(f"sglang servers on {host}: {e} received, stopping", flush=True)
+        return 0
+    finally:
+        for sig in old:  # a second SIGTERM must not kill us half-way: the servers run in sessions of their own
+            signal.signal(sig, signal.SIG_IGN)
+        s.stop()
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 if __name__ == "__main__":
