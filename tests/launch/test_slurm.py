@@ -216,3 +216,60 @@ def test_outside_a_job_the_script_says_how_to_submit_it(tmp_path):
     env = {k: v for k, v in _env(tmp_path).items() if not k.startswith("SLURM_")}
     r = subprocess.run(["bash", "launch/slurm.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "runs inside a Slurm job: submit it with sbatch" in r.stderr
+
+
+def test_submit_checks_the_config_for_the_job_size_then_submits_and_records(tmp_path):
+    run, record = tmp_path / "run", tmp_path / "submitted.jsonl"
+    env = _env(tmp_path, OAR_RUN_DIR=str(run), OAR_SUBMIT_LOG=str(record))
+    overrides = TINY + ["trainer.steps=2", "checkpoint.every=0", "checkpoint.save_final=false"]
+    r = subprocess.run(["bash", "launch/submit.sh", "--nodes", "2", "--ntasks-per-node", "1", "--output",
+                        str(tmp_path / "job.out"), "--", *overrides], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "checking the config for 2 training ranks" in r.stdout and "layout     world 2 = tp 1" in r.stdout
+    assert "submitted job 1000" in r.stdout and _train_steps(run) == [1, 2]
+    (rec,) = [json.loads(x) for x in record.read_text().splitlines()]
+    assert rec["job_id"] == "1000" and rec["overrides"] == overrides and rec["env"]["OAR_RUN_DIR"] == str(run)
+    assert rec["sbatch"][:2] == ["--job-name", "oar-train"] and rec["sbatch"][2:6] == ["--nodes", "2",
+                                                                                      "--ntasks-per-node", "1"]
+    assert json.loads((run / "slurm" / "job-1000.json").read_text())["job_name"] == "oar-train"
+
+
+@pytest.mark.parametrize("sbatch,overrides,expect", [
+    (["--nodes", "1", "--ntasks-per-node", "3"], ["+experiment=qwen3-8b-oar-g"], "for 3 ranks"),
+    (["--nodes", "2", "--ntasks-per-node", "1"], ["rollout.prompts_per_step=3"], "for 2 ranks"),
+    (["--nodes", "2", "--ntasks-per-node", "1"], ["rollout.no_such_key=1"], "no_such_key"),
+])
+def test_submit_refuses_a_config_that_cannot_run_and_queues_nothing(tmp_path, sbatch, overrides, expect):
+    record = tmp_path / "submitted.jsonl"
+    r = subprocess.run(["bash", "launch/submit.sh", *sbatch, "--", *overrides], cwd=ROOT,
+                       env=_env(tmp_path, OAR_SUBMIT_LOG=str(record)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and expect in r.stderr, r.stdout + r.stderr
+    assert "nothing was submitted" in r.stderr
+    assert not record.exists() and not list((tmp_path / "slurm-state").glob("job-*"))
+
+
+def test_fake_hostlists_follow_slurm_syntax_and_agree_with_rank_env():
+    sys.path.insert(0, str(ROOT / "tests" / "slurm_fake"))
+    from fakeslurm import compress, expand
+
+    from oar_megatron.policy.parallel import first_slurm_host
+
+    assert expand("gpu[003-005,9],cpu1") == ["gpu003", "gpu004", "gpu005", "gpu9", "cpu1"]
+    assert expand("r[1-2]-n[07-08]") == ["r1-n07", "r1-n08", "r2-n07", "r2-n08"]
+    for hosts in (["127.0.0.1", "127.0.0.2"], ["n07", "n08", "n10"], ["a", "b"], ["x1"]):
+        assert expand(compress(hosts)) == hosts and first_slurm_host(compress(hosts)) == hosts[0]
+    assert compress(["127.0.0.1", "127.0.0.2"]) == "127.0.0.[1-2]"
+
+
+def test_the_documented_try_it_command_runs(tmp_path):
+    """docs/slurm.md's "Try it without a cluster" command, as written there (its /tmp paths moved into tmp_path)."""
+    text = (ROOT / "docs" / "slurm.md").read_text()
+    block = text.split("## Try it without a cluster", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    cmd = block.replace("/tmp/", f"{tmp_path}/")
+    env = {k: v for k, v in _env(tmp_path).items() if k not in ("OAR_PREFLIGHT", "FAKE_SLURM_NODES")}
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "slurm-demo.out").read_text()
+    assert r.returncode == 0, r.stdout + r.stderr + log
+    assert "preflight: all checks passed" in log and "world 2 = tp 1 x pp 1 x cp 1 x dp 2" in log
+    assert _train_steps(tmp_path / "slurm-demo") == [1, 2, 3, 4, 5]

@@ -1,7 +1,9 @@
 """oar_megatron.rollout.servers without SGLang: command lines, ports, logs, health waiting, start errors and stop,
 against a fake ``python`` that (per $FAKE_MODE) serves /health on the --port it is given, never serves, or dies."""
 
+import json
 import os
+import subprocess
 import signal
 import sys
 import textwrap
@@ -194,3 +196,80 @@ def test_atexit_stops_servers(fake_python, tmp_path):
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stderr
     assert _group_gone(int(out.stdout.split()[-1]))
+
+
+def _cli(fake_python, tmp_path, *args, **env):
+    e = dict(os.environ, SLURMD_NODENAME="127.0.0.1", **env)
+    return subprocess.Popen([sys.executable, "-m", "oar_megatron.rollout.servers", str(tmp_path / "model"),
+                             "--python", fake_python, "--host", "auto", "--run-dir", str(tmp_path / "logs/{host}"),
+                             "--url-file", str(tmp_path / "urls/{host}.json"), *args], env=e, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_file(path, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return json.loads(path.read_text())
+
+
+def test_cli_on_a_server_node_url_file_sigterm_and_death(fake_python, tmp_path):
+    """The CLI launch/slurm.sh runs on each server node: binds the node's name, reports its URLs once healthy,
+    stops its servers on SIGTERM (exit 0), and exits 1 naming a server that died."""
+    proc = _cli(fake_python, tmp_path, "--n", "2", "--api-key-env", "MY_KEY", "--max-total-tokens", "99",
+                MY_KEY="sekret", FAKE_KEY="sekret")
+    rec = _wait_file(tmp_path / "urls" / "127.0.0.1.json", proc)
+    assert rec["host"] == "127.0.0.1" and len(rec["urls"]) == 2 and rec["router_url"] is None
+    assert all(u.startswith("http://127.0.0.1:") for u in rec["urls"]) and rec["log_dir"] == str(tmp_path / "logs/127.0.0.1")
+    log0 = (tmp_path / "logs" / "127.0.0.1" / "sglang-server-0.log").read_text()
+    assert "--host 127.0.0.1" in log0 and "--api-key REDACTED" in log0 and "--max-total-tokens 99" in log0
+    assert httpx.get(rec["urls"][0] + "/health", headers={"Authorization": "Bearer sekret"}).status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "SIGTERM received, stopping" in out, (out, err)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(rec["urls"][0] + "/health", timeout=2)
+
+    proc = _cli(fake_python, tmp_path / "b")
+    rec = _wait_file(tmp_path / "b" / "urls" / "127.0.0.1.json", proc)
+    server = subprocess.run(["pgrep", "-f", f"{fake_python} -m sglang.launch_server --model-path {tmp_path}/b/model"],
+                            capture_output=True, text=True).stdout.split()
+    os.kill(int(server[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "sglang server 0 on 127.0.0.1 exited" in err, (out, err)
+
+
+def test_cli_reports_a_start_failure_in_the_url_file(fake_python, tmp_path):
+    proc = _cli(fake_python, tmp_path, FAKE_MODE="die")
+    rec = _wait_file(tmp_path / "urls" / "127.0.0.1.json", proc)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "exited with code 3 before it was healthy" in rec["error"]
+    assert "boom: cannot load model" in err  # the log tail, on the node's stderr (the job log)
+    proc = subprocess.run([sys.executable, "-m", "oar_megatron.rollout.servers", "/m", "--api-key-env", "UNSET_KEY_X"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "$UNSET_KEY_X is not set" in proc.stderr
+
+
+def test_server_nodes_wait_and_overrides(tmp_path):
+    from oar_megatron.rollout.server_nodes import ServerNodesError, overrides, wait_for_nodes
+
+    d = tmp_path / "urls"
+    d.mkdir()
+    (d / "a.json").write_text(json.dumps({"host": "a", "urls": ["http://a:1", "http://a:2"], "router_url": None}))
+    with pytest.raises(ServerNodesError, match=r"sglang servers on node b not healthy after 0 s \(1 of 2 nodes"):
+        wait_for_nodes(d, ["a", "b"], timeout_s=0.2, poll_s=0.05)
+    with pytest.raises(ServerNodesError, match="the sglang server step exited before node b was ready"):
+        wait_for_nodes(d, ["a", "b"], timeout_s=60, alive=lambda: False, poll_s=0.05)
+    (tmp_path / "logs" / "b").mkdir(parents=True)
+    (tmp_path / "logs" / "b" / "sglang-server-0.log").write_text("line 1\nCUDA out of memory\n")
+    (d / "b.json").write_text(json.dumps({"host": "b", "error": "sglang server 0 exited with code 1"}))
+    with pytest.raises(ServerNodesError, match=r"(?s)node b failed to start: sglang server 0 exited.*CUDA out of"):
+        wait_for_nodes(d, ["a", "b"], timeout_s=1, logs=tmp_path / "logs")
+    (d / "b.json").write_text(json.dumps({"host": "b", "urls": ["http://b:1"], "router_url": "http://b:9"}))
+    recs = wait_for_nodes(d, ["b", "a"], timeout_s=1)
+    assert [r["host"] for r in recs] == ["b", "a"]
+    assert overrides(recs) == ["rollout.server_urls=[http://b:1,http://a:1,http://a:2]",
+                               "rollout.router_url=http://b:9"]
+    with pytest.raises(ServerNodesError, match="2 server nodes run a router"):
+        overrides([recs[0], recs[0]])

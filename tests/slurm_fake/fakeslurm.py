@@ -8,7 +8,7 @@ a real cluster sets, so ``launch/slurm.sh`` and the trainer's ``rank_env`` canno
   reached at that name and a rendezvous on the first training node's name really goes over TCP.
 * ``sbatch [options] SCRIPT [args]``: options from the command line and the script's ``#SBATCH`` lines (command
   line wins); allocates the first ``--nodes`` nodes; runs the script on the first node **synchronously** (as
-  ``sbatch --wait``: prints ``Submitted batch job N``, exits with the job's code), output to ``--output``
+  ``sbatch --wait``: prints ``Submitted batch job N`` (``N`` with ``--parsable``), exits with the job's code), output to ``--output``
   (``%j`` job id, ``%x`` job name; default ``slurm-%j.out``). SIGTERM/SIGINT to sbatch is a preemption: the whole
   job gets SIGTERM. Jobs are recorded under ``$FAKE_SLURM_DIR`` for ``scontrol requeue``.
 * ``srun [options] CMD...`` inside a job: the step's nodes (``--nodelist`` or the first ``--nodes`` of the job),
@@ -177,7 +177,7 @@ def sbatch(argv: list[str]) -> int:
     record = {"id": job_id, "script": str(script.resolve()), "args": args, "env": env, "opts": opts,
               "cwd": os.getcwd(), "restarts": 0}
     (state / f"job-{job_id}.json").write_text(json.dumps(record))
-    print(f"Submitted batch job {job_id}", flush=True)
+    print(job_id if "--parsable" in opts else f"Submitted batch job {job_id}", flush=True)
     return _run_job(record)
 
 
