@@ -23,7 +23,7 @@ SHAPERS = ("none", "oar")
 
 @dataclass(kw_only=True)
 class AdvantageConfig:
-    estimator: str = "grpo"  # grpo | dr_grpo | rloo
+    estimator: str = "grpo"  # group-relative (std-scaled), Dr.GRPO (mean only) or leave-one-out
     eps: float = 1e-6  # added to the group std (grpo only)
     filter_groups: bool = False  # drop groups whose verdicts are all equal (DAPO dynamic sampling)
     whiten: bool = False  # whiten advantages over the data-parallel group
@@ -57,8 +57,8 @@ class ShaperConfig:
     """Token-advantage shaper. ``none``: the outcome advantage on every token. ``oar``: Â_t = Â·w_t with w from
     saliency (ALGORITHMS.md §1)."""
 
-    name: str = "none"  # none | oar
-    saliency: str = "oar_g"  # oar_g | oar_p
+    name: str = "none"  # none: the outcome advantage on every token; oar: saliency-weighted
+    saliency: str = "oar_g"  # OAR-G (gradient × input) or OAR-P (pad-replacement counterfactuals)
     pfinal_mode: str | None = None  # None: answer_mean for oar_g, last for oar_p (ALGORITHMS.md §1.4)
     noise_std: float = 1e-3  # OAR-G: std of the embedding noise the gradient is taken at
     quantile: float = 0.25  # reshaping threshold τ: this quantile of a row's normalised scores
@@ -69,7 +69,8 @@ class ShaperConfig:
 
 @dataclass(kw_only=True)
 class RolloutCorrectionConfig:
-    mode: str | None = None  # None | tis | icepop: importance weights π_old / π_rollout
+    mode: str | None = None  # importance weights π_old / π_rollout: truncated (tis) or masked outside a band
+    # (icepop); None: off
     level: str = "token"  # ratio per token, per sequence (product) or geometric (length-normalised)
     low: float | None = None  # lower bound of the band (None: tis none, icepop 0.5)
     high: float | None = None  # upper bound / truncation C (None: 2.0)

@@ -153,7 +153,8 @@ class SyntheticConfig:
 class DataConfig:
     path: str = "synthetic"  # "synthetic" or a .jsonl / .parquet file
     tokenizer: str = "synthetic"  # "synthetic" or a local Hugging Face tokenizer directory
-    layout: str | None = None  # None | gsm8k | math | dapo_math (sets the keys and answer extraction)
+    layout: str | None = None  # a known dataset layout: sets the keys and answer extraction (None: prompt_key /
+    # answer_key)
     prompt_key: str | None = None  # dotted path into a row; None: the layout's key, else "prompt"
     answer_key: str | None = None  # None: the layout's key, else "answer"
     prompt_template: str | None = None  # str.format template with {prompt}
@@ -262,7 +263,7 @@ class TrainerConfig:
     steps: int = 200  # RL steps (rollout batches)
     seed: int = 0  # model init, sampling and OAR-G noise seed
     micro_batch_size: int = 16  # rows per micro-batch
-    recompute: str | None = None  # None | selective | full
+    recompute: str | None = None  # activation recompute in the update: selective (attention), full (None: off)
     routing_replay: bool | None = None  # None: on for MoE
     world_size: int | None = None  # dry-run only: plan for this many ranks (default: the launcher's)
     dry_run: bool = False  # print the resolved plan and exit
