@@ -60,7 +60,7 @@ PROGRAMS = ("oar-train", "oar-eval", "oar-convert", "python", "python3", "bash",
 GPU_ONLY_COMMENT = re.compile(r"#\s*GPU-only\b")
 GPU_ONLY_BLOCK = "<!-- gpu-only -->"
 GPU_ONLY_INLINE = "(GPU-only"  # "(GPU-only)" or "(GPU-only: why)"
-ENV_ASSIGN = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*=\S*\s+)+")
+ENV_ASSIGN = re.compile(r"""^(?:[A-Za-z_][A-Za-z0-9_]*=(?:"[^"]*"|'[^']*'|\S*)\s+)+""")
 PLACEHOLDER = re.compile(r"\.\.\.|…|<[^<>]+>|/path/to/|(?<![A-Za-z0-9_.-])[A-Z][A-Z0-9_]*(?![A-Za-z0-9])")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
@@ -85,7 +85,10 @@ class Command:
 
     @property
     def argv(self) -> list[str]:
-        return shlex.split(self.text, posix=True)
+        try:
+            return shlex.split(self.text, posix=True)
+        except ValueError:  # unbalanced quotes in a synopsis: plain words
+            return self.text.split()
 
     @property
     def program(self) -> str:
@@ -346,7 +349,7 @@ Run `oar-train trainer.steps=5` or `oar-convert verify HF_DIR --tp 2` (GPU-only)
 bash launch/setup_cpu.sh && .venv/bin/oar-train \\
     algorithm=grpo   # the second command
 # a comment line
-OMP_NUM_THREADS=1 oar-train trainer.preflight=true   # GPU-only: on the cluster
+OMP_NUM_THREADS=1 A="x y" oar-train trainer.preflight=true   # GPU-only: on the cluster
 ```
 
 <!-- gpu-only -->
