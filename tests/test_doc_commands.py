@@ -28,7 +28,8 @@ rot). Cheap forms, all under a 2-minute budget on an idle machine:
   larger N is validated in-process against N ranks (``trainer.world_size=N``).
 * ``oar-convert SUB ARGS`` and ``python SCRIPT ARGS`` / ``python -m MODULE ARGS``: ``--help`` of the subcommand /
   script must succeed and list every ``--flag`` the documented command uses (they run heavy conversions and
-  benchmarks; the conversions themselves are run by tests/convert/).
+  benchmarks; the conversions themselves are run by tests/convert/); an ``oar-convert`` command with arguments
+  must also parse with oar-convert's own parser (placeholders as ``1``), so positionals and values are checked.
 
 Placeholders (an argument with ``...``, ``<...>``, an ALL-CAPS word such as ``HF_DIR``, ``N``, ``RUN/checkpoints``,
 or ``/path/to/``) are dropped before a dry run; flags inside ``[...]`` synopses are checked like the others.
@@ -301,9 +302,51 @@ def _help_covers(cmd: Command, help_text: str) -> str | None:
     return f"{cmd.where}\n    flags not in its --help: {missing}" if missing else None
 
 
+class _Parsed(Exception):
+    pass
+
+
+def _synopsis_argv(args: list[str]) -> list[str]:
+    """A synopsis as an argv: ``[``/``]`` dropped, ``a|b`` → ``a``, every placeholder → ``1`` (a valid int, float
+    and path alike)."""
+    out = []
+    for a in args:
+        a = a.strip("[]")
+        if not a:
+            continue
+        a = a.split("|")[0] if "|" in a and not a.startswith("-") else a
+        out.append("1" if PLACEHOLDER.search(a) else a)
+    return out
+
+
+def _parse_error(main, argv: list[str]) -> str | None:
+    """None when ``main``'s argparse parser accepts ``argv`` (nothing is run: parsing stops the call), else why."""
+    import argparse
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise _Parsed
+
+    err = io.StringIO()
+    try:
+        argparse.ArgumentParser.parse_args = parse_only
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            main(argv)
+    except _Parsed:
+        return None
+    except SystemExit:
+        return err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "exit"
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return "ran without parsing"
+
+
 def test_tool_commands_accept_their_flags(by_kind):
     """oar-convert subcommands (in-process) and python scripts / modules (subprocesses): --help succeeds and lists
-    every documented flag."""
+    every documented flag; an oar-convert command with arguments also parses with oar-convert's own parser
+    (placeholders as ``1``; parsing stops the call, nothing is converted)."""
     from oar_megatron.convert import cli
 
     failures = []
@@ -324,6 +367,8 @@ def test_tool_commands_accept_their_flags(by_kind):
             failures.append(f"{cmd.where}\n    oar-convert has no subcommand {sub!r}")
         elif (bad := _help_covers(cmd, text)) is not None:
             failures.append(bad)
+        elif len(cmd.argv) > 2 and (bad := _parse_error(cli.main, _synopsis_argv(cmd.argv[1:]))) is not None:
+            failures.append(f"{cmd.where}\n    does not parse as {_synopsis_argv(cmd.argv[1:])}: {bad}")
     for cmd in by_kind.get("python-help", []):
         argv = cmd.argv
         target = tuple(argv[1:3]) if argv[1] == "-m" else (argv[1],)
