@@ -429,3 +429,13 @@ def test_extraction_rules():
     assert kind_of(Command("x", 1, "bash launch/torchrun.sh 8 parallel=tp2", False)) == "oar-train"
     assert kind_of(Command("x", 1, "bash launch/torchrun.sh NPROC ...", False)) is None
     assert kind_of(Command("x", 1, "sbatch launch/slurm.sh", False)) is None
+    assert _synopsis_argv(["verify", "HF_DIR", "[--tp", "N]", "[--dtype", "fp32|bf16]"]) == [
+        "verify", "1", "--tp", "1", "--dtype", "fp32"]
+
+
+def test_parse_check_catches_a_wrong_synopsis():
+    from oar_megatron.convert import cli
+
+    assert _parse_error(cli.main, ["verify", "1", "--tp", "2"]) is None
+    assert "--tokens" in _parse_error(cli.main, ["logprobs", "1", "--pp", "2"])
+    assert "unrecognized" in _parse_error(cli.main, ["hf-to-mcore", "1", "1", "--tensor-parallel", "2"])
