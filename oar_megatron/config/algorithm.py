@@ -18,12 +18,13 @@ from ..algorithms.rollout_correction import CORRECTION_LEVELS, CORRECTION_MODES
 
 SALIENCY_METHODS = ("oar_g", "oar_p")
 PFINAL_MODES = ("last", "answer_mean", "answer_joint")
+SHAPERS = ("none", "oar")
 
 
 @dataclass(kw_only=True)
 class AdvantageConfig:
-    estimator: str = "grpo"  # grpo | dr_grpo | rloo
-    eps: float = 1e-6  # grpo only
+    estimator: str = "grpo"  # group-relative (std-scaled), Dr.GRPO (mean only) or leave-one-out
+    eps: float = 1e-6  # added to the group std (grpo only)
     filter_groups: bool = False  # drop groups whose verdicts are all equal (DAPO dynamic sampling)
     whiten: bool = False  # whiten advantages over the data-parallel group
 
@@ -32,13 +33,13 @@ class AdvantageConfig:
 class LossConfig:
     """Policy-loss options; ``None`` takes the method's paper default (``PolicyLossConfig.for_method``)."""
 
-    name: str = "grpo"
-    eps_low: float | None = None
-    eps_high: float | None = None
-    dual_clip: float | None = None
-    agg: str | None = None
-    # the constant length of "seq-mean-token-sum-norm" (Dr.GRPO); None: rollout.max_new_tokens (TrainConfig.validate)
-    norm_len: int | None = None
+    name: str = "grpo"  # the policy loss (its registry name)
+    eps_low: float | None = None  # lower clip range of the (token or sequence) ratio
+    eps_high: float | None = None  # upper clip range (DAPO clip-higher: above eps_low)
+    dual_clip: float | None = None  # dual-clip constant c > 1 (grpo: A<0 loss capped at −A·c; aspo: soft, both signs)
+    agg: str | None = None  # loss aggregation over tokens and sequences
+    norm_len: int | None = None  # the constant length of "seq-mean-token-sum-norm" (Dr.GRPO); None:
+    # rollout.max_new_tokens (TrainConfig.validate)
 
     def build(self) -> PolicyLossConfig:
         opts = {k: v for k, v in asdict(self).items() if k != "name" and v is not None}
@@ -48,7 +49,7 @@ class LossConfig:
 @dataclass(kw_only=True)
 class KLConfig:
     coef: float = 0.0  # β; 0 disables the reference-policy KL term
-    kind: str = "k3"
+    kind: str = "k3"  # KL estimator (Schulman's k1 / k2 / k3)
 
 
 @dataclass(kw_only=True)
@@ -56,33 +57,35 @@ class ShaperConfig:
     """Token-advantage shaper. ``none``: the outcome advantage on every token. ``oar``: Â_t = Â·w_t with w from
     saliency (ALGORITHMS.md §1)."""
 
-    name: str = "none"  # none | oar
-    saliency: str = "oar_g"  # oar_g | oar_p
+    name: str = "none"  # none: the outcome advantage on every token; oar: saliency-weighted
+    saliency: str = "oar_g"  # OAR-G (gradient × input) or OAR-P (pad-replacement counterfactuals)
     pfinal_mode: str | None = None  # None: answer_mean for oar_g, last for oar_p (ALGORITHMS.md §1.4)
-    noise_std: float = 1e-3
-    quantile: float = 0.25
-    beta: float = 1.0
-    floor: float = 0.1
+    noise_std: float = 1e-3  # OAR-G: std of the embedding noise the gradient is taken at
+    quantile: float = 0.25  # reshaping threshold τ: this quantile of a row's normalised scores
+    beta: float = 1.0  # boost of tokens above τ (weights lie in [floor/(1+beta), (1+beta)/floor])
+    floor: float = 0.1  # weight factor of tokens below τ, before renormalisation to Σw = R
     chunk_size: int = 32  # OAR-P counterfactuals per forward
 
 
 @dataclass(kw_only=True)
 class RolloutCorrectionConfig:
-    mode: str | None = None  # None | tis | icepop
-    level: str = "token"
-    low: float | None = None
-    high: float | None = None
+    mode: str | None = None  # importance weights π_old / π_rollout: truncated (tis) or masked outside a band
+    # (icepop); None: off
+    level: str = "token"  # ratio per token, per sequence (product) or geometric (length-normalised)
+    low: float | None = None  # lower bound of the band (None: tis none, icepop 0.5)
+    high: float | None = None  # upper bound / truncation C (None: 2.0)
 
 
 @dataclass(kw_only=True)
 class AlgorithmConfig:
-    name: str = "grpo"
-    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    shaper: ShaperConfig = field(default_factory=ShaperConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    kl: KLConfig = field(default_factory=KLConfig)
-    entropy_coef: float = 0.0
-    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    name: str = "grpo"  # the preset's name (informational: metrics, run names)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)  # outcome advantages per response
+    shaper: ShaperConfig = field(default_factory=ShaperConfig)  # outcome advantage → per-token advantages (OAR)
+    loss: LossConfig = field(default_factory=LossConfig)  # the policy loss, its clipping and aggregation
+    kl: KLConfig = field(default_factory=KLConfig)  # KL penalty against the reference policy (the policy RL starts from)
+    entropy_coef: float = 0.0  # entropy bonus coefficient (0: off)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)  # TIS / ICEPOP
+    # weights for the rollout engine's log-probs differing from π_old's
     updates_per_batch: int = 1  # optimizer steps (mini-batches) per rollout batch
 
     def validate(self) -> AlgorithmConfig:
@@ -98,8 +101,8 @@ class AlgorithmConfig:
         if self.kl.coef < 0 or self.entropy_coef < 0:
             raise ValueError("algorithm.kl.coef / algorithm.entropy_coef: must be >= 0")
         s = self.shaper
-        if s.name not in ("none", "oar"):
-            raise ValueError(f"algorithm.shaper.name: unknown {s.name!r}; known: 'none', 'oar'")
+        if s.name not in SHAPERS:
+            raise ValueError(f"algorithm.shaper.name: unknown {s.name!r}; known: {', '.join(SHAPERS)}")
         if s.name == "oar":
             if s.saliency not in SALIENCY_METHODS:
                 raise ValueError(f"algorithm.shaper.saliency: unknown {s.saliency!r}; known: {', '.join(SALIENCY_METHODS)}")

@@ -42,54 +42,54 @@ class ModelConfig:
     """
 
     name: str | None = None  # preset name, informational
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
+    num_layers: int  # transformer layers
+    hidden_size: int  # model width
+    num_attention_heads: int  # query heads
     num_query_groups: int | None = None  # GQA key/value heads
     kv_channels: int | None = None  # head dim; Qwen3 sets 128 with hidden != heads * 128
-    ffn_hidden_size: int | None = None
+    ffn_hidden_size: int | None = None  # MLP inner width (None: 4·hidden_size)
     vocab_size: int  # the tokenizer's/checkpoint's; the embedding is padded, see padded_vocab_size(tp)
-    make_vocab_size_divisible_by: int = 128
-    max_position_embeddings: int = 4096
-    position_embedding_type: str = "rope"  # rope | learned_absolute
+    make_vocab_size_divisible_by: int = 128  # the embedding is padded to a multiple of this · tp
+    max_position_embeddings: int = 4096  # longest sequence (prompt + response) the model accepts
+    position_embedding_type: str = "rope"  # rotary (rope) or a learned absolute table
     rotary_base: float = 10000.0  # RoPE theta
-    rotary_percent: float = 1.0
+    rotary_percent: float = 1.0  # share of each head's dimensions rotated by RoPE
     rope_scaling: str = "none"  # none | llama3 (Llama-3.1 frequency scaling; megatron fixes low/high 1/4, orig 8192)
-    rope_scaling_factor: float = 8.0
-    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
-    norm_epsilon: float = 1e-5
+    rope_scaling_factor: float = 8.0  # llama3 RoPE scaling factor
+    normalization: str = "RMSNorm"  # the norm of every layer and the final norm
+    norm_epsilon: float = 1e-5  # normalisation epsilon
     swiglu: bool = True  # gated linear unit with SiLU; False: plain GELU MLP
     qk_layernorm: bool = False  # Qwen3
-    untie_embeddings_and_output_weights: bool = False
-    add_bias_linear: bool = False
+    untie_embeddings_and_output_weights: bool = False  # separate output layer (False: tied to the embedding)
+    add_bias_linear: bool = False  # biases in every linear layer
     add_qkv_bias: bool = False  # Qwen2.5
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0  # dropout after attention and MLP
+    attention_dropout: float = 0.0  # dropout on attention probabilities
+    init_method_std: float = 0.02  # std of the random weight initialisation
+
     # MoE (all layers MoE when num_moe_experts is set)
-    num_moe_experts: int | None = None
-    moe_router_topk: int = 2
-    moe_ffn_hidden_size: int | None = None
-    moe_shared_expert_intermediate_size: int | None = None
-    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    num_moe_experts: int | None = None  # experts per MoE layer (None: a dense model)
+    moe_router_topk: int = 2  # experts each token is routed to
+    moe_ffn_hidden_size: int | None = None  # expert MLP width (None: ffn_hidden_size)
+    moe_shared_expert_intermediate_size: int | None = None  # shared expert MLP width (None: no shared expert)
+    moe_router_score_function: str = "softmax"  # how router logits become expert scores
     moe_router_pre_softmax: bool = False  # False: softmax over the top-k logits (= renormalised top-k, Qwen3-MoE)
-    moe_router_dtype: str | None = None  # None | fp32 | fp64
-    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
-    moe_aux_loss_coeff: float = 0.0
-    moe_z_loss_coeff: float | None = None
-    moe_grouped_gemm: bool = False
-    moe_token_dispatcher_type: str = "alltoall"  # allgather | alltoall | flex
+    moe_router_dtype: str | None = None  # router computation dtype (None: the model's)
+    moe_router_load_balancing_type: str = "aux_loss"  # load-balancing loss (per batch, per sequence, or none)
+    moe_aux_loss_coeff: float = 0.0  # load-balancing auxiliary loss coefficient
+    moe_z_loss_coeff: float | None = None  # router z-loss coefficient (None: off)
+    moe_grouped_gemm: bool = False  # grouped GEMM for the local experts
+    moe_token_dispatcher_type: str = "alltoall"  # how tokens reach their experts' EP ranks (flex: DeepEP, TE only)
+
     # implementation and precision
-    transformer_impl: str = "local"  # local | transformer_engine
-    # float32 | bfloat16 | float16, on CPU too: the one source of truth for precision (config.optim.resolve_precision
-    # derives megatron's DDP/optimizer/loss-scale settings from it)
-    params_dtype: str = "bfloat16"
-    fp8: str | None = None  # None | e4m3 | hybrid
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8
+    transformer_impl: str = "local"  # megatron's layer spec: local (pure PyTorch, CPU too) or Transformer Engine
+    params_dtype: str = "bfloat16"  # weights and activations, on CPU too: the one source of truth for
+    # precision (config.optim.resolve_precision derives megatron's DDP/optimizer/loss-scale settings from it)
+    fp8: str | None = None  # FP8 format of the GEMMs (None: off; Transformer Engine, bf16 only)
+    fp8_recipe: str = "delayed"  # FP8 scaling recipe (blockwise: compute capability 9.0+, mxfp8: 10.0+)
     fp8_param_gather: bool = False  # keep FP8 weights and all-gather them in FP8 (megatron fp8_param)
-    # an HF model directory (config.json + safetensors) the trainer starts from; its config.json must give this
-    # preset's architecture (convert.config.check_pretrained, called by TrainConfig.validate); docs/convert.md
-    pretrained: str | None = None
+    pretrained: str | None = None  # an HF model directory (config.json + safetensors) or a megatron checkpoint the
+    # trainer starts from; its architecture must be this preset's (checked by TrainConfig.validate); docs/convert.md
 
     # ------------------------------------------------------------------------------------------------ derived
 

@@ -23,16 +23,17 @@ DEFAULT_INITIAL_LOSS_SCALE = 2.0**16  # fp16 dynamic scale start (torch GradScal
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    lr: float = 1e-6  # ASPO / GSPO (verl example) use 1e-6
-    min_lr: float = 0.0
-    lr_warmup_steps: int = 0  # optimizer steps
+    lr: float = 1e-6  # peak learning rate (ASPO / GSPO, verl example: 1e-6)
+    min_lr: float = 0.0  # learning rate at the end of the decay
+    lr_warmup_steps: int = 0  # linear warm-up length, in optimizer steps
     lr_decay_steps: int | None = None  # None: constant after warm-up
-    lr_decay_style: str = "constant"
-    weight_decay: float = 0.01  # Archer2.0 uses 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    lr_decay_style: str = "constant"  # schedule after warm-up
+    weight_decay: float = 0.01  # Adam weight decay (Archer2.0 uses 0.1)
+    adam_beta1: float = 0.9  # Adam β1
+    adam_beta2: float = 0.999  # Adam β2
+    adam_eps: float = 1e-8  # Adam ε
     clip_grad: float = 1.0  # global grad-norm clip; 0 disables
+
     # ZeRO-1 sharding and gradient-reduce overlap are layout choices: ParallelConfig.distributed_optimizer /
     # overlap_grad_reduce, passed to policy.optim.wrap_ddp / build_optimizer.
     # Loss scaling (16-bit models only; the dtype is model.params_dtype, see resolve_precision).

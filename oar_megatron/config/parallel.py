@@ -37,11 +37,11 @@ class ParallelConfig:
     etp: int | None = None  # expert tensor parallel; None = tp (megatron's default)
     sequence_parallel: bool = False  # shard layer-norm/dropout activations over the TP group; needs tp > 1
     distributed_optimizer: bool = True  # shard optimizer state over DP (ZeRO-1)
-    overlap_grad_reduce: bool = False
+    overlap_grad_reduce: bool = False  # overlap the DP gradient reduce with the backward pass
     overlap_param_gather: bool = False  # needs distributed_optimizer
     packing: bool = False  # THD-packed micro-batches (cu_seqlens); Transformer Engine attention, pp=1
     order: str = "tp-cp-ep-dp-pp"  # megatron rank order
-    timeout_minutes: int = 30
+    timeout_minutes: int = 30  # process-group (NCCL/gloo) collective timeout
 
     @property
     def expert_tp(self) -> int:

@@ -23,14 +23,22 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .algorithm import AlgorithmConfig
+from ..algorithms.advantages import advantage_estimators
+from ..algorithms.losses import AGG_MODES, KL_KINDS, policy_losses
+from ..algorithms.rollout_correction import CORRECTION_LEVELS, CORRECTION_MODES
+from . import model as _model
+from .algorithm import PFINAL_MODES, SALIENCY_METHODS, SHAPERS, AlgorithmConfig
 from .model import ModelConfig
-from .optim import OptimConfig, resolve_precision
-from .parallel import ParallelConfig, ParallelLayout
+from .optim import LR_DECAY_STYLES, OptimConfig, resolve_precision
+from .parallel import ORDERS, ParallelConfig, ParallelLayout
 
 ROLLOUT_ENGINES = ("local", "sglang")
 SGLANG_TIMEOUT_S = 600.0  # rollout.timeout_s default for the sglang engine
 RESUME_MODES = ("auto", "never")
+WEIGHT_SYNC_MODES = ("disk", "distributed")
+DATA_LAYOUTS = ("gsm8k", "math", "dapo_math")
+RECOMPUTE_MODES = ("selective", "full")
+TENSORBOARD_MODES = ("auto", "true", "false")
 
 
 @dataclass(kw_only=True)
@@ -38,10 +46,10 @@ class RolloutConfig:
     engine: str = "local"  # local (in-process, the trainer's own weights) | sglang (SGLang servers over HTTP)
     prompts_per_step: int = 16  # global, over data-parallel ranks
     n_samples: int = 8  # responses per prompt (the GRPO group size)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1: off
-    max_new_tokens: int = 16
+    temperature: float = 1.0  # sampling temperature (> 0: the policy gradient is taken under it)
+    top_p: float = 1.0  # nucleus sampling (1: off)
+    top_k: int = -1  # top-k sampling (-1: off)
+    max_new_tokens: int = 16  # longest response
     max_batch_size: int = 64  # local engine: rows decoded together
     max_gen_batches: int = 3  # generation rounds per step (dynamic sampling; replacing groups sglang rejected)
     # The SGLang client (engine: sglang; docs/sglang_client.md). Validation refuses these with the local engine, so
@@ -67,16 +75,17 @@ class RolloutConfig:
     # with local servers, which share the trainer's devices; true: refused where ruled out)
     verify_sync: bool | None = None  # sglang: after every sync compare each worker's /weights_checker checksums with
     # those of the tensors sent (dense models, tp_size 1 servers; None: off)
+
     # Local servers (sglang with no server_urls): the run starts them on its initial weights and stops them at exit.
     local_servers: int | None = None  # how many (None: 1)
     local_router: bool | None = None  # also an sglang-router in front of them (None: no; the client balances)
     server_python: str | None = None  # their interpreter (None: $OAR_SGLANG_PYTHON, else the CPU venv's)
     server_dtype: str | None = None  # their --dtype (None: float32 on CPU, auto on GPU)
     server_args: list[str] = field(default_factory=list)  # extra sglang.launch_server arguments (every server)
-    # MoE routing replay from the rollout (R3): every /generate asks for the routed experts (the servers need
-    # --enable-return-routed-experts; local servers get it) and π_old / the updates replay them instead of π_old's
-    # own routes (None: off). MoE models with routing replay on only; refused with the local engine.
-    return_routed_experts: bool | None = None
+
+    return_routed_experts: bool | None = None  # sglang, MoE routing replay from the rollout (R3): every /generate
+    # asks for the routed experts (the servers need --enable-return-routed-experts; local servers get it) and π_old /
+    # the updates replay them instead of π_old's own routes (None: off). MoE models with routing replay on only.
 
     def validate(self) -> RolloutConfig:
         if self.engine not in ROLLOUT_ENGINES:
@@ -111,8 +120,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.max_retries: must be >= 0, got {self.max_retries}")
         if self.min_valid_frac is not None and not 0 < self.min_valid_frac <= 1:
             raise ValueError(f"rollout.min_valid_frac: need 0 < min_valid_frac <= 1, got {self.min_valid_frac}")
-        if self.weight_sync not in (None, "disk", "distributed"):
-            raise ValueError(f"rollout.weight_sync: unknown {self.weight_sync!r}; known: disk, distributed")
+        if self.weight_sync not in (None, *WEIGHT_SYNC_MODES):
+            raise ValueError(f"rollout.weight_sync: unknown {self.weight_sync!r}; known: {', '.join(WEIGHT_SYNC_MODES)}")
         if self.sync_bucket_mb is not None and self.sync_bucket_mb <= 0:
             raise ValueError(f"rollout.sync_bucket_mb: must be > 0, got {self.sync_bucket_mb}")
         for url in self.server_urls + ([self.router_url] if self.router_url else []):
@@ -134,8 +143,8 @@ SGLANG_MIN_VALID_FRAC = 0.5  # rollout.min_valid_frac default
 class SyntheticConfig:
     """The built-in verifiable task (``data.path: synthetic``): ``a+b=`` → ``(a+b) mod base``."""
 
-    base: int = 3
-    reasoning_len: int = 4
+    base: int = 3  # the answer is (a+b) mod base
+    reasoning_len: int = 4  # letters before the "#<digit>" answer
     size: int = 4096  # distinct rows drawn (prompts repeat: there are base² distinct questions)
     format_warmup_steps: int = 40  # supervised steps on random-answer examples teaching the response format
 
@@ -144,23 +153,26 @@ class SyntheticConfig:
 class DataConfig:
     path: str = "synthetic"  # "synthetic" or a .jsonl / .parquet file
     tokenizer: str = "synthetic"  # "synthetic" or a local Hugging Face tokenizer directory
-    layout: str | None = None  # None | gsm8k | math | dapo_math (sets the keys and answer extraction)
+    layout: str | None = None  # a known dataset layout: sets the keys and answer extraction (None: prompt_key /
+    # answer_key)
     prompt_key: str | None = None  # dotted path into a row; None: the layout's key, else "prompt"
     answer_key: str | None = None  # None: the layout's key, else "answer"
     prompt_template: str | None = None  # str.format template with {prompt}
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # a system message (with chat_template)
     chat_template: bool = False  # apply the tokenizer's chat template
     max_prompt_tokens: int | None = None  # longer prompts are skipped (and counted)
-    shuffle: bool = True
-    seed: int = 0
+    shuffle: bool = True  # shuffle the prompts (each epoch)
+    seed: int = 0  # shuffle seed
+
     # OAR segmentation (ALGORITHMS.md §5.1): where the answer starts and the string that elicits it
-    answer_markers: list[str] = field(default_factory=lambda: ["</think>", "\\boxed{"])
-    conclude: str = "\n\nTherefore, the final answer is \\boxed{"
+    answer_markers: list[str] = field(default_factory=lambda: ["</think>", "\\boxed{"])  # tried in order; the first
+    # present (at its last occurrence) opens the answer span
+    conclude: str = "\n\nTherefore, the final answer is \\boxed{"  # appended to the reasoning to elicit the answer
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self) -> DataConfig:
-        if self.layout not in (None, "gsm8k", "math", "dapo_math"):
-            raise ValueError(f"data.layout: unknown {self.layout!r}; known: gsm8k, math, dapo_math")
+        if self.layout not in (None, *DATA_LAYOUTS):
+            raise ValueError(f"data.layout: unknown {self.layout!r}; known: {', '.join(DATA_LAYOUTS)}")
         if self.path == "synthetic" and self.layout is not None:
             # data=gsm8k|math|dapo_math leave `path: ???`, which does not replace the schema's synthetic default
             raise ValueError(f"data.path: the {self.layout} layout reads a prompt file with a real tokenizer; set "
@@ -187,10 +199,10 @@ class DataConfig:
 class OverlongConfig:
     """DAPO overlong reward shaping (Yu et al. 2025, eq. 13); ``max_len`` defaults to rollout.max_new_tokens."""
 
-    enabled: bool = False
-    max_len: int | None = None
-    cache_len: int = 4
-    factor: float = 1.0
+    enabled: bool = False  # apply the overlong penalty
+    max_len: int | None = None  # L_max (None: rollout.max_new_tokens)
+    cache_len: int = 4  # L_cache: the penalty ramps from 0 to -factor over the last cache_len tokens before max_len
+    factor: float = 1.0  # penalty at max_len
 
 
 @dataclass(kw_only=True)
@@ -198,7 +210,7 @@ class RewardConfig:
     fn: str = "synthetic_modsum"  # a registered name (math, synthetic_modsum, exact) or "package.module:function"
     timeout_s: float = 10.0  # per response; a timed-out verification scores 0 and is counted
     isolated: bool | None = None  # run in worker processes (None: the function's default; math: yes)
-    num_workers: int = 2
+    num_workers: int = 2  # verifier worker processes (isolated functions)
     pass_threshold: float = 1.0  # a response "passes" when its score (before overlong shaping) >= this
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
 
@@ -213,26 +225,26 @@ class RewardConfig:
 
 @dataclass(kw_only=True)
 class EvalDatasetConfig:
-    name: str = "synthetic"
-    path: str = "synthetic"
-    layout: str | None = None
-    prompt_key: str | None = None
-    answer_key: str | None = None
+    name: str = "synthetic"  # metric prefix (eval/<name>/...)
+    path: str = "synthetic"  # "synthetic" or a .jsonl / .parquet file
+    layout: str | None = None  # as data.layout
+    prompt_key: str | None = None  # as data.prompt_key
+    answer_key: str | None = None  # as data.answer_key
     limit: int | None = None  # first N problems
 
 
 @dataclass(kw_only=True)
 class EvalConfig:
     every: int = 0  # run validation every N steps (0: only when asked, e.g. eval.at_end)
-    at_start: bool = False
-    at_end: bool = True
-    datasets: list[EvalDatasetConfig] = field(default_factory=lambda: [EvalDatasetConfig()])
+    at_start: bool = False  # evaluate before the first RL step
+    at_end: bool = True  # evaluate after the last step
+    datasets: list[EvalDatasetConfig] = field(default_factory=lambda: [EvalDatasetConfig()])  # what to evaluate
     k: int = 4  # samples per problem (avg@K, pass@k for k in ks <= K)
-    ks: list[int] = field(default_factory=lambda: [1, 4])
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = -1
-    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+    ks: list[int] = field(default_factory=lambda: [1, 4])  # the k of the pass@k metrics
+    temperature: float = 0.6  # evaluation sampling temperature
+    top_p: float = 0.95  # evaluation nucleus sampling
+    top_k: int = -1  # evaluation top-k (-1: off)
+    max_new_tokens: int | None = None  # longest evaluation response (None: rollout.max_new_tokens)
 
     def validate(self) -> EvalConfig:
         if self.every < 0 or self.k < 1:
@@ -249,9 +261,9 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class TrainerConfig:
     steps: int = 200  # RL steps (rollout batches)
-    seed: int = 0
+    seed: int = 0  # model init, sampling and OAR-G noise seed
     micro_batch_size: int = 16  # rows per micro-batch
-    recompute: str | None = None  # None | selective | full
+    recompute: str | None = None  # activation recompute in the update: selective (attention), full (None: off)
     routing_replay: bool | None = None  # None: on for MoE
     world_size: int | None = None  # dry-run only: plan for this many ranks (default: the launcher's)
     dry_run: bool = False  # print the resolved plan and exit
@@ -264,33 +276,35 @@ class TrainerConfig:
 class CheckpointConfig:
     dir: str | None = None  # None: <logging.run_dir>/checkpoints
     every: int = 50  # steps; 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept (older ones are removed)
     resume: str = "auto"  # auto (latest in dir, if any) | never | a checkpoint directory
-    save_final: bool = True
+    save_final: bool = True  # save after the last step
 
 
 @dataclass(kw_only=True)
 class LoggingConfig:
-    run_dir: str = "runs/default"
-    tensorboard: str = "auto"  # auto | true | false
-    wandb_project: str | None = None
+    run_dir: str = "runs/default"  # metrics.jsonl, TensorBoard events, config.yaml, checkpoints (same on every rank)
+    tensorboard: str = "auto"  # auto (if installed) | true | false
+    wandb_project: str | None = None  # log to this W&B project (None: off)
     step_line: bool = True  # a concise line per step on rank 0
-    log_every: int = 1
+    log_every: int = 1  # print the step line every N steps (metrics.jsonl gets every step)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    model: ModelConfig
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    model: ModelConfig  # the policy's architecture and precision (configs/model/: presets)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the layout over ranks (docs/scaling.md)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # advantages, OAR shaping, loss, KL
+    # (configs/algorithm/: one file per method, docs/algorithms.md)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # Adam, learning-rate schedule, clipping, loss scaling
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # sampling, the engine (local or SGLang servers,
+    # docs/sglang_client.md) and weight sync
+    data: DataConfig = field(default_factory=DataConfig)  # the prompt dataset, tokenizer and OAR answer markers
+    reward: RewardConfig = field(default_factory=RewardConfig)  # the verifier, its timeout and workers
+    eval: EvalConfig = field(default_factory=EvalConfig)  # avg@K / pass@k evaluation (also oar-eval)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # steps, micro-batches, dry run, preflight
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # dist-checkpoints and resume
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # run directory, metrics sinks, step line
 
     def validate(self, world_size: int = 1) -> ParallelLayout:
         """Every group's checks, then the cross-group batch arithmetic (module docstring). Returns the layout.
@@ -314,13 +328,13 @@ class TrainConfig:
         t = self.trainer
         if t.steps < 0 or t.micro_batch_size < 1:
             raise ValueError("trainer.steps / trainer.micro_batch_size: need steps >= 0 and micro_batch_size >= 1")
-        if t.recompute not in (None, "selective", "full"):
+        if t.recompute not in (None, *RECOMPUTE_MODES):
             raise ValueError(f"trainer.recompute: unknown {t.recompute!r}; known: null, selective, full")
         if self.checkpoint.resume not in RESUME_MODES and not self.checkpoint.resume:
             raise ValueError("checkpoint.resume: 'auto', 'never' or a checkpoint directory")
         if self.checkpoint.every < 0:
             raise ValueError(f"checkpoint.every: must be >= 0, got {self.checkpoint.every}")
-        if str(self.logging.tensorboard).lower() not in ("auto", "true", "false"):
+        if str(self.logging.tensorboard).lower() not in TENSORBOARD_MODES:
             raise ValueError(f"logging.tensorboard: auto | true | false, got {self.logging.tensorboard!r}")
         r = self.rollout
         if r.prompts_per_step % layout.dp:
@@ -370,6 +384,41 @@ class TrainConfig:
                              f"{self.data.layout or 'file'} run's tokenizer and reward cannot score; evaluate a file "
                              f"(eval.datasets=[{{name: test, path: ..., layout: ...}}]) or skip it (eval=none)")
         return layout
+
+
+# The keys whose validation accepts a closed set of values (a registry's names are read when asked): the one list
+# docs/config_reference.md shows (tools/gen_config_reference.py); tests/test_config_reference.py checks that
+# TrainConfig.validate refuses a value outside each set, naming the key. A null, where the type allows it, means
+# the key's documented default behaviour.
+KEY_CHOICES: dict[str, tuple[str, ...] | Any] = {
+    "model.position_embedding_type": _model.POSITION_EMBEDDINGS,
+    "model.rope_scaling": _model.ROPE_SCALINGS,
+    "model.normalization": _model.NORMALIZATIONS,
+    "model.moe_router_score_function": _model.ROUTER_SCORES,
+    "model.moe_router_dtype": _model.ROUTER_DTYPES,
+    "model.moe_router_load_balancing_type": _model.LOAD_BALANCING,
+    "model.moe_token_dispatcher_type": _model.DISPATCHERS,
+    "model.transformer_impl": _model.TRANSFORMER_IMPLS,
+    "model.params_dtype": _model.PARAMS_DTYPES,
+    "model.fp8": _model.FP8_FORMATS,
+    "model.fp8_recipe": _model.FP8_RECIPES,
+    "parallel.order": ORDERS,
+    "algorithm.advantage.estimator": advantage_estimators,
+    "algorithm.shaper.name": SHAPERS,
+    "algorithm.shaper.saliency": SALIENCY_METHODS,
+    "algorithm.shaper.pfinal_mode": PFINAL_MODES,
+    "algorithm.loss.name": policy_losses,
+    "algorithm.loss.agg": AGG_MODES,
+    "algorithm.kl.kind": KL_KINDS,
+    "algorithm.rollout_correction.mode": CORRECTION_MODES,
+    "algorithm.rollout_correction.level": CORRECTION_LEVELS,
+    "optim.lr_decay_style": LR_DECAY_STYLES,
+    "rollout.engine": ROLLOUT_ENGINES,
+    "rollout.weight_sync": WEIGHT_SYNC_MODES,
+    "data.layout": DATA_LAYOUTS,
+    "trainer.recompute": RECOMPUTE_MODES,
+    "logging.tensorboard": TENSORBOARD_MODES,
+}
 
 
 def train_config_from(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
