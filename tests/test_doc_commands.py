@@ -70,6 +70,8 @@ MAPPED = {
     "bash launch/setup_cpu.sh": ".ci/run",
     ".venv/bin/python -m pytest -q": ".ci/run",
     "bash launch/setup_sglang_cpu.sh": ".ci/run",
+    "sbatch --nodes 2 --ntasks-per-node 1 --output /tmp/slurm-demo.out launch/slurm.sh trainer.steps=5 "
+    "eval.at_end=false": "tests/launch/test_slurm.py",
 }
 
 

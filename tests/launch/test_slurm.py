@@ -262,10 +262,15 @@ def test_fake_hostlists_follow_slurm_syntax_and_agree_with_rank_env():
     assert compress(["127.0.0.1", "127.0.0.2"]) == "127.0.0.[1-2]"
 
 
+TRY_IT = "sbatch --nodes 2 --ntasks-per-node 1 --output /tmp/slurm-demo.out launch/slurm.sh trainer.steps=5 eval.at_end=false"
+
+
 def test_the_documented_try_it_command_runs(tmp_path):
     """docs/slurm.md's "Try it without a cluster" command, as written there (its /tmp paths moved into tmp_path)."""
     text = (ROOT / "docs" / "slurm.md").read_text()
     block = text.split("## Try it without a cluster", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    # the command as docs/slurm.md shows it (tests/test_doc_commands.py maps it to this file by this very text)
+    assert " ".join(block.replace("\\\n", " ").split()).endswith(TRY_IT)
     cmd = block.replace("/tmp/", f"{tmp_path}/")
     env = {k: v for k, v in _env(tmp_path).items() if k not in ("OAR_PREFLIGHT", "FAKE_SLURM_NODES")}
     r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
