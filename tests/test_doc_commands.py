@@ -70,6 +70,13 @@ MAPPED = {
     "bash launch/setup_cpu.sh": ".ci/run",
     ".venv/bin/python -m pytest -q": ".ci/run",
     "bash launch/setup_sglang_cpu.sh": ".ci/run",
+    "bash launch/setup_docker.sh": ".ci/run",
+    "docker build --network host -f docker/Dockerfile.cpu --build-arg BASE=local/bookworm:minbase --build-arg "
+    "WHEELHOUSE=docker/wheelhouse -t oar_megatron:cpu-test .": "tests/docker/test_cpu_image.py",
+    "docker run --rm --network none -v /tmp/oar-docker:/out oar_megatron:cpu-test oar-train logging.run_dir=/out/run":
+        "tests/docker/test_cpu_image.py",
+    "docker run --rm --network none oar_megatron:cpu-test python -m pytest -q -p no:cacheprovider tests/algorithms "
+    "tests/trainer/test_app_config.py": "tests/docker/test_cpu_image.py",
     "sbatch --nodes 2 --ntasks-per-node 1 --output /tmp/slurm-demo.out launch/slurm.sh trainer.steps=5 "
     "eval.at_end=false": "tests/launch/test_slurm.py",
 }
