@@ -47,8 +47,7 @@ import shlex
 import subprocess
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import pytest
 

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from tests.docker.conftest import BASE_IMAGE, ROOT, docker_ready, wheelhouse
+from tests.docker.conftest import ROOT, docker_ready, wheelhouse
 
 pytestmark = pytest.mark.docker
 TAG = "oar_megatron:cpu-test"
