@@ -33,6 +33,7 @@ from .optim import LR_DECAY_STYLES, OptimConfig, resolve_precision
 from .parallel import ORDERS, ParallelConfig, ParallelLayout
 
 ROLLOUT_ENGINES = ("local", "sglang")
+SYNTHETIC_TASKS = ("modsum", "pivot")
 SGLANG_TIMEOUT_S = 600.0  # rollout.timeout_s default for the sglang engine
 RESUME_MODES = ("auto", "never")
 WEIGHT_SYNC_MODES = ("disk", "distributed")
@@ -141,10 +142,14 @@ SGLANG_MIN_VALID_FRAC = 0.5  # rollout.min_valid_frac default
 
 @dataclass(kw_only=True)
 class SyntheticConfig:
-    """The built-in verifiable task (``data.path: synthetic``): ``a+b=`` → ``(a+b) mod base``."""
+    """The built-in verifiable tasks (``data.path: synthetic``): ``modsum`` (``a+b=`` → ``(a+b) mod base``,
+    data/synthetic.py) and ``pivot`` (long responses whose few trace digits decide the reward, data/pivot.py)."""
 
-    base: int = 3  # the answer is (a+b) mod base
-    reasoning_len: int = 4  # letters before the "#<digit>" answer
+    task: str = "modsum"  # modsum | pivot (the credit-assignment task: configs/data/pivot.yaml)
+    base: int = 3  # the digits' range: answers are mod base
+    reasoning_len: int = 4  # modsum: letters before the "#<digit>" answer in format warm-up examples
+    pivots: int = 1  # pivot: trace steps (1: a+b=, 2: a+b+c=); their digits are the pivotal tokens
+    filler_len: int = 64  # pivot: free letters around the trace in format warm-up and probe responses
     size: int = 4096  # distinct rows drawn (prompts repeat: there are base² distinct questions)
     format_warmup_steps: int = 40  # supervised steps on random-answer examples teaching the response format
 
@@ -192,6 +197,11 @@ class DataConfig:
         if s.base < 2 or s.base > 10 or s.reasoning_len < 0 or s.size < 1 or s.format_warmup_steps < 0:
             raise ValueError("data.synthetic: need 2 <= base <= 10, reasoning_len >= 0, size >= 1, "
                              "format_warmup_steps >= 0")
+        if s.task not in SYNTHETIC_TASKS:
+            raise ValueError(f"data.synthetic.task: unknown {s.task!r}; known: {', '.join(SYNTHETIC_TASKS)}")
+        if s.pivots not in (1, 2) or s.filler_len < 0:
+            raise ValueError(f"data.synthetic: need pivots in (1, 2) and filler_len >= 0, got {s.pivots}, "
+                             f"{s.filler_len}")
         return self
 
 
@@ -245,10 +255,15 @@ class EvalConfig:
     top_p: float = 0.95  # evaluation nucleus sampling
     top_k: int = -1  # evaluation top-k (-1: off)
     max_new_tokens: int | None = None  # longest evaluation response (None: rollout.max_new_tokens)
+    saliency_probe_every: int = 0  # pivot task: OAR saliency precision/AUROC on fixed probe rows every N steps (0: off)
+    saliency_probe_size: int = 32  # rows of the saliency probe set (trainer/saliency_probe.py)
 
     def validate(self) -> EvalConfig:
         if self.every < 0 or self.k < 1:
             raise ValueError("eval.every / eval.k: need every >= 0 and k >= 1")
+        if self.saliency_probe_every < 0 or self.saliency_probe_size < 1:
+            raise ValueError(f"eval.saliency_probe_every / eval.saliency_probe_size: need >= 0 and >= 1, got "
+                             f"{self.saliency_probe_every}, {self.saliency_probe_size}")
         bad = [k for k in self.ks if not 1 <= k <= self.k]
         if bad:
             raise ValueError(f"eval.ks: every k must be in [1, eval.k={self.k}], got {bad[0]}")
@@ -325,6 +340,9 @@ class TrainConfig:
         self.data.validate()
         self.reward.validate()
         self.eval.validate()
+        if self.eval.saliency_probe_every and (self.data.path != "synthetic" or self.data.synthetic.task != "pivot"):
+            raise ValueError("eval.saliency_probe_every: the probe needs known pivotal tokens: data.path=synthetic "
+                             "with data.synthetic.task=pivot (+experiment=pivot)")
         t = self.trainer
         if t.steps < 0 or t.micro_batch_size < 1:
             raise ValueError("trainer.steps / trainer.micro_batch_size: need steps >= 0 and micro_batch_size >= 1")
@@ -416,6 +434,7 @@ KEY_CHOICES: dict[str, tuple[str, ...] | Any] = {
     "rollout.engine": ROLLOUT_ENGINES,
     "rollout.weight_sync": WEIGHT_SYNC_MODES,
     "data.layout": DATA_LAYOUTS,
+    "data.synthetic.task": SYNTHETIC_TASKS,
     "trainer.recompute": RECOMPUTE_MODES,
     "logging.tensorboard": TENSORBOARD_MODES,
 }

@@ -278,9 +278,12 @@ class PromptDataset:
 
     @classmethod
     def from_synthetic(cls, task, tokenizer: Tokenizer | None = None, *, name: str | None = None) -> PromptDataset:
-        """The synthetic task's rows (``SyntheticTask.rows()``) as a dataset; meta carries ``a`` and ``b``."""
-        return cls.from_rows(task.rows(), tokenizer=tokenizer or task.tokenizer, name=name or task.name,
-                             meta_keys=("a", "b"))
+        """A built-in task's rows (``SyntheticTask.rows()``, ``PivotTask.rows()``) as a dataset; meta carries the
+        row's other keys (modsum: ``a`` and ``b``)."""
+        rows = task.rows()
+        meta_keys = tuple(k for k in rows[0] if k not in ("prompt", "answer")) if rows else ()
+        return cls.from_rows(rows, tokenizer=tokenizer or task.tokenizer, name=name or task.name,
+                             meta_keys=meta_keys)
 
 
 class PromptIterator:

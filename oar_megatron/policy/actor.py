@@ -102,7 +102,7 @@ from .. import collectives
 from ..algorithms import (aggregate_loss, entropy_bonus, kl_loss, loss_denominators, policy_loss, rollout_correction,
                           shape_advantages)
 from ..algorithms.context_parallel import gather_zigzag
-from ..algorithms.saliency import Saliency
+from ..algorithms.saliency import PFINAL_MODES, Saliency
 from ..algorithms.segment import ScoringBatch
 from ..config.algorithm import AlgorithmConfig
 from ..config.model import ModelConfig
@@ -655,10 +655,11 @@ class PolicyActor:
 
     # --------------------------------------------------------------------------------------- advantages
 
-    def saliency(self, batch: RolloutBatch, method: str | None = None):
+    def saliency(self, batch: RolloutBatch, method: str | None = None, mode: str | None = None):
         """OAR-G / OAR-P scores of this rank's rows: ``Saliency(scores [N, W], mask)``, from ``saliency_pass`` at
         PP = 1 and ``pipeline`` (megatron's schedules, scores on every PP rank) at PP > 1. ``method``: ``oar_g`` /
-        ``oar_p`` (default: the shaper's), P_final mode and options from the shaper config."""
+        ``oar_p`` (default: the shaper's), ``mode`` the P_final mode (default: the shaper's, else the method's);
+        the other options from the shaper config."""
         if batch.scoring is None:
             raise ValueError("batch.scoring: the OAR shaper needs the scoring sequences (segment.build_scoring_batch)")
         s = self.algorithm.shaper
@@ -666,7 +667,7 @@ class PolicyActor:
         for m in self.chunks:
             m.eval()  # deterministic forward; MoE aux losses off (they would leak into OAR-G's gradient)
         seeds = [self.saliency_seed + int(r) for r in batch.row_ids]
-        method, mode = self._saliency_method(method)
+        method, mode = self._saliency_method(method, mode)
         ref = None  # the clean P_final from compute_old_logprobs' shared pass, for this batch, method and mode
         if self._clean is not None and self._clean[0] is batch and self._clean[1:3] == (method, mode):
             ref = self._clean[3]
@@ -685,12 +686,17 @@ class PolicyActor:
         return oar_p_sharded(self.models[0], scoring, tp_group=self.tp_group, mode=mode, chunk_size=s.chunk_size,
                              reference=ref, cp_group=self.cp_group)
 
-    def _saliency_method(self, method: str | None = None) -> tuple[str, str]:
-        """(method, P_final mode): ``method`` or the shaper's, the shaper's mode or the method's default."""
+    def _saliency_method(self, method: str | None = None, mode: str | None = None) -> tuple[str, str]:
+        """(method, P_final mode): ``method`` or the shaper's; ``mode``, else the shaper's mode, else the method's
+        default."""
         s = self.algorithm.shaper
         method = s.saliency if method is None else method
         if method not in ("oar_g", "oar_p"):
             raise ValueError(f"method: unknown {method!r}; known: 'oar_g', 'oar_p'")
+        if mode is not None:
+            if mode not in PFINAL_MODES:
+                raise ValueError(f"mode: unknown {mode!r}; known: {', '.join(PFINAL_MODES)}")
+            return method, mode
         return method, s.pfinal_mode or ("answer_mean" if method == "oar_g" else "last")
 
     def compute_token_advantages(self, batch: RolloutBatch, saliency: Saliency | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Cheap string rewards: ``synthetic_modsum`` (the built-in task) and ``exact``."""
+"""Cheap string rewards: ``synthetic_modsum`` and ``synthetic_pivot`` (the built-in tasks) and ``exact``."""
 
 from __future__ import annotations
 
@@ -18,3 +18,16 @@ def synthetic_modsum(response: str, answer: str, **meta) -> float:
 def exact(response: str, answer: str, **meta) -> float:
     """1.0 if the stripped response equals the stripped answer."""
     return 1.0 if response.strip() == answer.strip() else 0.0
+
+
+@register_reward("synthetic_pivot")
+def synthetic_pivot(response: str, answer: str, **meta) -> float:
+    """The pivot task (``data/pivot.py``): ``answer`` is the trace as digits (``"21"``). 1.0 if the digits of the
+    reasoning (before the LAST '#') are exactly the trace AND the text after it (a trailing ``<eos>`` ignored) is the
+    trace's last digit; letters anywhere in the reasoning are free."""
+    if "#" not in response or not answer:
+        return 0.0
+    reasoning, tail = response.rsplit("#", 1)
+    tail = tail.split("<eos>", 1)[0].strip()
+    trace = "".join(ch for ch in reasoning if ch.isdigit())
+    return 1.0 if trace == answer.strip() and tail == answer.strip()[-1] else 0.0

@@ -94,6 +94,7 @@ class Trainer:
         self.ckpt = CheckpointManager(ckpt_dir, keep_last=cfg.checkpoint.keep_last, groups=g)
         self.step = 0
         self.warmed_up = False
+        self._probe = None  # the saliency probe (eval.saliency_probe_every), built on first use
         self._servers_ready = False  # sglang: servers checked and holding the trainer's weights (_prepare_servers)
         resume = self._resume_path()
         if cfg.model.pretrained and resume is None:  # a resumed run's checkpoint wins
@@ -313,9 +314,14 @@ class Trainer:
         self._prepare_servers()
         if cfg.eval.at_start and self.step == 0:
             self.evaluate()
+        probe_every = cfg.eval.saliency_probe_every
+        if probe_every and self.step == 0:
+            self.saliency_probe()
         while self.step < cfg.trainer.steps:
             metrics = self.train_step()
             history.append(metrics)
+            if probe_every and self.step % probe_every == 0:
+                self.saliency_probe()
             if self.is_logger and cfg.logging.step_line and self.step % cfg.logging.log_every == 0:
                 print(format_step_line(self.step, metrics), flush=True)
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.trainer.steps:
@@ -608,6 +614,21 @@ class Trainer:
         self.engine.check_servers()
         self.engine.sync_weights(self.actor)
         self._servers_ready = True
+
+    def saliency_probe(self) -> dict[str, float]:
+        """OAR saliency precision@k / AUROC against the pivot task's known pivots on the fixed probe set
+        (``trainer/saliency_probe.py``), logged under phase ``saliency``; collective (every rank)."""
+        if self._probe is None:
+            from .saliency_probe import SaliencyProbe
+            from .sources import synthetic_task
+
+            self._probe = SaliencyProbe(synthetic_task(self.cfg.data), self.tokenizer,
+                                        size=self.cfg.eval.saliency_probe_size,
+                                        answer_markers=self.cfg.data.answer_markers, conclude=self.cfg.data.conclude,
+                                        pad_id=self.tokenizer.pad_token_id)
+        metrics = self._probe.measure(self.actor)
+        self.logger.log(self.step, metrics, phase="saliency")
+        return metrics
 
     def evaluate(self) -> dict[str, float]:
         from .evaluate import evaluate

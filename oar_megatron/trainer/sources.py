@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 from ..config.train import DataConfig, EvalDatasetConfig, RewardConfig
 from ..data.prompts import PromptDataset, PromptIterator
+from ..data.pivot import PivotTask
 from ..data.synthetic import SyntheticTask
 from ..data.tokenizer import Tokenizer, load_tokenizer
 
@@ -15,10 +16,13 @@ def build_tokenizer(data: DataConfig) -> Tokenizer:
     return load_tokenizer(data.tokenizer)
 
 
-def synthetic_task(data: DataConfig, *, size: int | None = None, seed: int | None = None) -> SyntheticTask:
+def synthetic_task(data: DataConfig, *, size: int | None = None, seed: int | None = None) -> SyntheticTask | PivotTask:
+    """The built-in task ``data.synthetic.task`` names (modsum or pivot)."""
     s = data.synthetic
-    return SyntheticTask(base=s.base, reasoning_len=s.reasoning_len, size=size or s.size,
-                         seed=data.seed if seed is None else seed)
+    seed = data.seed if seed is None else seed
+    if s.task == "pivot":
+        return PivotTask(base=s.base, pivots=s.pivots, filler_len=s.filler_len, size=size or s.size, seed=seed)
+    return SyntheticTask(base=s.base, reasoning_len=s.reasoning_len, size=size or s.size, seed=seed)
 
 
 def build_dataset(data: DataConfig, tokenizer: Tokenizer) -> PromptDataset:
