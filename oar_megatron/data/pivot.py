@@ -6,7 +6,9 @@ is ``p1 = (a+b) mod base`` (and ``p2 = (p1+c) mod base``); the answer is the las
     <trace digits> <filler letters> '#' <answer digit> <eos>
 
 e.g. ``"2cadhbfgeah...bd#2"``. The verifier (reward ``synthetic_pivot``) is exact: 1 when the digits of the reasoning
-(the text before the last '#') are exactly the trace and the answer equals its last value, else 0. So by
+(the text before the last '#') are exactly the trace, the answer equals its last value and the reasoning is at least
+``pivots + filler_len`` characters long (without that rule GRPO shortens the filler: measured 66 → 23 tokens in 60
+steps), else 0. So by
 construction the **pivotal** tokens of any response are the digit tokens of its reasoning: they alone decide the
 reward; the ``filler_len`` letters around them (64 by default) are free and decide nothing. GRPO hands every token
 of a response the same advantage; a credit-assignment method should put it on the pivots
@@ -111,11 +113,12 @@ class PivotTask:
         return torch.randint(0, self.base, (n, self.pivots + 1), generator=g).tolist()
 
     def rows(self) -> list[dict]:
-        """The dataset rows: ``{"prompt", "answer"}`` where ``answer`` is the trace as digits (``"21"``: p1 = 2,
-        p2 = 1; the final answer is its last digit), what ``synthetic_pivot`` checks a response against."""
+        """The dataset rows: ``{"prompt", "answer", "min_reasoning"}``: ``answer`` is the trace as digits (``"21"``:
+        p1 = 2, p2 = 1; the final answer is its last digit) and ``min_reasoning`` = pivots + filler_len, the shortest
+        reasoning ``synthetic_pivot`` accepts (it gets both; the response must stay long)."""
         g = torch.Generator().manual_seed(self.seed)
-        return [{"prompt": self.prompt_text(ops), "answer": "".join(map(str, self.trace(ops)))}
-                for ops in self._operands(self.size, g)]
+        return [{"prompt": self.prompt_text(ops), "answer": "".join(map(str, self.trace(ops))),
+                 "min_reasoning": self.pivots + self.filler_len} for ops in self._operands(self.size, g)]
 
     def _response(self, digits: list[int], g: torch.Generator) -> tuple[list[int], list[int]]:
         """Response ids (the trace digits, ``filler_len`` random letters, '#', the last digit, eos) and the

@@ -21,13 +21,15 @@ def exact(response: str, answer: str, **meta) -> float:
 
 
 @register_reward("synthetic_pivot")
-def synthetic_pivot(response: str, answer: str, **meta) -> float:
+def synthetic_pivot(response: str, answer: str, min_reasoning: int = 0, **meta) -> float:
     """The pivot task (``data/pivot.py``): ``answer`` is the trace as digits (``"21"``). 1.0 if the digits of the
-    reasoning (before the LAST '#') are exactly the trace AND the text after it (a trailing ``<eos>`` ignored) is the
-    trace's last digit; letters anywhere in the reasoning are free."""
+    reasoning (before the LAST '#') are exactly the trace, the text after it (a trailing ``<eos>`` ignored) is the
+    trace's last digit, and the reasoning has at least ``min_reasoning`` characters (the row's meta: trace + filler,
+    so responses stay long); letters anywhere in the reasoning are free."""
     if "#" not in response or not answer:
         return 0.0
     reasoning, tail = response.rsplit("#", 1)
     tail = tail.split("<eos>", 1)[0].strip()
     trace = "".join(ch for ch in reasoning if ch.isdigit())
-    return 1.0 if trace == answer.strip() and tail == answer.strip()[-1] else 0.0
+    ok = trace == answer.strip() and tail == answer.strip()[-1] and len(reasoning) >= int(min_reasoning)
+    return 1.0 if ok else 0.0

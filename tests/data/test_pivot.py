@@ -15,7 +15,9 @@ def test_rows_trace_and_reward():
         ops = [int(x) for x in row["prompt"][:-1].split("+")]
         assert row["answer"] == "".join(map(str, t.trace(ops)))
     assert t.rows() == PivotTask(base=3, pivots=2, filler_len=8, size=50, seed=1).rows()
-    assert synthetic_pivot("12abcdefgh#2", "12") == 1.0
+    assert t.rows()[0]["min_reasoning"] == 10
+    assert synthetic_pivot("12abcdefgh#2", "12", min_reasoning=10) == 1.0
+    assert synthetic_pivot("12abcdefg#2", "12", min_reasoning=10) == 0.0  # one filler letter short
     assert synthetic_pivot("1abc2defgh#2<eos>", "12") == 1.0  # letters are free, the trace digits in order count
     for bad in ("12abc#1", "21abc#2", "1abc#2", "12a3bc#2", "12abc2", "#2"):
         assert synthetic_pivot(bad, "12") == 0.0, bad
