@@ -2,7 +2,7 @@
 wheelhouse (launch/setup_docker.sh), the build context assembled from the repository's files plus hard links to
 the wheels. Inside the image, ``oar-train`` (the embedded default, shortened as in tests/trainer/test_learns.py)
 raises the training reward, as a non-root user with no network; a subset of the test suite passes there too.
-The first build on a fresh machine takes ~1.5 min (2 cores), later ones reuse Docker's layer cache."""
+The first build on a fresh machine takes ~3 min (2 shared cores), later ones reuse Docker's layer cache (~7 s)."""
 
 from __future__ import annotations
 
