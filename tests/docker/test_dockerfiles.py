@@ -114,8 +114,8 @@ def _hadolint(dockerfile, *flags) -> list[dict]:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_is_clean(dockerfile):
-    """No finding at all, info level included; every inline `# hadolint ignore=` states its reason in the comment above it
-    and is still needed: with the pragmas disabled hadolint reports exactly the ignored rules on those lines."""
+    """No finding at all, info level included; every inline `# hadolint ignore=` states its reason in the comment
+    above it and is still needed: with the pragmas disabled hadolint reports exactly the ignored rules on those lines."""
     assert _hadolint(dockerfile) == []
     ignored = {(line, code) for line, codes in _ignores(dockerfile).items() for code in codes}
     found = {(f["line"], f["code"]) for f in _hadolint(dockerfile, "--disable-ignore-pragma")}
