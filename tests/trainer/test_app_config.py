@@ -157,7 +157,7 @@ def test_dataset_group_without_file_or_tokenizer_is_one_line(overrides, match):
      "oar-train: model=foo: unknown option; available: llama3-8b, llama3.1-8b, qwen2.5-0.5b, qwen2.5-1.5b, "
      "qwen2.5-7b, qwen3-0.6b, qwen3-1.7b, qwen3-30b-a3b, qwen3-4b, qwen3-8b, tiny, tiny-moe, tiny-synthetic"),
     (["+experiment=nope"], "Could not find 'experiment/nope'",
-     "oar-train: experiment=nope: unknown option; available: qwen3-30b-a3b-gspo, qwen3-8b-oar-g"),
+     "oar-train: experiment=nope: unknown option; available: pivot, qwen3-30b-a3b-gspo, qwen3-8b-oar-g"),
     (["rollout.n_samples=many"], "could not be converted to Integer",
      "oar-train: rollout.n_samples=many: expects int"),
     (["rollout.temperature=hot"], "could not be converted to Float",

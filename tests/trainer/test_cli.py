@@ -125,19 +125,6 @@ def test_oar_eval_scores_a_checkpoint(reference):
     assert _metrics(reference)[-1]["step"] == 8  # the training lines are untouched
 
 
-def test_compare_algorithms_table_and_plot(tmp_path):
-    tool = Path(__file__).resolve().parents[2] / "tools" / "compare_algorithms.py"
-    overrides = [a for o in SMALL if not o.startswith("checkpoint.") for a in ("--override", o)]
-    p = subprocess.run([sys.executable, str(tool), "--algorithms", "grpo", "oar_g", "--seeds", "0", "--steps", "3",
-                        "--window", "2", "--out", str(tmp_path), *overrides],
-                       capture_output=True, text=True, timeout=600, env=ENV)
-    assert p.returncode == 0, p.stderr[-3000:]
-    table = (tmp_path / "table.md").read_text()
-    assert "grpo" in table and "oar_g" in table and "reward_last" in table
-    assert (tmp_path / "reward_mean.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(_metrics(tmp_path / "oar_g-seed0")) == 3
-
-
 def test_data_parallel_dapo_run_under_torchrun(tmp_path):
     """Two data-parallel replicas (distributed optimizer) with DAPO's dynamic sampling: prompts split per rank,
     generation rounds agreed across ranks, counts logged as totals over replicas."""
